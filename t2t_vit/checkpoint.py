@@ -1,0 +1,239 @@
+"""One checkpoint loader for every stage and command-line tool.
+
+Reads, without conversion:
+
+* the authors' released ImageNet files (``<acc>_T2T_ViT_<n>.pth.tar``: a dict whose ``state_dict_ema``
+  holds the weights) and files written by their training script (timm ``CheckpointSaver``: also
+  ``state_dict``, ``optimizer``, ``epoch``, ``arch`` and an ``argparse.Namespace`` under ``args``);
+* the authors' CIFAR fine-tunes (``{'net': {'module.' + key: ...}, 'acc', 'epoch'}``);
+* this project's training checkpoints (``state_dict`` / ``state_dict_ema`` plus plain-data metadata);
+* ``.safetensors`` files and bare state dicts.
+
+Pickles are opened with ``torch.load(weights_only=True)``. The only non-tensor class allowed is
+``argparse.Namespace`` (``ALLOWED_GLOBALS``), which the authors' training script stores; anything else
+is refused with an explanation rather than executed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "ALLOWED_GLOBALS",
+    "read_checkpoint",
+    "extract_state_dict",
+    "load_checkpoint",
+    "build_model",
+    "suggest_models",
+    "file_sha256",
+]
+
+# Classes a checkpoint may contain besides tensors and plain containers. argparse.Namespace is what
+# the authors' (timm) training script stores under "args"; it holds only plain values.
+ALLOWED_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+# Keys holding weights, in order of preference. EMA weights first: the authors evaluate with them.
+STATE_DICT_KEYS = ("state_dict_ema", "state_dict", "model_ema", "model", "net")
+
+# Keys that legitimately differ between a checkpoint and a model built with another class count or
+# image size; handled by load_checkpoint rather than reported as errors.
+HEAD_KEYS = ("head.weight", "head.bias")
+POS_EMBED_KEY = "pos_embed"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file safely (no arbitrary code from pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (pass the path of a .pth, .pth.tar, .pt or .safetensors file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to unpickle {path}: it contains Python objects beyond tensors and plain data, and "
+            f"loading them could run arbitrary code (weights_only=True). Details: {e}. "
+            f"If you trust the file, re-save only its weights: "
+            f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth'), "
+            f"or convert it to .safetensors."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def extract_state_dict(obj: Any, use_ema: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    """Pick the weights out of a checkpoint dict and strip ``module.`` prefixes (DDP/DataParallel)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
+    sd: Any = obj
+    keys = STATE_DICT_KEYS if use_ema else tuple(k for k in STATE_DICT_KEYS if "ema" not in k)
+    for key in keys:
+        if isinstance(obj.get(key), Mapping) and obj[key]:
+            sd = obj[key]
+            break
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    if not out:
+        raise CheckpointError(
+            f"no weights found in checkpoint (top-level keys: {sorted(map(str, obj))[:12]}); expected one of "
+            f"{STATE_DICT_KEYS} or a bare state dict"
+        )
+    return out
+
+
+def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def suggest_models(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered models whose architecture fits these weights (head and pos_embed sizes ignored)."""
+    from .model import ARCHS, T2TViT
+
+    ckpt = {k: s for k, s in _shapes(sd).items() if k not in HEAD_KEYS + (POS_EMBED_KEY,)}
+    fits = []
+    for name, arch in ARCHS.items():
+        with torch.device("meta"):
+            ref = T2TViT(img_size=32 if name == "t2t_vit_test" else 224, num_classes=10, **arch).state_dict()
+        ref_shapes = {k: s for k, s in _shapes(ref).items() if k not in HEAD_KEYS + (POS_EMBED_KEY,)}
+        if ref_shapes == ckpt:
+            fits.append(name)
+    return fits
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True,
+                    use_ema: bool = True) -> dict[str, Any]:
+    """Load weights into ``model``; returns a small report of what was adapted.
+
+    * A head of another class count is dropped (transfer learning) and the model's new head kept.
+    * A ``pos_embed`` of another length (another ``img_size``) is not interpolated: the model's own
+      sinusoid table for its grid is kept, which is exactly what the fixed encoding means.
+    * Anything else that does not match raises one :class:`CheckpointError` listing missing keys,
+      unexpected keys and shape mismatches, and naming the registered models the weights do fit.
+    """
+    obj = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    sd = extract_state_dict(obj, use_ema=use_ema)
+    own = model.state_dict()
+    report: dict[str, Any] = {"dropped_head": False, "rebuilt_pos_embed": False}
+
+    if POS_EMBED_KEY in sd and POS_EMBED_KEY in own and sd[POS_EMBED_KEY].shape != own[POS_EMBED_KEY].shape:
+        if sd[POS_EMBED_KEY].shape[-1] == own[POS_EMBED_KEY].shape[-1]:
+            sd.pop(POS_EMBED_KEY)
+            report["rebuilt_pos_embed"] = True
+    head_mismatch = [k for k in HEAD_KEYS if k in sd and k in own and sd[k].shape != own[k].shape]
+    if head_mismatch and all(sd[k].shape[1:] == own[k].shape[1:] for k in head_mismatch):
+        for k in HEAD_KEYS:
+            sd.pop(k, None)
+        report["dropped_head"] = True
+
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    allowed_missing = set()
+    if report["dropped_head"]:
+        allowed_missing |= set(HEAD_KEYS)
+    if report["rebuilt_pos_embed"]:
+        allowed_missing.add(POS_EMBED_KEY)
+    real_missing = [k for k in missing if k not in allowed_missing]
+
+    if mismatched or (strict and (real_missing or unexpected)):
+        lines = [f"checkpoint does not fit model {_model_name(model)}:"]
+        if real_missing:
+            lines.append(f"  missing keys ({len(real_missing)}): {', '.join(real_missing[:10])}" + (" ..." if len(real_missing) > 10 else ""))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        for k, a, b in mismatched[:10]:
+            lines.append(f"  shape mismatch {k}: checkpoint {a} vs model {b}")
+        if len(mismatched) > 10:
+            lines.append(f"  ... and {len(mismatched) - 10} more shape mismatches")
+        fits = suggest_models(sd)
+        if fits:
+            lines.append(f"  these weights fit: {', '.join(fits)} (pass --model {fits[0]})")
+        else:
+            lines.append("  no registered T2T-ViT model fits these weights; is this a T2T-ViT checkpoint?")
+        raise CheckpointError("\n".join(lines))
+
+    result = model.load_state_dict(sd, strict=False)
+    report["missing"] = [k for k in result.missing_keys if k not in allowed_missing]
+    report["unexpected"] = list(result.unexpected_keys)
+    return report
+
+
+def checkpoint_meta(obj: Any) -> dict[str, Any]:
+    """Plain-data metadata our training checkpoints carry (model name, classes, config); {} otherwise."""
+    if isinstance(obj, Mapping):
+        meta = obj.get("meta")
+        if isinstance(meta, Mapping):
+            return dict(meta)
+    return {}
+
+
+def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
+                img_size: int | None = None, strict: bool = True, use_ema: bool = True,
+                **kwargs: Any) -> nn.Module:
+    """Create a registered model and load a checkpoint into it: the one entry point every CLI uses.
+
+    When ``num_classes`` is None and the checkpoint has a head, the model is built with the
+    checkpoint's class count, so a 10-class fine-tune loads as a 10-class model. ``img_size`` None
+    means the registry default (or the size the project's own checkpoint was trained at).
+    """
+    import timm
+
+    from . import model as _registered  # noqa: F401  (registers the models with timm)
+
+    if name.split(".")[0] not in _registered.ARCHS:
+        known = ", ".join(_registered.ARCHS)
+        raise ValueError(f"unknown model {name!r}; registered T2T-ViT models: {known}")
+    obj = None
+    if checkpoint is not None:
+        obj = read_checkpoint(checkpoint)
+        meta = checkpoint_meta(obj)
+        sd = extract_state_dict(obj, use_ema=use_ema)
+        if num_classes is None and "head.weight" in sd:
+            num_classes = int(sd["head.weight"].shape[0])
+        if img_size is None and meta.get("img_size"):
+            img_size = int(meta["img_size"])
+    model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    if obj is not None:
+        load_checkpoint(model, obj, strict=strict, use_ema=use_ema)
+        meta = checkpoint_meta(obj)
+        if meta.get("class_names"):
+            model.pretrained_cfg = {**model.pretrained_cfg, "class_names": list(meta["class_names"])}
+    return model
