@@ -54,3 +54,13 @@ bench-model:
 
 clean:
 	rm -rf artifacts runs .pytest_cache
+
+# ----- train (train/) -----
+
+# ----- export (export/) -----
+
+# ----- calibration (calibration/) -----
+
+# ----- engines (engines/) -----
+
+# ----- parity and demo -----
