@@ -201,7 +201,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
 
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
     kwargs.pop("cache_dir", None)
-    img_size = kwargs.pop("img_size", None) or cfg.input_size[-1]
+    img_size = kwargs.pop("img_size", None)
+    if img_size is None:
+        img_size = cfg.input_size[-1]
     if isinstance(img_size, (tuple, list)):
         if len(set(img_size[-2:])) != 1:
             raise ValueError(f"T2T-ViT takes square inputs only, got img_size={tuple(img_size)}")

@@ -1,0 +1,173 @@
+"""Evaluation sets in the layouts ImageNet users have, labelled in the model's own class order.
+
+* Synset folders (``val/n01440764/ILSVRC2012_val_00000293.JPEG``), the ImageFolder layout.
+* A flat folder of ``ILSVRC2012_val_*.JPEG`` plus a ground-truth file: Kaggle's
+  ``LOC_val_solution.csv`` (``ImageId,PredictionString`` whose first token is the wnid) or a plain
+  ``filename label`` list with 0-based indices (a wnid in place of the index works too).
+
+Labels always index the MODEL's classes: a 1000-class model uses the standard ImageNet-1k order
+(:func:`t2t_vit.data.imagenet_wnids`, shipped by timm), so a subset such as Imagenette's 10 synset
+folders maps onto the 1000-class indices; a model trained on a subset uses the ``class_names`` its
+checkpoint carries.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .data import IMG_EXTENSIONS, DataError, Sample, imagenet_wnids, scan_image_folder
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["EvalSet", "model_class_names", "read_labels_file", "resolve_eval_set"]
+
+
+@dataclass
+class EvalSet:
+    """Samples labelled in the model's class order, plus how they were found."""
+
+    samples: list[Sample]
+    class_names: list[str]  # index -> name (wnid, or folder name) in the model's label space
+    layout: str  # "folders" or "flat+labels"
+    mapping: str  # how folder/file labels were mapped to model indices, for the report
+    root: str = ""
+    labels_file: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def model_class_names(model=None, num_classes: int | None = None) -> list[str] | None:
+    """The model's class list: checkpoint ``class_names``, else ImageNet-1k wnids for 1000 classes, else None."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("class_names"):
+        return [str(c) for c in cfg["class_names"]]
+    if num_classes is None and model is not None:
+        num_classes = getattr(model, "num_classes", None)
+    if num_classes == 1000:
+        return imagenet_wnids()
+    return None
+
+
+def _stem(name: str) -> str:
+    name = Path(name.strip()).name
+    return name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in IMG_EXTENSIONS else name
+
+
+def read_labels_file(path: str | Path, class_to_idx: Mapping[str, int] | None) -> dict[str, int]:
+    """Ground truth as ``{image stem: model class index}``.
+
+    Args:
+        path: Kaggle ``LOC_val_solution.csv`` or a ``filename label`` list (label: 0-based index or wnid).
+        class_to_idx: model class name -> index; needed when labels are wnids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise DataError(f"labels file {path} is empty")
+
+    def to_index(token: str, where: str) -> int:
+        token = token.strip()
+        if token.lstrip("-").isdigit():
+            return int(token)
+        if class_to_idx is None:
+            raise DataError(f"{where}: label {token!r} is a class name, but the model has no class list to "
+                            f"map it to (use a checkpoint whose meta holds class_names, or 0-based indices)")
+        if token not in class_to_idx:
+            raise DataError(f"{where}: class {token!r} is not one of the model's classes "
+                            f"(expected names like {list(class_to_idx)[:3]})")
+        return class_to_idx[token]
+
+    out: dict[str, int] = {}
+    if "predictionstring" in lines[0].lower().replace(" ", ""):
+        # Kaggle ImageNet localization: ImageId,PredictionString("wnid x0 y0 x1 y1 wnid ...").
+        for i, row in enumerate(csv.DictReader(lines)):
+            pred = (row.get("PredictionString") or "").split()
+            if not pred or not row.get("ImageId"):
+                raise DataError(f"{path}:{i + 2}: expected 'ImageId,PredictionString' with a wnid first")
+            out[_stem(row["ImageId"])] = to_index(pred[0], f"{path}:{i + 2}")
+        return out
+    for i, line in enumerate(lines):
+        parts = line.replace(",", " ").split()
+        if len(parts) == 1 and parts[0].isdigit():
+            raise DataError(
+                f"{path}:{i + 1}: a bare number per line looks like the ILSVRC devkit's "
+                f"ILSVRC2012_validation_ground_truth.txt, whose 1-based ILSVRC2012_IDs are NOT the standard "
+                f"sorted-wnid order; convert it to 'filename label' lines with 0-based indices, or use "
+                f"Kaggle's LOC_val_solution.csv"
+            )
+        if len(parts) != 2:
+            raise DataError(f"{path}:{i + 1}: expected 'filename label', got {line!r}")
+        out[_stem(parts[0])] = to_index(parts[1], f"{path}:{i + 1}")
+    return out
+
+
+def resolve_eval_set(root: str | Path, class_names: Sequence[str] | None = None,
+                     num_classes: int | None = None, labels_file: str | Path | None = None) -> EvalSet:
+    """Find the images under ``root`` and label them in the model's class order.
+
+    Args:
+        root: synset folders, or a flat folder of images (then ``labels_file`` is required).
+        class_names: the model's class list (see :func:`model_class_names`); None: folder names, sorted.
+        num_classes: the model's class count, checked against the data's labels.
+        labels_file: ground truth for a flat folder (ignored for synset folders unless given: then it wins).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root} (pass DATA=/path/to/imagenet/val)")
+    class_to_idx = {c: i for i, c in enumerate(class_names)} if class_names else None
+    has_dirs = any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
+
+    if labels_file is None and has_dirs:
+        samples, folders = scan_image_folder(root, class_to_idx)
+        if class_to_idx is None:
+            if num_classes is not None and len(folders) != num_classes:
+                raise DataError(
+                    f"{root} has {len(folders)} class folders but the model has {num_classes} classes and no "
+                    f"class list; use a checkpoint whose meta holds class_names (this project's training "
+                    f"checkpoints do), or a 1000-class ImageNet model"
+                )
+            mapping = f"{len(folders)} folders in sorted order -> indices 0..{len(folders) - 1}"
+            names = list(folders)
+        else:
+            names = list(class_names)
+            mapping = (f"{len(folders)} folders -> the model's {len(names)}-class list"
+                       + (" (ImageNet-1k order)" if len(names) == 1000 else ""))
+        return EvalSet(samples, names, "folders", mapping, str(root))
+
+    if labels_file is None:
+        raise DataError(
+            f"{root} holds no class folders; for a flat folder of ILSVRC2012_val_*.JPEG pass the ground truth "
+            f"with LABELS=... (--labels): Kaggle's LOC_val_solution.csv or a 'filename label' list"
+        )
+    truth = read_labels_file(labels_file, class_to_idx)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise DataError(f"{root} holds no images with extensions {IMG_EXTENSIONS}")
+    samples, unlabelled = [], []
+    for p in files:
+        label = truth.get(p.stem)
+        if label is None:
+            unlabelled.append(p.name)
+        else:
+            samples.append(Sample(str(p), label))
+    if not samples:
+        raise DataError(f"none of the {len(files)} images in {root} is named in {labels_file} "
+                        f"(first image {files[0].name!r}, first label entry {next(iter(truth))!r})")
+    n_cls = len(class_names) if class_names else num_classes
+    bad = sorted({s.label for s in samples if s.label < 0 or (n_cls is not None and s.label >= n_cls)})
+    if bad:
+        raise DataError(f"{labels_file}: labels {bad[:5]} are outside the model's {n_cls} classes "
+                        f"(labels must be 0-based indices into the model's class order)")
+    notes = []
+    if unlabelled:
+        notes.append(f"{len(unlabelled)} images have no entry in the labels file and were skipped "
+                     f"(e.g. {unlabelled[:3]})")
+        _logger.warning("%s", notes[-1])
+    names = list(class_names) if class_names else [str(i) for i in range(n_cls or (max(truth.values()) + 1))]
+    mapping = "labels file -> " + ("the model's class list" if class_names else "0-based indices")
+    return EvalSet(samples, names, "flat+labels", mapping, str(root), str(labels_file), notes)
