@@ -396,3 +396,25 @@ def test_model_package_has_no_gpu_or_deployment_imports():
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
     assert t2t_vit.__version__
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    """The bench-model command runs end to end (tiny model) and its report is self-consistent."""
+    from t2t_vit import benchmark
+
+    rc = benchmark.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--attn-model", "t2t_vit_test",
+                         "--throughput-models", "t2t_vit_test", "--img-size", "32"])
+    assert rc == 0
+    report = json.loads((tmp_path / "bench-model-cpu-32px.json").read_text())
+    assert (tmp_path / "bench-model-cpu-32px.md").read_text().startswith("# Model benchmark")
+    first = {}
+    for r in report["results"]:
+        first.setdefault((r["kind"], r["attention"], r["batch"]), r)
+    fwd_s, fwd_e = first[("forward", "sdpa", 8)], first[("forward", "explicit", 8)]
+    key = next(k for k in report["ratios"] if k.startswith("forward speed-up"))
+    assert report["ratios"][key] == pytest.approx(fwd_e["latency_ms_median"] / fwd_s["latency_ms_median"])
+    for r in report["results"]:
+        assert r["images_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch"] / (r.get("latency_ms_median") or r["step_ms_median"]) * 1e3)
+    assert report["hardware"]["torch"] == torch.__version__

@@ -1,0 +1,261 @@
+"""Model-package benchmark: SDPA vs explicit attention, and fp32 forward throughput.
+
+Measures, in one run on one machine:
+
+* t2t_vit_t_14 (whose first token transformer attends over 3136 tokens at 224 px): forward latency and
+  peak memory of forward+backward with ``F.scaled_dot_product_attention`` vs the explicit
+  MatMul-Softmax-MatMul path (which stores the 3136 x 3136 map);
+* fp32 eval forward throughput (img/s) of t2t_vit_7 and t2t_vit_14;
+* on a CUDA GPU also a bf16-autocast training step (img/s, peak memory).
+
+Peak memory on CPU is the growth of the process' peak resident set (``ru_maxrss``) over its size just
+before the measured step, measured in a fresh subprocess per case so cases do not share a high-water
+mark; on GPU it is ``torch.cuda.max_memory_allocated``.
+
+Usage: ``python -m t2t_vit.benchmark --out reports`` (``make bench-model``) writes
+``reports/bench-model-<device>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def hardware_info() -> dict[str, Any]:
+    """Hardware and library versions, to be stored beside every number."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return info
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _time(fn, warmup: int, iters: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One measurement; meant to run in its own process (see ``--case``)."""
+    import timm
+
+    import t2t_vit  # noqa: F401  (registers the models)
+
+    device = torch.device(case["device"])
+    torch.manual_seed(0)
+    model = timm.create_model(case["model"], img_size=case["img_size"]).to(device)
+    model.set_fused_attn(case["attention"] == "sdpa")
+    x = torch.randn(case["batch"], 3, case["img_size"], case["img_size"], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = dict(case)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.get("amp") == "bf16")
+
+    if case["kind"] == "forward":
+        model.eval()
+
+        def fn():
+            with torch.no_grad(), autocast:
+                model(x)
+
+        times = _time(fn, case["warmup"], case["iters"], sync)
+        med = statistics.median(times)
+        out.update(latency_ms_median=1e3 * med, latency_ms_min=1e3 * min(times),
+                   images_per_s=case["batch"] / med)
+    elif case["kind"] == "train_step":
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def fn():
+            with autocast:
+                loss = model(x).float().logsumexp(1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fn()  # allocate optimizer state before the memory baseline
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_bytes()
+        times = _time(fn, case["warmup"], case["iters"], sync)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        med = statistics.median(times)
+        out.update(step_ms_median=1e3 * med, images_per_s=case["batch"] / med,
+                   peak_mem_mib=max(peak, 0) / 2**20)
+    else:
+        raise ValueError(f"unknown case kind {case['kind']!r}")
+    return out
+
+
+def _run_in_subprocess(case: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+        cmd = [sys.executable, "-m", "t2t_vit.benchmark", "--case", json.dumps(case), "--case-out", f.name]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(Path(f.name).read_text())
+
+
+def build_cases(device: str, quick: bool, attn_model: str = "t2t_vit_t_14",
+                throughput_models: tuple[str, ...] = ("t2t_vit_7", "t2t_vit_14"), img: int = 224) -> list[dict[str, Any]]:
+    warm, iters = (1, 2) if quick else (2, 5)
+    cases = []
+    for attention in ("sdpa", "explicit"):
+        cases.append(dict(kind="forward", model=attn_model, attention=attention, batch=8, img_size=img,
+                          device=device, warmup=warm, iters=iters))
+        cases.append(dict(kind="train_step", model=attn_model, attention=attention, batch=8 if device == "cpu" else 64,
+                          img_size=img, device=device, warmup=1, iters=max(2, iters // 2),
+                          amp="bf16" if device == "cuda" else None))
+    for model in throughput_models:
+        for batch in (1, 8):
+            cases.append(dict(kind="forward", model=model, attention="sdpa", batch=batch, img_size=img, device=device,
+                              warmup=warm, iters=iters))
+    if device == "cuda":
+        for model in (throughput_models[0], attn_model):
+            cases.append(dict(kind="train_step", model=model, attention="sdpa", batch=128, img_size=img,
+                              device=device, warmup=3, iters=10, amp="bf16"))
+    return cases
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    hw = report["hardware"]
+    lines = [f"# Model benchmark ({report['device']})", "",
+             f"Hardware: {hw.get('gpu', hw['cpu'])}; {hw['cpu_cores_visible']} CPU cores visible, "
+             f"{hw['torch_threads']} torch threads; torch {hw['torch']}. Command: `{report['command']}`.", "",
+             f"## SDPA vs explicit attention ({report['attn_model']}, {report['img_size']} px)", "",
+             "| case | batch | attention | median ms | img/s | peak mem MiB |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        if r["model"] != report["attn_model"] or r["attention"] == "sdpa" and r["batch"] == 128:
+            continue
+        ms = r.get("latency_ms_median", r.get("step_ms_median"))
+        mem = f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "-"
+        lines.append(f"| {r['kind']} | {r['batch']} | {r['attention']} | {ms:.1f} | {r['images_per_s']:.1f} | {mem} |")
+    for key, label in report["ratios"].items():
+        lines.append("")
+        lines.append(f"- {key}: **{label:.2f}x**")
+    lines += ["", "## fp32 forward throughput (eval, SDPA)", "", "| model | batch | median ms | img/s |", "|---|---|---|---|"]
+    for r in report["results"]:
+        if r["kind"] == "forward" and r["model"] in report["throughput_models"]:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['latency_ms_median']:.1f} | {r['images_per_s']:.1f} |")
+    gpu_train = [r for r in report["results"] if r["kind"] == "train_step" and r["batch"] == 128]
+    if gpu_train:
+        lines += ["", "## GPU training step (bf16 autocast)", "", "| model | batch | img/s | peak MiB |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['images_per_s']:.0f} | {r['peak_mem_mib']:.0f} |" for r in gpu_train]
+    elif report["device"] == "cpu":
+        lines += ["", "No GPU was available for this run; on a CUDA machine the same command adds bf16 training-step "
+                      "throughput and peak memory."]
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(results: list[dict[str, Any]], attn_model: str) -> dict[str, float]:
+    def pick(kind, attention):
+        return next(r for r in results if r["model"] == attn_model and r["kind"] == kind
+                    and r["attention"] == attention and r["batch"] in (8, 64))
+
+    fwd_s, fwd_e = pick("forward", "sdpa"), pick("forward", "explicit")
+    tr_s, tr_e = pick("train_step", "sdpa"), pick("train_step", "explicit")
+    return {
+        "forward speed-up of SDPA over explicit (latency explicit / SDPA)": fwd_e["latency_ms_median"] / fwd_s["latency_ms_median"],
+        "training-step speed-up of SDPA over explicit": tr_e["step_ms_median"] / tr_s["step_ms_median"],
+        "peak-memory reduction of SDPA (explicit / SDPA, forward+backward)": tr_e["peak_mem_mib"] / max(tr_s["peak_mem_mib"], 1e-6),
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="reports", help="folder for bench-model-<device>.{json,md}")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="fewer iterations (for smoke tests)")
+    p.add_argument("--attn-model", default="t2t_vit_t_14", help="model for the SDPA vs explicit comparison")
+    p.add_argument("--throughput-models", nargs="+", default=["t2t_vit_7", "t2t_vit_14"],
+                   help="models for the fp32 forward throughput table")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.case:
+        Path(args.case_out).write_text(json.dumps(run_case(json.loads(args.case))))
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cases = build_cases(device, args.quick, args.attn_model, tuple(args.throughput_models), args.img_size)
+    from tqdm import tqdm
+
+    results = [_run_in_subprocess(c) for c in tqdm(cases, desc="bench-model", unit="case")]
+    report = {
+        "device": device,
+        "hardware": hardware_info(),
+        "command": "python -m t2t_vit.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": results,
+        "attn_model": args.attn_model,
+        "throughput_models": list(args.throughput_models),
+        "img_size": args.img_size,
+        "ratios": _ratios(results, args.attn_model),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-model-{device}" if args.img_size == 224 else f"bench-model-{device}-{args.img_size}px"
+    _write_atomic(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    md = to_markdown(report)
+    _write_atomic(out / f"{stem}.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
