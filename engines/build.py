@@ -1,0 +1,343 @@
+"""Build a strongly typed TensorRT engine from a typed ONNX graph (``make engine``).
+
+``<out>/<model>.<precision>.onnx`` (from ``make onnx`` / ``make calib``) -> ``<out>/<model>.<precision>.engine``
+plus its sidecar ``<model>.<precision>.engine.json`` (see :mod:`engines.sidecar`).
+
+Precision is a property of the ONNX graph: fp16 by fp16-typed tensors, int8 by Q/DQ nodes. The network
+is strongly typed (the creation flag on TensorRT 10.x, the only mode on 11.x) and no precision builder
+flag or calibrator is ever set, so the engine computes in the types the graph declares on both major
+versions. One optimization profile covers the batch axis (min/opt/max, default 1/32/128); the timing
+cache file is read before and written after every build, so later builds on the same GPU and TensorRT
+version skip most tactic timing.
+
+Usage::
+
+    python -m engines.build --model t2t_vit_12 --precision fp16            # needs TensorRT and a GPU
+    python -m engines.build --model t2t_vit_12 --precision int8 --dry-run  # the plan, no TensorRT needed
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from engines.files import atomic_write_bytes
+from engines.sidecar import make_sidecar, sidecar_path, write_sidecar
+from engines.trt_compat import TensorRTUnavailable, gpu_info, import_tensorrt, network_creation_flags
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PRECISIONS",
+    "BuildError",
+    "BuildSettings",
+    "OnnxInputs",
+    "onnx_path_for",
+    "engine_path_for",
+    "inspect_onnx",
+    "profile_shapes",
+    "plan_build",
+    "default_timing_cache",
+    "build_engine",
+    "get_args_parser",
+    "main",
+]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class BuildError(RuntimeError):
+    """The engine cannot be built as asked; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Builder knobs. ``timing_cache=None`` means ``.cache/tensorrt/timing-<trt>-<gpu>.cache``."""
+
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 128
+    workspace_mib: int = 4096
+    opt_level: int = 3
+    timing_cache: str | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise BuildError(f"optimization profile needs 1 <= min <= opt <= max batch, got "
+                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        if self.workspace_mib <= 0:
+            raise BuildError(f"--workspace-mib must be positive, got {self.workspace_mib}")
+        if not 0 <= self.opt_level <= 5:
+            raise BuildError(f"--opt-level must be 0..5 (TensorRT's builder optimization level), got {self.opt_level}")
+
+
+@dataclass(frozen=True)
+class OnnxInputs:
+    """Graph inputs (name -> dims, an int or the symbolic name of a dynamic axis) and metadata_props."""
+
+    inputs: dict[str, list[int | str]]
+    metadata: dict[str, str]
+
+
+def onnx_path_for(out: str | os.PathLike, model: str, precision: str) -> Path:
+    return Path(out) / f"{model}.{precision}.onnx"
+
+
+def engine_path_for(out: str | os.PathLike, model: str, precision: str) -> Path:
+    return Path(out) / f"{model}.{precision}.engine"
+
+
+def _make_hint(precision: str, model: str) -> str:
+    return (f"`make calib MODEL={model}`" if precision == "int8" else f"`make onnx MODEL={model}`")
+
+
+def inspect_onnx(path: str | os.PathLike) -> OnnxInputs:
+    """Input names/dims and metadata of an ONNX file, without loading external weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    inputs: dict[str, list[int | str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:  # old exporters list weights as inputs
+            continue
+        dims: list[int | str] = []
+        for d in value.type.tensor_type.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?"))
+        inputs[value.name] = dims
+    return OnnxInputs(inputs=inputs, metadata={p.key: p.value for p in model.metadata_props})
+
+
+def profile_shapes(inputs: dict[str, list[int | str]], settings: BuildSettings,
+                   img_size: int | None = None) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shapes of every input: the batch axis from ``settings``, the rest from the graph.
+
+    Raises:
+        BuildError: a non-batch axis is dynamic, or the batch axis is static but the profile asks
+            for other batch sizes.
+    """
+    settings.validate()
+    out = {}
+    for name, dims in inputs.items():
+        if not dims:
+            raise BuildError(f"input {name!r} has no shape in the ONNX graph; re-export it with `make onnx`")
+        rest = []
+        for axis, d in enumerate(dims[1:], start=1):
+            if isinstance(d, str):
+                raise BuildError(f"input {name!r} axis {axis} is dynamic ({d!r}); only the batch axis may be: "
+                                 f"re-export with a fixed image size (`make onnx IMG_SIZE=...`)")
+            rest.append(int(d))
+        if img_size is not None and len(rest) == 3 and rest[1:] != [img_size, img_size]:
+            raise BuildError(f"input {name!r} is {rest[1]}x{rest[2]} in the ONNX graph but --img-size is {img_size}; "
+                             f"re-export at {img_size} or drop --img-size")
+        batch = dims[0]
+        if isinstance(batch, int) and not (settings.min_batch == settings.opt_batch == settings.max_batch == batch):
+            raise BuildError(f"input {name!r} has a static batch of {batch} but the profile asks for "
+                             f"{settings.min_batch}/{settings.opt_batch}/{settings.max_batch}; export with a dynamic "
+                             f"batch axis or pass --min-batch/--opt-batch/--max-batch {batch}")
+        out[name] = {k: [b, *rest] for k, b in
+                     (("min", settings.min_batch), ("opt", settings.opt_batch), ("max", settings.max_batch))}
+    if not out:
+        raise BuildError("the ONNX graph has no inputs")
+    return out
+
+
+def plan_build(model: str, precision: str, out: str | os.PathLike, settings: BuildSettings,
+               onnx_path: str | os.PathLike | None = None, engine_path: str | os.PathLike | None = None,
+               img_size: int | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Everything about a build that can be known without TensorRT: paths, shapes, data config.
+
+    With ``checkpoint``, its sha256 must equal the ONNX metadata's ``checkpoint_sha256`` (when recorded).
+
+    Raises:
+        BuildError: missing ONNX, precision or data config disagreeing with the graph, bad profile.
+    """
+    from t2t_vit.data import DataConfig, DataError
+
+    if precision not in PRECISIONS:
+        raise BuildError(f"precision {precision!r}: use one of {PRECISIONS}")
+    onnx_path = Path(onnx_path) if onnx_path else onnx_path_for(out, model, precision)
+    engine_path = Path(engine_path) if engine_path else engine_path_for(out, model, precision)
+    if not onnx_path.is_file():
+        raise BuildError(f"{onnx_path} not found: create it with {_make_hint(precision, model)} "
+                         f"(or pass --onnx PATH)")
+    info = inspect_onnx(onnx_path)
+    meta = info.metadata
+    if meta.get("precision") and meta["precision"] != precision:
+        raise BuildError(f"{onnx_path} is a {meta['precision']} graph (metadata `precision`) but --precision is "
+                         f"{precision}; precision is a property of the ONNX graph, so build from "
+                         f"{onnx_path_for(onnx_path.parent, model, precision).name}")
+    if meta.get("model") and meta["model"] != model:
+        raise BuildError(f"{onnx_path} holds {meta['model']} (metadata `model`), not {model}; check --model/--onnx")
+    if checkpoint is not None and meta.get("checkpoint_sha256"):
+        from t2t_vit.checkpoint import file_sha256
+
+        if not Path(checkpoint).is_file():
+            raise BuildError(f"checkpoint {checkpoint} not found")
+        if file_sha256(checkpoint) != meta["checkpoint_sha256"]:
+            raise BuildError(f"{onnx_path} was exported from another checkpoint than {checkpoint} (metadata "
+                             f"checkpoint_sha256); re-export with `make onnx CHECKPOINT={checkpoint}`")
+    try:
+        data_config = DataConfig.from_metadata(meta).to_metadata()
+    except DataError as e:
+        raise BuildError(f"{onnx_path}: {e}") from e
+    shapes = profile_shapes(info.inputs, settings, img_size=img_size)
+    return {"model": model, "precision": precision, "onnx": str(onnx_path), "engine": str(engine_path),
+            "sidecar": str(sidecar_path(engine_path)), "profile": shapes, "data_config": data_config,
+            "onnx_metadata": meta, "settings": asdict(settings)}
+
+
+def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
+    """One timing cache per TensorRT version and GPU model, shared by every model's builds."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() or "gpu"
+    return Path(".cache") / "tensorrt" / f"timing-trt{tensorrt_version}-{slug}.cache"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_serialized(trt: Any, onnx_path: Path, shapes: dict[str, dict[str, list[int]]], settings: BuildSettings,
+                      cache_bytes: bytes) -> tuple[Any, Any]:
+    """The TensorRT part: parse, configure, build. Returns (serialized engine, serialized timing cache)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_creation_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse) so weights stored as ONNX external data next to the file are found.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mib) << 20)
+    config.builder_optimization_level = int(settings.opt_level)
+
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in shapes:
+            raise BuildError(f"TensorRT sees input {tensor.name!r}, the ONNX graph lists {sorted(shapes)}")
+        s = shapes[tensor.name]
+        profile.set_shape(tensor.name, s["min"], s["opt"], s["max"])
+    config.add_optimization_profile(profile)
+
+    # A cache from another TensorRT/GPU is rejected (ignore_mismatch=False): start an empty one instead.
+    timing_cache = config.create_timing_cache(cache_bytes)
+    if timing_cache is None or not config.set_timing_cache(timing_cache, False):
+        _logger.warning("the timing cache does not match this TensorRT/GPU; starting an empty one")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(f"TensorRT failed to build an engine from {onnx_path}; the builder's errors are above "
+                         f"(try a larger --workspace-mib, or check the graph with `polygraphy inspect model`)")
+    timing_cache = config.get_timing_cache()  # now holds this build's tactic timings too
+    return serialized, timing_cache.serialize()
+
+
+def build_engine(model: str, precision: str, out: str | os.PathLike, settings: BuildSettings = BuildSettings(),
+                 onnx_path: str | os.PathLike | None = None, engine_path: str | os.PathLike | None = None,
+                 img_size: int | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Build ``<out>/<model>.<precision>.engine`` and its sidecar; returns the sidecar.
+
+    TensorRT is imported first, so without it nothing is read or written.
+
+    Raises:
+        TensorRTUnavailable: TensorRT or a GPU is missing.
+        BuildError: bad input, or the build failed.
+    """
+    trt = import_tensorrt()
+    plan = plan_build(model, precision, out, settings, onnx_path, engine_path, img_size, checkpoint)
+    onnx_file, engine_file = Path(plan["onnx"]), Path(plan["engine"])
+    gpu = gpu_info()
+    cache_file = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu["name"])
+    cache_in = cache_file.read_bytes() if cache_file.is_file() else b""
+
+    t0 = time.perf_counter()
+    serialized, cache_out = _build_serialized(trt, onnx_file, plan["profile"], settings, cache_in)
+    build_time = time.perf_counter() - t0
+
+    atomic_write_bytes(engine_file, serialized)
+    atomic_write_bytes(cache_file, cache_out)
+    sidecar = make_sidecar(
+        model=model, precision=precision, profile=plan["profile"], onnx_path=onnx_file,
+        onnx_sha256=_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
+        tensorrt_version=trt.__version__, gpu=gpu, build_time_s=build_time,
+        built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        onnx_metadata=plan["onnx_metadata"], data_config=plan["data_config"],
+        builder={**asdict(settings), "timing_cache": str(cache_file), "strongly_typed": True,
+                 "network_creation_flags": network_creation_flags(trt)},
+    )
+    # The sidecar goes last: an engine without one (or with a stale one, by engine_sha256) is refused.
+    write_sidecar(engine_file, sidecar)
+    return sidecar
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Build a strongly typed TensorRT engine from a typed ONNX graph",
+                                add_help=add_help)
+    p.add_argument("--model", required=True, help="registered model name, e.g. t2t_vit_12")
+    p.add_argument("--checkpoint", default=None,
+                   help="the weights come from the ONNX file; if given, it must be the checkpoint the ONNX metadata records")
+    p.add_argument("--img-size", type=int, default=None, help="check the ONNX input is this size (default: as exported)")
+    p.add_argument("--out", default=None, help="artifact folder (default: artifacts/<model>)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                   help="which typed ONNX to build: <out>/<model>.<precision>.onnx (default: fp16)")
+    p.add_argument("--onnx", default=None, help="ONNX file to build instead of <out>/<model>.<precision>.onnx")
+    p.add_argument("--engine", default=None, help="engine path (default: <out>/<model>.<precision>.engine)")
+    d = BuildSettings()
+    p.add_argument("--min-batch", type=int, default=d.min_batch, help=f"profile minimum batch (default {d.min_batch})")
+    p.add_argument("--opt-batch", type=int, default=d.opt_batch, help=f"profile optimum batch (default {d.opt_batch})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"profile maximum batch (default {d.max_batch})")
+    p.add_argument("--workspace-mib", type=int, default=d.workspace_mib,
+                   help=f"builder workspace limit in MiB (default {d.workspace_mib})")
+    p.add_argument("--opt-level", type=int, default=d.opt_level,
+                   help=f"builder optimization level 0-5 (default {d.opt_level}, TensorRT's default)")
+    p.add_argument("--timing-cache", default=None,
+                   help="timing cache file, read and updated (default .cache/tensorrt/timing-<trt>-<gpu>.cache)")
+    p.add_argument("--dry-run", action="store_true", help="print the build plan as JSON; needs no TensorRT")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out) if args.out else Path("artifacts") / args.model
+    settings = BuildSettings(args.min_batch, args.opt_batch, args.max_batch, args.workspace_mib, args.opt_level,
+                             args.timing_cache)
+    try:
+        if args.dry_run:
+            plan = plan_build(args.model, args.precision, out, settings, args.onnx, args.engine, args.img_size,
+                              args.checkpoint)
+            print(json.dumps(plan, indent=2))
+            return 0
+        sidecar = build_engine(args.model, args.precision, out, settings, args.onnx, args.engine, args.img_size,
+                               args.checkpoint)
+    except TensorRTUnavailable as e:
+        print(f"error: cannot build a TensorRT engine: {e}\n(nothing was written)", file=sys.stderr)
+        return 2
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    engine = args.engine or engine_path_for(out, args.model, args.precision)
+    print(f"wrote {engine} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']['name']}, "
+          f"{sidecar['build_time_s']:.1f} s) and {sidecar_path(engine)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

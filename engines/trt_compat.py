@@ -1,0 +1,161 @@
+"""The one place that imports TensorRT, tells 10.x from 11.x, and lists every TensorRT name we use.
+
+TensorRT cannot be installed on the development and CI machines, so the TensorRT code is kept thin
+and its names are checked statically instead: ``tests/test_engines_trt_names.py`` reads the compiled
+bindings of TensorRT 10.13 and 11.4 (downloaded by ``make install``, never installed) and checks that
+every name in :data:`TRT_NAMES_USED` exists in both, and that the source uses no TensorRT name outside
+that list. Names that exist in one major version only are used behind a version check and listed in
+:data:`TRT_NAMES_VERSION_GATED`.
+
+How the variants differ (REFERENCE.md section 3):
+
+* 10.x: a strongly typed network needs ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` at creation.
+  The enum's integer value differs between releases, so the bit is always computed from the enum.
+* 11.x: strongly typed is the only mode; the flag is deprecated and ignored, so no flag is passed.
+* Both: no precision builder flags (``BuilderFlag.FP16``/``INT8``) and no calibrators; precision is
+  what the ONNX graph's tensor types and Q/DQ nodes say.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from typing import Any
+
+__all__ = [
+    "INSTALL_HINT",
+    "TensorRTUnavailable",
+    "tensorrt_availability",
+    "import_tensorrt",
+    "parse_version",
+    "network_creation_flags",
+    "gpu_info",
+    "TRT_NAMES_USED",
+    "TRT_NAMES_VERSION_GATED",
+    "TRT_NAMES_REMOVED_IN_11",
+    "TRT_NAMES_FORBIDDEN",
+    "TRT_OBJECT_NAMES",
+    "TRT_MODULES",
+]
+
+INSTALL_HINT = ("pip install -e '.[tensorrt]' (TensorRT >= 10.1 with its CUDA libraries, on a machine with an "
+                "NVIDIA GPU; the trtexec binary ships in NVIDIA's TensorRT tar/deb packages)")
+MIN_VERSION = (10, 1)
+
+# Every attribute the engines code reads on the `trt` module or on TensorRT objects. The names test
+# collects them from the source by AST (see TRT_OBJECT_NAMES) and requires this list to match exactly.
+TRT_NAMES_USED: frozenset[str] = frozenset({
+    # module level
+    "__version__", "Logger", "WARNING", "Builder", "Runtime", "OnnxParser",
+    "NetworkDefinitionCreationFlag", "STRONGLY_TYPED", "MemoryPoolType", "WORKSPACE",
+    "TensorIOMode", "INPUT",
+    "float32", "float16", "bfloat16", "int8", "int32", "int64", "uint8",
+    # builder, network, parser
+    "create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network",
+    "num_inputs", "get_input", "name", "parse_from_file", "num_errors", "get_error",
+    # builder config, optimization profile, timing cache
+    "set_memory_pool_limit", "builder_optimization_level", "set_shape", "add_optimization_profile",
+    "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize",
+    # runtime, engine, execution context
+    "deserialize_cuda_engine", "create_execution_context", "num_io_tensors", "get_tensor_name",
+    "get_tensor_mode", "get_tensor_dtype", "get_tensor_profile_shape", "set_input_shape",
+    "get_tensor_shape", "set_tensor_address", "execute_async_v3",
+})
+
+# Names used only on one side of a version check: name -> the major versions whose code path uses it.
+# STRONGLY_TYPED is read only when major == 10 (on 11 it is deprecated and ignored).
+TRT_NAMES_VERSION_GATED: dict[str, tuple[int, ...]] = {"STRONGLY_TYPED": (10,)}
+
+# Removed in TensorRT 11 (REFERENCE.md section 3: precision flags, implicit calibration, implicit batch).
+TRT_NAMES_REMOVED_IN_11: frozenset[str] = frozenset({
+    "FP16", "INT8", "int8_calibrator", "IInt8EntropyCalibrator2", "IInt8Calibrator", "EXPLICIT_BATCH",
+    "platform_has_fast_fp16", "platform_has_fast_int8",
+})
+
+# Never used anywhere in engines/: the removed names, plus builder flags altogether (precision is a
+# property of the ONNX graph, so nothing here sets a builder flag).
+TRT_NAMES_FORBIDDEN: frozenset[str] = TRT_NAMES_REMOVED_IN_11 | {"BuilderFlag", "set_flag", "clear_flag"}
+
+# Variables (or ``self._<name>`` attributes) that hold TensorRT objects in TRT_MODULES. The names
+# test treats attribute access on these, and on the `trt` module, as TensorRT API use; other objects
+# in those modules must not use these variable names.
+TRT_OBJECT_NAMES: frozenset[str] = frozenset({
+    "logger", "builder", "network", "parser", "config", "profile", "tensor", "serialized", "timing_cache",
+    "runtime", "engine", "context", "trt_dtype",
+})
+
+# The modules that touch TensorRT (relative to the repository root).
+TRT_MODULES: tuple[str, ...] = ("engines/trt_compat.py", "engines/build.py", "engines/trt_runtime.py")
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT (or a GPU for it) is missing or too old; the message says what to install."""
+
+
+def tensorrt_availability() -> tuple[bool, str]:
+    """``(True, "")`` when the ``tensorrt`` package is importable and PyTorch sees a CUDA GPU."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, f"the TensorRT Python package is not installed: {INSTALL_HINT}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "TensorRT is installed but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False)"
+    return True, ""
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"10.13.3.9"`` -> ``(10, 13, 3, 9)``; ignores suffixes such as ``.post1`` or ``rc1``."""
+    parts = re.findall(r"\d+", str(version).split("+")[0])
+    if not parts:
+        raise ValueError(f"cannot read a TensorRT version from {version!r}")
+    return tuple(int(p) for p in parts[:4])
+
+
+def import_tensorrt(need_gpu: bool = True) -> Any:
+    """Import the ``tensorrt`` module (lazily: nothing else in the package imports it at module level).
+
+    Raises:
+        TensorRTUnavailable: not installed, older than 10.1, or (with ``need_gpu``) no CUDA GPU.
+    """
+    if importlib.util.find_spec("tensorrt") is None:
+        raise TensorRTUnavailable(f"TensorRT is not installed: {INSTALL_HINT}")
+    try:
+        trt = importlib.import_module("tensorrt")
+    except (ImportError, OSError) as e:  # the bindings load libnvinfer at import
+        raise TensorRTUnavailable(f"`import tensorrt` failed ({e}); reinstall it: {INSTALL_HINT}") from e
+    if parse_version(trt.__version__)[:2] < MIN_VERSION:
+        raise TensorRTUnavailable(
+            f"TensorRT {trt.__version__} is too old: strongly typed engines need >= "
+            f"{'.'.join(map(str, MIN_VERSION))}; {INSTALL_HINT}")
+    if need_gpu:
+        ok, why = tensorrt_availability()
+        if not ok:
+            raise TensorRTUnavailable(why)
+    return trt
+
+
+def network_creation_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network on this TensorRT.
+
+    10.x: the STRONGLY_TYPED bit, computed from the enum (its value is not stable across releases).
+    11.x: 0, strongly typed is the default and only mode.
+    """
+    major = parse_version(trt.__version__)[0]
+    if major >= 11:
+        return 0
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        raise TensorRTUnavailable(
+            f"TensorRT {trt.__version__} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED; {INSTALL_HINT}")
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def gpu_info(device: int | None = None) -> dict[str, str]:
+    """Name and compute capability of the CUDA device TensorRT will build for / run on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("no CUDA GPU is visible to PyTorch; TensorRT engines need one")
+    idx = torch.cuda.current_device() if device is None else device
+    major, minor = torch.cuda.get_device_capability(idx)
+    return {"name": torch.cuda.get_device_name(idx), "compute_capability": f"{major}.{minor}"}

@@ -1,0 +1,337 @@
+"""Parity: the report checked against an independent computation on real Imagenette images.
+
+The ONNX files here are made directly with torch.onnx / onnxruntime's own converters (not with the
+project's export and calibration stages), and the independent side preprocesses images by hand with PIL
+and numpy and runs onnxruntime sessions directly, so a bug shared by the parity code and the project's
+batching/runners cannot hide itself.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+from PIL import Image
+
+from engines import parity
+from engines.parity import ParityStats, Thresholds, parse_backends
+
+MODEL = "t2t_vit_test"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Unit tests (no data)
+# ------------------------------------------------------------------------------------------------
+def test_stats_match_torch_reference_formulas():
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((2, 11, 8)).astype(np.float32)
+    other = ref + 0.3 * rng.standard_normal(ref.shape).astype(np.float32)
+    labels = rng.integers(0, 8, (2, 11))
+    st = ParityStats()
+    for b in range(2):
+        st.update(other[b], labels[b], ref[b], seconds=0.5)
+    r_all, o_all, y_all = (torch.from_numpy(a.reshape(22, *a.shape[2:])) for a in (ref, other, labels))
+    top1 = (o_all.argmax(1) == y_all).double().mean().item() * 100
+    top5 = (o_all.topk(5, 1).indices == y_all[:, None]).any(1).double().mean().item() * 100
+    kl = torch.nn.functional.kl_div(o_all.double().log_softmax(1), r_all.double().log_softmax(1),
+                                    log_target=True, reduction="batchmean").item()
+    ref_top1 = (r_all.argmax(1) == y_all).double().mean().item() * 100
+    s = st.summary(None)
+    ref_st = ParityStats()
+    ref_st.update(ref.reshape(22, 8), labels.reshape(22), None)
+    s = st.summary(ref_st)
+    assert s["images"] == 22
+    assert s["top1"] == pytest.approx(top1) and s["top5"] == pytest.approx(top5)
+    assert s["delta_top1"] == pytest.approx(top1 - ref_top1)
+    assert s["agreement"] == pytest.approx((o_all.argmax(1) == r_all.argmax(1)).double().mean().item() * 100)
+    assert s["mean_abs_logit_delta"] == pytest.approx((o_all - r_all).abs().double().mean().item(), rel=1e-6)
+    assert s["max_abs_logit_delta"] == pytest.approx((o_all - r_all).abs().max().item(), rel=1e-6)
+    assert s["mean_kl"] == pytest.approx(kl, rel=1e-6)
+    assert s["images_per_s"] == pytest.approx(22 / 1.0)
+
+
+def test_stats_count_nonfinite_and_few_classes():
+    st = ParityStats()
+    logits = np.array([[np.nan, 1.0, 0.0], [0.0, 2.0, 1.0]], np.float32)
+    st.update(logits, np.array([0, 1]), None)
+    s = st.summary(None)
+    assert s["nonfinite_images"] == 1
+    assert s["top5"] == 100.0  # k = min(5, classes): every label is in the top-3 of 3 classes
+    assert s["correct_top1"] == 1  # the NaN row never counts as the argmax of a NaN
+
+
+def test_thresholds_defaults_and_overrides():
+    th = Thresholds()
+    assert th.check("fp32", 0.0, 100.0) == []
+    assert th.check("fp32", 0.0, 99.0)  # agreement below 99.9 %
+    assert th.check("fp16", -0.2, 100.0)  # |delta| counts in both directions
+    assert th.check("int8", 0.9, 50.0) == []
+    assert th.check("int8", 1.1, 100.0)
+    th.max_delta_top1["int8"] = 2.0
+    assert th.check("int8", 1.1, 100.0) == []
+
+
+def test_parse_backends():
+    assert parse_backends(None) == list(parity.BACKEND_KEYS)
+    assert parse_backends("ort") == ["pytorch-fp32", "ort-fp32", "ort-fp16", "ort-int8"]
+    assert parse_backends("ort-int8,trt-fp16") == ["pytorch-fp32", "ort-int8", "trt-fp16"]
+    with pytest.raises(parity.ParityError, match="unknown backend"):
+        parse_backends("tensorflow")
+
+
+# ------------------------------------------------------------------------------------------------
+# Real images
+# ------------------------------------------------------------------------------------------------
+def _fit_head(model: torch.nn.Module, val: Path) -> None:
+    """Give the random tiny model a least-squares head so its predictions vary between images."""
+    from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, scan_image_folder
+
+    samples, _ = scan_image_folder(val)
+    x, y, _ = ImageBatcher(class_balanced_subset(samples, 100, seed=123), DataConfig.from_model(model), 100).tensor()
+    with torch.no_grad():
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        mu, sd = f.mean(0), f.std(0)
+        fs = (f - mu) / sd
+        target = torch.nn.functional.one_hot(y, 10).float() - 0.1
+        w = torch.linalg.solve(fs.T @ fs + 10 * torch.eye(fs.shape[1]), fs.T @ target).T * 20 / sd
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(-w @ mu)
+
+
+def _set_meta(path: Path, meta: dict[str, str]) -> None:
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    helper.set_model_props(m, meta)
+    onnx.save(m, str(path))
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data, tmp_path_factory):
+    """A 10-class tiny checkpoint and fp32/fp16/int8 ONNX files made without the project's exporters."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from t2t_vit.checkpoint import build_model, file_sha256
+    from t2t_vit.data import DataConfig
+
+    val = shared_data / "imagenette2" / "val"
+    out = tmp_path_factory.mktemp("parity")
+    wnids = sorted(d.name for d in val.iterdir() if d.is_dir())
+    torch.manual_seed(0)
+    model = build_model(MODEL, num_classes=10).eval()
+    _fit_head(model, val)
+    ckpt = out / "ckpt.pth"
+    torch.save({"state_dict": model.state_dict(),
+                "meta": {"model": MODEL, "img_size": 64, "num_classes": 10, "class_names": wnids, "config": {}}},
+               ckpt)
+    meta = {"model": MODEL, "num_classes": "10", "checkpoint_sha256": file_sha256(ckpt),
+            **DataConfig.from_model(model).to_metadata()}
+    fp32 = out / f"{MODEL}.fp32.onnx"
+    model.set_soft_split_impl("conv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(fp32), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          dynamo=False, opset_version=17)
+    model.set_soft_split_impl("unfold")
+    _set_meta(fp32, {**meta, "precision": "fp32"})
+    fp16 = out / f"{MODEL}.fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(fp16))
+    _set_meta(fp16, {**meta, "precision": "fp16"})
+    int8 = out / f"{MODEL}.int8.onnx"
+
+    class Reader(CalibrationDataReader):  # static Q/DQ: per-image results do not depend on the batch
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.batches = iter([{"input": torch.randn(4, 3, 64, 64, generator=g).numpy()} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    _set_meta(int8, {**meta, "precision": "int8"})
+    return {"val": val, "out": out, "ckpt": ckpt, "model": model, "wnids": wnids,
+            "onnx": {"fp32": fp32, "fp16": fp16, "int8": int8}}
+
+
+def _preprocess_by_hand(path: str, size: int = 64, crop_pct: float = 0.9) -> np.ndarray:
+    """Bicubic resize of the shorter side to floor(size / crop_pct), center crop, normalize (CHW float32)."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    short = math.floor(size / crop_pct)
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    im = im.crop((left, top, left + size, top + size))
+    a = np.asarray(im, np.float32) / 255.0
+    return ((a - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+
+
+def _run(args: list[str]) -> int:
+    return parity.main(["--model", MODEL, "--no-progress", "--workers", "0", *args])
+
+
+@pytest.mark.data
+def test_report_matches_independent_onnxruntime(setup):
+    import onnxruntime as ort
+
+    out = setup["out"]
+    rc = _run(["--checkpoint", str(setup["ckpt"]), "--out", str(out), "--data", str(setup["val"]),
+               "--limit", "30", "--batch-size", "8", "--backends", "pytorch,ort", "--save-predictions"])
+    report = json.loads((out / f"parity-{MODEL}.json").read_text())
+    assert rc == (0 if report["passed"] else 1)
+    assert report["data"]["images_evaluated"] == 30
+    for suffix in (".md", ".png", "-disagreements.csv", "-predictions.csv"):
+        assert (out / f"parity-{MODEL}{suffix}").stat().st_size > 0
+    with open(out / f"parity-{MODEL}-predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30
+    # LIMIT is class balanced: 3 images from each of the 10 synset folders.
+    folders = [Path(r["path"]).parent.name for r in rows]
+    assert sorted(set(folders)) == setup["wnids"] and all(folders.count(w) == 3 for w in setup["wnids"])
+    # Labels follow the checkpoint's class list.
+    assert all(int(r["label"]) == setup["wnids"].index(Path(r["path"]).parent.name) for r in rows)
+
+    x = np.stack([_preprocess_by_hand(r["path"]) for r in rows])
+    labels = np.array([setup["wnids"].index(Path(r["path"]).parent.name) for r in rows])
+    with torch.no_grad():
+        ref = setup["model"](torch.from_numpy(x)).numpy()
+    backends = {b["key"]: b for b in report["backends"]}
+    ref_b = backends["pytorch-fp32"]
+    assert ref_b["status"] == "reference"
+    assert [int(r["reference"]) for r in rows] == ref.argmax(1).tolist()
+    assert ref_b["top1"] == pytest.approx(100 * np.mean(ref.argmax(1) == labels))
+    ref_top1 = 100 * np.mean(ref.argmax(1) == labels)
+    for prec in ("fp32", "fp16", "int8"):
+        b = backends[f"ort-{prec}"]
+        sess = ort.InferenceSession(str(setup["onnx"][prec]), providers=["CPUExecutionProvider"])
+        logits = sess.run(["logits"], {"input": x})[0].astype(np.float64)
+        pred = logits.argmax(1)
+        assert [int(r[b["name"]]) for r in rows] == pred.tolist(), prec
+        assert b["top1"] == pytest.approx(100 * np.mean(pred == labels))
+        top5 = np.argsort(-logits, 1)[:, :5]
+        assert b["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
+        assert b["delta_top1"] == pytest.approx(b["top1"] - ref_top1)
+        assert b["agreement"] == pytest.approx(100 * np.mean(pred == ref.argmax(1)))
+        assert b["mean_abs_logit_delta"] == pytest.approx(np.abs(logits - ref).mean(), rel=0.05, abs=1e-6)
+        assert b["max_abs_logit_delta"] == pytest.approx(np.abs(logits - ref).max(), rel=0.05, abs=1e-6)
+        assert b["status"] in ("pass", "fail") and b["images_per_s"] > 0
+    # The reference's own predictions vary, so agreement is a real check, not a constant.
+    assert len(set(ref.argmax(1).tolist())) >= 3
+    # The disagreement list holds exactly the images where some backend's top-1 differs.
+    with open(out / f"parity-{MODEL}-disagreements.csv") as f:
+        dis = {r["path"] for r in csv.DictReader(f)}
+    names = [backends[k]["name"] for k in ("pytorch-autocast", "ort-fp32", "ort-fp16", "ort-int8")]
+    assert dis == {r["path"] for r in rows if any(r[n] != r["reference"] for n in names)}
+    skipped = [b for b in report["backends"] if b["status"] == "skipped"]
+    assert not skipped  # trt-* were not selected; everything selected ran
+    assert report["hardware"]["cpu_cores"] >= 1
+
+
+@pytest.mark.data
+def test_broken_and_stale_artifacts_fail_the_run(setup, tmp_path):
+    """A wrong fp16 graph fails its threshold, a stale int8 file is an error; both set exit code 1."""
+    out = tmp_path
+    shutil.copy(setup["onnx"]["fp32"], out / f"{MODEL}.fp32.onnx")
+    # "fp16" graph whose head bias is shifted: a conversion bug that flips predictions.
+    bad = onnx.load(str(setup["onnx"]["fp32"]))
+    for init in bad.graph.initializer:
+        if init.name.endswith("head.bias"):
+            arr = onnx.numpy_helper.to_array(init).copy()
+            arr[3] += 5.0
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    meta = {p.key: p.value for p in bad.metadata_props}
+    onnx.save(bad, str(out / f"{MODEL}.fp16.onnx"))
+    _set_meta(out / f"{MODEL}.fp16.onnx", {**meta, "precision": "fp16"})
+    shutil.copy(setup["onnx"]["int8"], out / f"{MODEL}.int8.onnx")
+    _set_meta(out / f"{MODEL}.int8.onnx", {**meta, "precision": "int8", "checkpoint_sha256": "0" * 64})
+
+    common = ["--checkpoint", str(setup["ckpt"]), "--out", str(out), "--data", str(setup["val"]), "--limit", "20",
+              "--backends", "ort"]
+    assert _run(common) == 1
+    report = json.loads((out / f"parity-{MODEL}.json").read_text())
+    b = {x["key"]: x for x in report["backends"]}
+    assert b["ort-fp32"]["status"] == "pass" and b["ort-fp32"]["agreement"] == 100.0
+    assert b["ort-fp16"]["status"] == "fail" and "delta top-1" in b["ort-fp16"]["reason"]
+    assert b["ort-fp16"]["agreement"] < 100.0
+    assert b["ort-int8"]["status"] == "error" and "sha256" in b["ort-int8"]["reason"]
+    assert "make onnx" in b["ort-int8"]["reason"]
+    assert not report["passed"]
+    md = (out / f"parity-{MODEL}.md").read_text()
+    assert "FAIL" in md and "ort-int8 (error)" in md
+
+    # Thresholds are configurable: a generous fp16 limit and no int8 file make the run pass.
+    (out / f"{MODEL}.int8.onnx").unlink()
+    assert _run(common + ["--max-delta-top1", "fp16=100"]) == 0
+    report = json.loads((out / f"parity-{MODEL}.json").read_text())
+    b = {x["key"]: x for x in report["backends"]}
+    assert b["ort-fp16"]["status"] == "pass"
+    assert b["ort-int8"]["status"] == "skipped" and "make calib" in b["ort-int8"]["reason"]
+
+
+@pytest.mark.data
+def test_flat_folder_with_kaggle_labels_and_1000_class_model(shared_data, tmp_path):
+    """ILSVRC-style flat folder + LOC_val_solution.csv, 1000-class model: labels in ImageNet-1k order."""
+    val = shared_data / "imagenette2" / "val"
+    table = {}
+    for line in (shared_data / "imagenet1k_classes.tsv").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[0].isdigit():
+            table[parts[1]] = int(parts[0])
+    flat = tmp_path / "val"
+    flat.mkdir()
+    rows = ["ImageId,PredictionString"]
+    expected = {}
+    for i, wnid in enumerate(sorted(d.name for d in val.iterdir() if d.is_dir())[:4]):
+        src = sorted((val / wnid).iterdir())[0]
+        name = f"ILSVRC2012_val_{i + 1:08d}"
+        (flat / f"{name}.JPEG").symlink_to(src)  # a link, not a copy of the data
+        rows.append(f"{name},{wnid} 1 2 30 40 {wnid} 5 6 70 80")
+        expected[name] = table[wnid]
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    rc = _run(["--out", str(out), "--data", str(flat), "--labels", str(labels), "--backends", "pytorch-fp32",
+               "--save-predictions"])
+    assert rc == 0
+    with open(out / f"parity-{MODEL}-predictions.csv") as f:
+        got = {Path(r["path"]).stem: int(r["label"]) for r in csv.DictReader(f)}
+    assert got == expected
+    report = json.loads((out / f"parity-{MODEL}.json").read_text())
+    assert report["num_classes"] == 1000 and report["data"]["layout"] == "flat+labels"
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    rc = _run(["--out", str(tmp_path), "--data", str(tmp_path / "nope"), "--backends", "pytorch-fp32"])
+    assert rc == 2
+    assert "DATA=" in capsys.readouterr().err
+
+
+@pytest.mark.tensorrt
+@pytest.mark.data
+def test_tensorrt_engines_join_the_report(setup, tmp_path):
+    """On a GPU machine with TensorRT: build an fp32 engine with `engines.build` and check its parity."""
+    import subprocess
+    import sys
+
+    for prec in ("fp32",):
+        shutil.copy(setup["onnx"][prec], tmp_path / f"{MODEL}.{prec}.onnx")
+    subprocess.run([sys.executable, "-m", "engines.build", "--model", MODEL, "--checkpoint", str(setup["ckpt"]),
+                    "--out", str(tmp_path), "--precision", "fp32"], check=True)
+    rc = _run(["--checkpoint", str(setup["ckpt"]), "--out", str(tmp_path), "--data", str(setup["val"]),
+               "--limit", "20", "--backends", "trt-fp32"])
+    report = json.loads((tmp_path / f"parity-{MODEL}.json").read_text())
+    b = {x["key"]: x for x in report["backends"]}
+    assert b["trt-fp32"]["status"] == "pass", b["trt-fp32"]
+    assert rc == 0

@@ -1,0 +1,173 @@
+"""Runner interface: PyTorch and ONNX Runtime runners checked against direct computations."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.runners import (OnnxRuntimeRunner, Runner, RunnerError, TorchRunner, backend_statuses,
+                             onnx_precision)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    import timm
+
+    import t2t_vit  # noqa: F401
+
+    torch.manual_seed(0)
+    return timm.create_model("t2t_vit_test", num_classes=7).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model exported directly with torch.onnx (independent of the project's exporter)."""
+    path = tmp_path_factory.mktemp("onnx") / "t2t_vit_test.fp32.onnx"
+    tiny_model.set_soft_split_impl("conv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_model, (torch.randn(2, 3, 64, 64),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          dynamo=False, opset_version=17)
+    tiny_model.set_soft_split_impl("unfold")
+    m = onnx.load(str(path))
+    helper.set_model_props(m, {"model": "t2t_vit_test", "precision": "fp32", "img_size": "64"})
+    onnx.save(m, str(path))
+    return path
+
+
+def _fp16_linear_onnx(path: Path, weight: np.ndarray) -> Path:
+    """A graph with fp16 input and output: logits = flatten(input) @ W (all fp16)."""
+    n_in = weight.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["logits"])],
+        "fp16_linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["N", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float16), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"precision": "fp16"})
+    assert n_in == 12
+    onnx.save(model, str(path))
+    return path
+
+
+def test_torch_runner_matches_direct_forward(tiny_model):
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = tiny_model(x).numpy()
+    runner = TorchRunner(tiny_model)
+    assert runner.name == "pytorch-cpu-fp32" and runner.precision == "fp32"
+    with runner:
+        got = runner.infer(x)
+    assert got.dtype == np.float32 and got.shape == (3, 7)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_torch_runner_bf16_autocast_is_close_but_not_identical(tiny_model):
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        ref = tiny_model(x).numpy()
+    with TorchRunner(tiny_model, autocast_dtype="bf16") as runner:
+        got = runner.infer(x)
+    assert runner.precision == "bf16" and "autocast" in runner.name
+    assert got.dtype == np.float32
+    diff = np.abs(got - ref)
+    # bf16 keeps 8 mantissa bits: the result differs from fp32, but only by a bf16-sized error.
+    assert diff.max() > 0
+    assert diff.max() < 0.05 * (np.abs(ref).max() + 1.0)
+
+
+def test_infer_outside_with_is_an_error(tiny_model):
+    runner = TorchRunner(tiny_model)
+    with pytest.raises(RunnerError, match="inside `with runner:`"):
+        runner.infer(torch.zeros(1, 3, 64, 64))
+    with runner:
+        runner.infer(torch.zeros(1, 3, 64, 64))
+    assert not runner.is_active
+    with pytest.raises(RunnerError):
+        runner.infer(torch.zeros(1, 3, 64, 64))
+
+
+def test_torch_runner_rejects_unknown_dtype(tiny_model):
+    with pytest.raises(RunnerError, match="bf16"):
+        TorchRunner(tiny_model, autocast_dtype="int4")
+
+
+def test_ort_runner_matches_torch(tiny_model, tiny_onnx):
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        expected = tiny_model(x).numpy()
+    runner = OnnxRuntimeRunner(tiny_onnx)
+    assert runner.precision == "fp32" and runner.name == "onnxruntime-cpu-fp32"
+    assert runner.metadata["model"] == "t2t_vit_test"
+    assert not runner.is_active  # construction reads metadata only
+    with runner:
+        got = runner.infer(x)
+    assert got.shape == (5, 7) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ort_runner_casts_fp16_io(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 4)).astype(np.float16)
+    path = _fp16_linear_onnx(tmp_path / "lin.fp16.onnx", w)
+    x = torch.from_numpy(rng.standard_normal((6, 3, 2, 2)).astype(np.float32))
+    with OnnxRuntimeRunner(path) as runner:
+        got = runner.infer(x)
+    assert runner.precision == "fp16"
+    assert got.dtype == np.float32 and got.shape == (6, 4)
+    expected = x.numpy().reshape(6, 12).astype(np.float16).astype(np.float32) @ w.astype(np.float32)
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_onnx_precision_from_metadata_or_name(tmp_path):
+    assert onnx_precision(tmp_path / "m.int8.onnx") == "int8"
+    assert onnx_precision(tmp_path / "m.fp16.onnx") == "fp16"
+    assert onnx_precision(tmp_path / "m.onnx") == "fp32"
+    assert onnx_precision(tmp_path / "m.fp32.onnx", {"precision": "int8"}) == "int8"
+
+
+def test_missing_onnx_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(RunnerError, match="make onnx"):
+        OnnxRuntimeRunner(tmp_path / "nope.onnx")
+
+
+def test_ort_cuda_unavailable_here_says_why(tiny_onnx):
+    ok, why = OnnxRuntimeRunner.availability("cuda")
+    if ok:
+        pytest.skip("CUDAExecutionProvider is available on this machine")
+    assert why
+    runner = OnnxRuntimeRunner(tiny_onnx, provider="cuda")
+    with pytest.raises(RunnerError, match="CUDA|cuda"):
+        runner.__enter__()
+
+
+def test_backend_statuses_cover_every_family_with_reasons():
+    statuses = {s.backend: s for s in backend_statuses()}
+    assert set(statuses) == {"pytorch-cpu", "pytorch-cuda", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"}
+    assert statuses["pytorch-cpu"].available and statuses["onnxruntime-cpu"].available
+    assert statuses["pytorch-cuda"].available == torch.cuda.is_available()
+    for s in statuses.values():
+        assert s.available or s.reason  # never unavailable without saying why
+
+
+def test_base_runner_validates_and_casts_output():
+    class Half(Runner):
+        name = "half"
+
+        def _infer(self, images):
+            return images.numpy().reshape(len(images), -1)[:, :2] * 0.5
+
+    with Half() as r:
+        out = r.infer(torch.ones(2, 1, 1, 2, dtype=torch.float64))
+    np.testing.assert_array_equal(out, np.full((2, 2), 0.5, np.float32))
+    assert out.dtype == np.float32
