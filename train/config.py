@@ -1,0 +1,162 @@
+"""Training configuration: argparse flags, per-model YAML recipes, and the resolved config.
+
+Precedence (lowest first): flag defaults < the recipe YAML (``--config``, else
+``train/configs/<model>.yaml``) < the resumed checkpoint's config (``--resume``) < flags given on the
+command line. Every key of a YAML file is a flag's ``dest`` (``batch_size`` for ``--batch-size``).
+
+Learning rate and batch size: ``batch_size`` is per process; the global batch is ``batch_size x
+world_size``. The authors' recipes give ``lr`` for a global batch of 512 (8 GPUs x 64) and use no
+scaling rule; ``--lr-scale linear`` multiplies ``lr`` by ``global_batch / lr_base_batch`` (512).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+__all__ = ["get_args_parser", "parse_config", "recipe_path", "resolve_lr", "CONFIG_DIR"]
+
+
+def _float_pair(s: str) -> list[float]:
+    return [float(v) for v in s.split(",")]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a T2T-ViT (authors' recipe by default; YAML recipe + command-line overrides)",
+        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, help="recipe YAML (default: train/configs/<model>.yaml)")
+    g.add_argument("--model", default="t2t_vit_12", help="registered model name")
+    g.add_argument("--data", default=None, help="dataset root holding train/ and val/ in ImageFolder layout")
+    g.add_argument("--out", default=None, help="run folder (default runs/<model>)")
+    g.add_argument("--resume", default=None, help="continue a run exactly from its checkpoint (last.pth)")
+    g.add_argument("--finetune", default=None, help="initialise from a checkpoint (head dropped if the class count differs)")
+    g.add_argument("--num-classes", type=int, default=None, help="head size (default: number of class folders)")
+    g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's registry size)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: torch's choice). On a shared CPU, 1 avoids the "
+                        "large slowdown of OpenMP threads waiting on each other under oversubscription")
+    g.add_argument("--limit-train", type=int, default=None, help="class-balanced subset of N train images (quick runs)")
+    g.add_argument("--limit-val", type=int, default=None, help="class-balanced subset of N val images")
+    g.add_argument("--cache-images", type=int, default=0,
+                   help="decode every image once and keep it in memory downsized to N px (0 = off). For CPU runs at "
+                        "reduced resolution, where JPEG decoding dominates; val is cached already eval-transformed")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also keep epoch_<N>.pth every N epochs (0 = off)")
+    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and always on the last)")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop this invocation after N more epochs (the schedule still spans all epochs; --resume continues)")
+    g.add_argument("--max-nonfinite", type=int, default=20,
+                   help="stop after this many non-finite losses in a row (each one skips its step)")
+
+    g = p.add_argument_group("schedule and optimiser")
+    g.add_argument("--epochs", type=int, default=300, help="cosine epochs; the run lasts epochs + cooldown-epochs")
+    g.add_argument("--cooldown-epochs", type=int, default=10, help="epochs at min-lr after the cosine")
+    g.add_argument("--warmup-epochs", type=int, default=10)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--lr", type=float, default=1e-3, help="peak lr for a global batch of --lr-base-batch")
+    g.add_argument("--lr-scale", default="none", choices=["none", "linear"],
+                   help="linear: lr x global_batch / lr-base-batch")
+    g.add_argument("--lr-base-batch", type=int, default=512, help="global batch the recipe's lr was tuned for")
+    g.add_argument("--batch-size", type=int, default=64, help="per-process batch (global = batch-size x processes)")
+    g.add_argument("--opt", default="adamw", help="timm optimizer name")
+    g.add_argument("--opt-eps", type=float, default=1e-8)
+    g.add_argument("--opt-betas", type=_float_pair, default=[0.9, 0.999], help="comma-separated")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--clip-grad", type=float, default=None)
+
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment spec ('' = none)")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="used only without --aa (timm)")
+    g.add_argument("--scale", type=_float_pair, default=[0.08, 1.0], help="random-resized-crop area range")
+    g.add_argument("--ratio", type=_float_pair, default=[3 / 4, 4 / 3], help="random-resized-crop aspect range")
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=False,
+                   help="ramp the EMA decay up from 0 (timm ModelEmaV3 warmup); useful for short runs")
+    return p
+
+
+def recipe_path(model: str) -> Path:
+    return CONFIG_DIR / f"{model}.yaml"
+
+
+def load_yaml(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path} (recipes live in {CONFIG_DIR})")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; keys are flag names with '_' for '-' "
+                         f"(see python -m train.train --help)")
+    return data
+
+
+def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse flags over the recipe; returns the namespace and where the defaults came from."""
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    sources: dict[str, Any] = {}
+    base: dict[str, Any] = {}
+    if pre.resume:
+        from t2t_vit.checkpoint import checkpoint_meta, read_checkpoint
+
+        meta = checkpoint_meta(read_checkpoint(pre.resume))
+        base = dict(meta.get("config") or {})
+        # Per-invocation controls are never inherited from the interrupted run.
+        for k in ("resume", "stop_after", "finetune", "config"):
+            base.pop(k, None)
+        sources["resume"] = str(pre.resume)
+    else:
+        cfg_file = pre.config
+        if cfg_file is None:
+            model = pre.model
+            # --model may be absent from argv when the YAML names it; then the default model's recipe applies.
+            cfg_file = recipe_path(model) if recipe_path(model).is_file() else None
+        if cfg_file is not None:
+            base = load_yaml(cfg_file, parser)
+            sources["config"] = str(cfg_file)
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in base.items() if k in known})
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path(pre.resume).parent) if pre.resume else os.path.join("runs", args.model)
+    return args, sources
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """Peak lr after the optional linear scaling rule (the recipe's lr is for lr_base_batch)."""
+    if args.lr_scale == "linear":
+        return args.lr * args.batch_size * world_size / args.lr_base_batch
+    return args.lr

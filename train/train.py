@@ -1,0 +1,512 @@
+"""Train a T2T-ViT: the authors' recipe on timm's training utilities, one process or many (torchrun/DDP).
+
+    python -m train.train --model t2t_vit_7 --data /data/imagenet            # recipe train/configs/t2t_vit_7.yaml
+    torchrun --nproc_per_node 8 -m train.train --model t2t_vit_12 --data /data/imagenet
+    python -m train.train --config train/configs/imagenette_cpu.yaml --data ../shared/data/imagenette2
+    python -m train.train --resume runs/t2t_vit_7/last.pth                   # continues exactly
+
+The run folder (``--out``, default ``runs/<model>``) receives ``config.yaml`` (resolved),
+``last.pth``, ``best.pth`` (best EMA top-1), ``epoch_<N>.pth`` (``--checkpoint-every``),
+``summary.csv`` (one row per epoch), ``curves.png`` and ``log.txt``. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from t2t_vit.data import DataConfig, DataError, ImageBatcher
+
+from .config import parse_config, resolve_lr
+from .data import ImageCache, ImageDataset, build_train_transform, collate_skip, resolve_split, scan_split, seed_worker
+
+_logger = logging.getLogger("train")
+
+CSV_FIELDS = ["epoch", "lr", "train_loss", "top1", "top5", "ema_top1", "ema_top5", "img_per_s", "peak_mem_mib",
+              "epoch_s", "wall_s", "nonfinite_steps", "skipped_images"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def init_distributed(device_arg: str | None) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from torchrun's environment; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but PyTorch sees no CUDA GPU; use --device cpu")
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return rank, local_rank, world, device
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed), decided once per run."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[precision]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Every epoch reseeds all RNGs from (seed, epoch, rank): an epoch's randomness (augmentation,
+    mixup, drop path, worker seeds) then depends only on where it starts, which makes --resume exact
+    without pickling numpy/python RNG states into the checkpoint."""
+    return seed + 10007 * (epoch + 1) + 101 * rank
+
+
+_HANDLERS: list[logging.Handler] = []
+
+
+def setup_logging(rank: int, out: Path | None) -> None:
+    """Console (and rank 0's log.txt) handlers on the root logger; replaces only the ones added here
+    before, so repeated in-process runs (tests) neither duplicate lines nor drop other handlers."""
+    root = logging.getLogger()
+    for h in _HANDLERS:
+        root.removeHandler(h)
+        h.close()
+    _HANDLERS.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _HANDLERS.append(logging.StreamHandler(sys.stderr))
+    if out is not None and rank == 0:
+        _HANDLERS.append(logging.FileHandler(out / "log.txt"))
+    for h in _HANDLERS:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# ------------------------------------------------------------------------------------------------- I/O
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plain(value: Any) -> Any:
+    """The config as plain data (loads with weights_only=True, dumps to YAML)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss, top-1 (model and EMA) and lr per epoch in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def col(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    ep = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(ep, col("train_loss"), marker="o")
+    ax[0].set_title("train loss")
+    ax[1].plot(ep, col("top1"), marker="o", label="model top-1")
+    ax[1].plot(ep, col("ema_top1"), marker="o", label="EMA top-1")
+    ax[1].plot(ep, col("top5"), ls="--", label="model top-5")
+    ax[1].set_title("val accuracy (%)")
+    ax[1].legend()
+    ax[2].plot(ep, col("lr"), marker="o")
+    ax[2].set_title("lr")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- train / eval
+
+def build_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # mixup/cutmix already folded label smoothing into the targets
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
+             world: int) -> dict[str, float]:
+    """Top-1/top-5 (%) over this rank's shard, summed across ranks (exact: shards do not overlap)."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64)  # correct1, correct5, count
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        if x is None:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = model(x)
+        k = min(5, logits.shape[1])
+        topk = logits.float().topk(k, dim=1).indices
+        hit = topk.eq(y[:, None])
+        stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(stats)
+    n = max(stats[2].item(), 1.0)
+    return {"top1": 100.0 * stats[0].item() / n, "top5": 100.0 * stats[1].item() / n, "count": int(stats[2].item())}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from t2t_vit.checkpoint import CheckpointError
+
+    try:
+        args, sources = parse_config(argv)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, sources)
+    except (DataError, NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as e:
+        _logger.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901 (one training loop, read top-down)
+    import timm
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3, NativeScaler
+    from tqdm import tqdm
+
+    import t2t_vit  # noqa: F401  (registers the models)
+    from t2t_vit.checkpoint import load_checkpoint, read_checkpoint
+
+    rank, local_rank, world, device = init_distributed(args.device)
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    setup_logging(rank, out if rank == 0 else None)
+    if args.data is None:
+        raise DataError("no dataset: pass --data DIR (DIR/train and DIR/val in ImageFolder layout) or DATA=DIR to make")
+    if args.model not in t2t_vit.ARCHS:
+        raise ValueError(f"unknown model {args.model!r}; registered: {', '.join(t2t_vit.ARCHS)}")
+    amp_dtype, use_scaler = resolve_precision(args.precision, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_all(args.seed)  # model init (and the Performer's fixed random features) depend on it
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data: classes from the train folders; val is mapped onto the same indices.
+    train_dir, val_dir = resolve_split(args.data, "train"), resolve_split(args.data, "val")
+    resume_obj = read_checkpoint(args.resume) if args.resume else None
+    train_samples, class_names = scan_split(train_dir, None, args.limit_train, args.seed)
+    class_to_idx = {c: i for i, c in enumerate(class_names)}
+    val_samples, _ = scan_split(val_dir, class_to_idx, args.limit_val, args.seed)
+    num_classes = args.num_classes or len(class_names)
+    if num_classes != len(class_names):
+        raise DataError(f"--num-classes {num_classes} does not match the {len(class_names)} class folders in "
+                        f"{train_dir}; drop --num-classes to use the folder count, or point --data at the right dataset")
+    args.num_classes = num_classes
+
+    model = timm.create_model(args.model, num_classes=num_classes, img_size=args.img_size,
+                              drop_rate=args.drop, drop_path_rate=args.drop_path)
+    args.img_size = model.img_size
+    data_config = DataConfig.from_model(model)
+    if args.finetune:
+        report = load_checkpoint(model, args.finetune)  # drops a head of another class count
+        _logger.info("fine-tuning from %s (%s)", args.finetune,
+                     "new head" if report["dropped_head"] else "head kept")
+
+    cache = None
+    if args.cache_images:
+        cache = ImageCache(train_samples, args.cache_images, progress=rank == 0)
+        if cache.skipped:
+            _logger.warning("%d unreadable train images skipped while caching", cache.skipped)
+    train_ds = ImageDataset(train_samples, build_train_transform(args, data_config), cache)
+    if args.cache_images:
+        # Val is cached after the exact eval transform, so training-time accuracy equals train.validate's.
+        x, y, _ = ImageBatcher(val_samples, data_config, batch_size=256).tensor(progress=rank == 0)
+        val_ds: torch.utils.data.Dataset = torch.utils.data.TensorDataset(x, y)
+    else:
+        val_ds = ImageDataset(val_samples, data_config.eval_transform())
+    val_shard = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))  # disjoint shards: exact sums
+    if len(train_ds) < args.batch_size * world:
+        raise DataError(f"{len(train_ds)} training images are fewer than one global batch "
+                        f"({args.batch_size} x {world}); lower --batch-size")
+    # One sampler type for 1 and N processes: shuffles with (seed, epoch), shards by rank.
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+                     persistent_workers=False)  # fresh workers each epoch pick up the epoch's seed
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
+                                               drop_last=True, collate_fn=collate_skip, **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.batch_size * 2, shuffle=False,
+                                             collate_fn=None if args.cache_images else collate_skip,
+                                             **{**loader_kw, "num_workers": 0 if args.cache_images else args.workers})
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                     switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                     num_classes=num_classes) if mixup_active else None
+    criterion = build_criterion(args, mixup_active)
+
+    model.to(device)
+    lr = resolve_lr(args, world)
+    # timm's factory: no weight decay on biases, 1-D params and model.no_weight_decay() ({'cls_token'});
+    # frozen parameters (Performer `w`, `pos_embed`) have requires_grad=False and are left out.
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, eps=args.opt_eps, betas=tuple(args.opt_betas))
+    scaler = NativeScaler(device=device.type) if use_scaler else None
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_t=args.warmup_epochs,
+                                  warmup_lr_init=args.warmup_lr, cycle_limit=1, t_in_epochs=True)
+    total_epochs = args.epochs + args.cooldown_epochs
+    ema = None
+    if args.model_ema:
+        ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+
+    start_epoch, num_updates, best = 0, 0, {"top1": -1.0, "epoch": -1}
+    nonfinite_total = 0
+    if resume_obj is not None:
+        missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch") if k not in resume_obj]
+        if missing:
+            raise ValueError(f"{args.resume} is not a checkpoint written by train.train (it lacks {missing}); "
+                             f"to start from its weights use --finetune {args.resume}")
+        model.load_state_dict(resume_obj["state_dict"])
+        if ema is not None and resume_obj.get("state_dict_ema"):
+            ema.module.load_state_dict(resume_obj["state_dict_ema"])
+        optimizer.load_state_dict(resume_obj["optimizer"])
+        saved = resume_obj["scheduler"]
+        if all(saved.get(k) == getattr(scheduler, k) for k in ("t_initial", "warmup_t", "lr_min", "warmup_lr_init")):
+            scheduler.load_state_dict(saved)
+        else:  # e.g. --epochs extended on resume: follow the schedule asked for, not the stored one
+            _logger.warning("schedule flags changed since the checkpoint; the lr follows the new schedule")
+        if scaler is not None and resume_obj.get("scaler"):
+            scaler.load_state_dict(resume_obj["scaler"])
+        start_epoch = int(resume_obj["epoch"]) + 1
+        num_updates = int(resume_obj.get("num_updates", 0))
+        best = dict(resume_obj.get("best") or best)
+        nonfinite_total = int(resume_obj.get("nonfinite_steps", 0))
+        _logger.info("resumed %s at epoch %d (update %d)", args.resume, start_epoch, num_updates)
+    del resume_obj
+
+    train_model: nn.Module = model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    config = plain(vars(args))
+    config.update({"world_size": world, "global_batch": args.batch_size * world, "lr_resolved": lr,
+                   "total_epochs": total_epochs, "precision_resolved": str(amp_dtype or "fp32"),
+                   "device_resolved": str(device), "sources": sources})
+    meta = {"model": args.model, "img_size": int(args.img_size), "num_classes": int(num_classes),
+            "class_names": list(class_names), "config": config, "data_config": data_config.as_dict()}
+    meta = plain(meta)
+    if rank == 0:
+        import yaml
+
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        _logger.info("run folder %s; %d train / %d val images, %d classes, img %d, %s, global batch %d, lr %.3g "
+                     "(lr-scale %s), %d epochs (%d cosine + %d cooldown)", out, len(train_ds), len(val_ds),
+                     num_classes, args.img_size, config["precision_resolved"], args.batch_size * world, lr,
+                     args.lr_scale, total_epochs, args.epochs, args.cooldown_epochs)
+
+    rows = [r for r in read_csv(out / "summary.csv") if int(r["epoch"]) < start_epoch] if rank == 0 else []
+    wall0 = time.time() - (float(rows[-1]["wall_s"]) if rows else 0.0)
+    stop_epoch = total_epochs if args.stop_after is None else min(total_epochs, start_epoch + args.stop_after)
+
+    def save(name: str, epoch: int) -> None:
+        state = {
+            "state_dict": unwrap(model).state_dict(),
+            "state_dict_ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "num_updates": num_updates,
+            "best": dict(best),
+            "nonfinite_steps": nonfinite_total,
+            "meta": meta,
+        }
+        atomic_torch_save(state, out / name)
+
+    consecutive_bad = 0
+    for epoch in range(start_epoch, stop_epoch):
+        skipped_images = 0
+        seed_all(epoch_seed(args.seed, epoch, rank))
+        sampler.set_epoch(epoch)
+        scheduler.step(epoch)  # per-epoch cosine, as in the authors' recipe
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        train_model.train()
+        t0 = time.time()
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of loss, number of steps
+        seen = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", disable=rank != 0,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        for x, y, n_skipped in bar:
+            skipped_images += n_skipped
+            if x is None:
+                continue
+            if mixup_fn is not None and len(x) % 2:
+                x, y = x[:-1], y[:-1]  # mixup pairs samples; a skipped image left an odd batch
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            target = y
+            if mixup_fn is not None:
+                x, target = mixup_fn(x, y)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                output = train_model(x)
+                loss = criterion(output, target)
+            finite = torch.isfinite(loss.detach()).to(torch.float32)
+            if world > 1:  # every rank must agree to skip, or DDP's gradient all-reduce would hang
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                nonfinite_total += 1
+                consecutive_bad += 1
+                optimizer.zero_grad(set_to_none=True)
+                _logger.warning("non-finite loss at epoch %d update %d: step skipped (%d in a row, %d total)",
+                                epoch, num_updates, consecutive_bad, nonfinite_total)
+                if consecutive_bad >= args.max_nonfinite:
+                    last = out / "last.pth"
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} non-finite losses in a row (epoch {epoch}); stopping. The last good "
+                        f"checkpoint is {last if last.is_file() else '(none yet)'}. Try a lower --lr, "
+                        f"--clip-grad 1.0, or --precision bf16/fp32 instead of fp16.")
+                continue
+            consecutive_bad = 0
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=model.parameters())
+            else:
+                loss.backward()
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+            num_updates += 1
+            if ema is not None:
+                ema.update(model, step=num_updates)
+            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            seen += len(x)
+            if rank == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{epoch_lr:.2e}",
+                                img_s=f"{seen * world / max(time.time() - t0, 1e-9):.0f}", refresh=False)
+        bar.close()
+        epoch_s = time.time() - t0
+        counts = torch.tensor([loss_sum[0].item(), loss_sum[1].item(), float(seen), float(skipped_images)],
+                              dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+        train_loss = counts[0].item() / max(counts[1].item(), 1.0)
+        row: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, "train_loss": round(train_loss, 5),
+                               "img_per_s": round(counts[2].item() / epoch_s, 2),
+                               "peak_mem_mib": round(peak_memory_mib(device), 1), "epoch_s": round(epoch_s, 2),
+                               "nonfinite_steps": nonfinite_total, "skipped_images": int(counts[3].item())}
+        last_epoch = epoch == total_epochs - 1 or epoch == stop_epoch - 1
+        if (epoch + 1) % max(args.eval_every, 1) == 0 or last_epoch:
+            m = evaluate(train_model, val_loader, device, amp_dtype, world)
+            row.update(top1=round(m["top1"], 3), top5=round(m["top5"], 3))
+            if ema is not None:
+                e = evaluate(ema.module, val_loader, device, amp_dtype, world)
+                row.update(ema_top1=round(e["top1"], 3), ema_top5=round(e["top5"], 3))
+            score = row.get("ema_top1", row["top1"])
+            is_best = score > best["top1"]
+            if is_best:
+                best = {"top1": score, "epoch": epoch}
+        else:
+            is_best = False
+        row["wall_s"] = round(time.time() - wall0, 1)
+        if rank == 0:
+            save("last.pth", epoch)
+            if is_best:
+                save("best.pth", epoch)
+            if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
+                save(f"epoch_{epoch + 1}.pth", epoch)
+            rows.append(row)
+            write_csv(out / "summary.csv", rows)
+            plot_curves(rows, out / "curves.png", f"{args.model} img {args.img_size} on {Path(args.data).name}")
+            _logger.info("epoch %d: loss %.4f  top1 %s  ema_top1 %s  lr %.3g  %.1f img/s  %.0f s%s", epoch,
+                         train_loss, row.get("top1", "-"), row.get("ema_top1", "-"), epoch_lr, row["img_per_s"],
+                         epoch_s, "  (best)" if is_best else "")
+    if rank == 0:
+        _logger.info("done: best EMA top-1 %.2f at epoch %d; checkpoints in %s", best["top1"], best["epoch"], out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
