@@ -56,11 +56,86 @@ clean:
 	rm -rf artifacts runs .pytest_cache
 
 # ----- train (train/) -----
+# GPUS>1 (or NNODES>1) launches torchrun; multi-node also needs NODE_RANK and MASTER_ADDR on every node.
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+TRAIN_LAUNCH = $(if $(filter-out 1,$(GPUS) $(NNODES)),$(PYTHON) -m torch.distributed.run --nproc_per_node=$(GPUS) \
+	$(if $(filter-out 1,$(NNODES)),--nnodes=$(NNODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT),--standalone),$(PYTHON))
+TRAIN_ARGS = --model $(MODEL) $(call opt,--data,$(DATA)) $(call opt,--config,$(CONFIG)) $(call opt,--epochs,$(EPOCHS)) \
+	$(call opt,--batch-size,$(BATCH_SIZE)) $(call opt,--img-size,$(IMG_SIZE)) --out $(RUN_DIR)
+
+## train        train MODEL on DATA (DATA/train, DATA/val) with train/configs/MODEL.yaml [GPUS=8 EPOCHS= BATCH_SIZE= IMG_SIZE= CONFIG= ARGS=]
+train:
+	$(TRAIN_LAUNCH) -m train.train $(TRAIN_ARGS) $(ARGS)
+
+.PHONY: train-imagenette-cpu
+## train-imagenette-cpu  t2t_vit_7 from scratch on Imagenette at 64 px on CPU (~30 min, top-1 ~40%) -> runs/imagenette-t2t_vit_7/
+train-imagenette-cpu:
+	$(PYTHON) -m train.train --config train/configs/imagenette_cpu.yaml \
+		--data $(or $(DATA),../shared/data/imagenette2) --out runs/imagenette-t2t_vit_7 $(ARGS)
+
+## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
+validate:
+	$(PYTHON) -m train.validate $(STAGE_ARGS) --data $(DATA) $(ARGS)
+
+## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
+bench-train:
+	$(PYTHON) -m train.benchmark --out reports $(ARGS)
 
 # ----- export (export/) -----
+## onnx         <out>/<model>.fp32.onnx + .fp16.onnx + export report, validated on ORT CPU vs PyTorch (CHECKPOINT=... DATA=...)
+onnx:
+	$(PYTHON) -m export.to_onnx $(STAGE_ARGS) $(call opt,--data,$(DATA)) $(ARGS)
+
+## bench-onnx   ORT CPU: patterned fp32 vs plain export vs fp16, t2t_vit_7/14 at 224 -> reports/bench-onnx-cpu.{json,md}
+bench-onnx:
+	$(PYTHON) -m export.bench --out reports $(ARGS)
 
 # ----- calibration (calibration/) -----
+MAX_DROP    ?= 1.0
+
+## calib        int8 Q/DQ graph + ORT CPU accuracy report: make calib MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] [CALIB_METHOD=entropy|percentile|max|all] [MAX_DROP=1.0] [ARGS="--sensitivity stage"]
+calib:
+	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make calib CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
+	$(PYTHON) -m calibration.calib $(STAGE_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
+		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) $(ARGS)
+
+## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
+bench-calib:
+	$(PYTHON) -m calibration.bench --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
+
 
 # ----- engines (engines/) -----
+BATCHES     ?=
+LOG         ?=
+.PHONY: bench-baselines trtexec-log
+
+## engine       strongly typed TensorRT engine + sidecar from <OUT>/<MODEL>.<PRECISION>.onnx (needs TensorRT + GPU)
+engine:
+	$(PYTHON) -m engines.build $(STAGE_ARGS) --precision $(PRECISION) $(ARGS)
+
+## bench        trtexec batch sweep of the engine + ONNX Runtime/PyTorch baselines -> <OUT>/bench-engines-* (needs TensorRT)
+bench:
+	$(PYTHON) -m engines.bench $(STAGE_ARGS) --precision $(PRECISION) --tensorrt require $(call opt,--batches,$(BATCHES)) $(ARGS)
+
+## bench-baselines  the same report without TensorRT (ONNX Runtime/PyTorch only; says why TensorRT did not run)
+bench-baselines:
+	$(PYTHON) -m engines.bench $(STAGE_ARGS) --precision $(PRECISION) --tensorrt off $(call opt,--batches,$(BATCHES)) $(ARGS)
+
+## trtexec-log  print the performance summary of a saved trtexec log as JSON: make trtexec-log LOG=run.log
+trtexec-log:
+	$(PYTHON) -m engines.trtexec_log $(LOG) $(ARGS)
 
 # ----- parity and demo -----
+DEMO_DIR    ?= artifacts/demo
+
+## parity       accuracy of every backend vs PyTorch fp32 on the same batches: make parity MODEL=.. CHECKPOINT=.. DATA=/path/val [LIMIT=N] [LABELS=LOC_val_solution.csv] [BACKENDS=pytorch,ort,trt] -> <OUT>/parity-<MODEL>.{json,md,png}
+parity:
+	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/val (synset folders, or a flat folder with LABELS=...), e.g. make parity DATA=../shared/data/imagenette2/val"; exit 2; }
+	$(PYTHON) -m engines.parity $(STAGE_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) \
+		$(call opt,--labels,$(LABELS)) $(call opt,--backends,$(BACKENDS)) $(ARGS)
+
+## demo         the whole pipeline on a small real dataset in a few minutes on a CPU -> artifacts/demo/ (DEMO_DIR=...; Imagenette when ../shared/data exists, else scikit-learn digits)
+demo:
+	$(PYTHON) -m engines.demo --out $(DEMO_DIR) $(ARGS)

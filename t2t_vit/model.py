@@ -121,6 +121,12 @@ class T2TViT(nn.Module):
             if isinstance(m, SoftSplit):
                 m.impl = impl
 
+    def set_performer_fp32_core(self, enable: bool) -> None:
+        """Run each Performer's linear-attention core in float32 (True, default) or in the model dtype."""
+        for m in self.modules():
+            if isinstance(m, TokenPerformer):
+                m.fp32_core = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -246,8 +246,10 @@ def _overflowing_model(name="t2t_vit_7", img_size=64):
     return model
 
 
-def test_authors_formulation_overflows_in_fp16_ours_does_not():
+@pytest.mark.parametrize("fp32_core", [True, False], ids=["fp32-core", "all-fp16"])
+def test_authors_formulation_overflows_in_fp16_ours_does_not(fp32_core):
     model = _overflowing_model()
+    model.set_performer_fp32_core(fp32_core)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref32 = authors_forward(model.state_dict(), x, *_arch("t2t_vit_7"))

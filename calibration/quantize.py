@@ -1,0 +1,352 @@
+"""fp32 ONNX + calibration tensor -> int8 Q/DQ ONNX with fp16 everywhere else (what strongly typed
+TensorRT builds).
+
+The work is done by ``onnxruntime.quantization.quantize_static`` (QDQ format, symmetric int8 activations
+and weights, per-channel weights, per-tensor activations, zero point 0, Entropy / Percentile / MinMax
+calibration). The steps added here are:
+
+1. the placement policy (:mod:`calibration.policy`) chooses ``nodes_to_quantize``;
+2. calibration ranges are computed once per method and kept in ORT's calibration cache file, so the
+   sensitivity sweep re-quantizes without re-running calibration;
+3. the quantized fp32 graph is converted to fp16 (``onnxruntime.transformers.float16``) with fp32 graph
+   I/O: Q/DQ scales become fp16, which opset >= 19 QuantizeLinear/DequantizeLinear allow, so every
+   DequantizeLinear emits fp16 and the non-quantized ops (LayerNorm, Softmax, GELU, Adds, the
+   Performer's exp/normaliser) run in fp16, as TensorRT runs them;
+4. :func:`check_qdq` asserts the pattern TensorRT accepts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .policy import NEVER_QUANTIZED_OPS
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METHODS",
+    "QuantizationError",
+    "TensorDataReader",
+    "ensure_opset",
+    "quantize_model",
+    "to_mixed_fp16",
+    "check_qdq",
+    "save_model_atomic",
+    "read_metadata",
+]
+
+# CLI name -> onnxruntime CalibrationMethod attribute name.
+METHODS = {"entropy": "Entropy", "percentile": "Percentile", "max": "MinMax"}
+MIN_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear need opset 19
+
+
+class QuantizationError(RuntimeError):
+    """Quantization failed or produced a graph TensorRT would not accept; the message says why."""
+
+
+class TensorDataReader:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over a preprocessed (N, 3, H, W) tensor.
+
+    One image per call by default, and ``set_range`` so onnxruntime can calibrate in strides
+    (``CalibStridedMinMax``: ranges/histograms are merged after each stride, so memory holds one
+    stride's intermediate tensors, not the whole set's: about 15 MB per 224-px t2t_vit_7 image).
+    """
+
+    def __init__(self, images: np.ndarray, input_name: str = "input", batch_size: int = 1):
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self._pos = 0
+        self._end = len(self.images)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Restrict to batches ``start_index:end_index`` (onnxruntime's strided calibration)."""
+        self._pos = start_index * self.batch_size
+        self._end = min(end_index * self.batch_size, len(self.images))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= self._end:
+            return None
+        batch = self.images[self._pos: self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._pos = 0
+        self._end = len(self.images)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    # quantize_static type-checks for the ABC; register lazily so importing this module stays light.
+    @classmethod
+    def register(cls) -> None:
+        from onnxruntime.quantization import CalibrationDataReader
+
+        CalibrationDataReader.register(cls)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write an ONNX model through a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file (the exporter's reader when that stage is installed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantizationError(f"ONNX file not found: {path} (create it with `make onnx`)")
+    try:
+        from export.to_onnx import read_metadata as export_read_metadata
+    except ImportError:
+        model = onnx.load(str(path), load_external_data=False)
+        return {p.key: p.value for p in model.metadata_props}
+    return dict(export_read_metadata(path))
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.ModelProto:
+    """The model at opset >= ``minimum`` (version-converted when older: Reduce*/Split changed at 18)."""
+    if _default_opset(model) >= minimum:
+        return model
+    from onnx import version_converter
+
+    _logger.info("converting the graph from opset %d to %d (fp16 Q/DQ scales)", _default_opset(model), minimum)
+    converted = version_converter.convert_version(model, minimum)
+    # version_converter drops metadata_props on some versions; keep them.
+    if not converted.metadata_props:
+        for p in model.metadata_props:
+            converted.metadata_props.add(key=p.key, value=p.value)
+    return converted
+
+
+def _stride(n_batches: int, largest: int = 32) -> int:
+    """Largest divisor of ``n_batches`` up to ``largest`` (onnxruntime requires strides to divide it)."""
+    return max(d for d in range(1, min(largest, n_batches) + 1) if n_batches % d == 0)
+
+
+def _extra_options(method: str, percentile: float, n_batches: int | None = None) -> dict:
+    opts = {
+        "ActivationSymmetric": True,  # zero point 0 for int8 activations (TensorRT: symmetric only)
+        "WeightSymmetric": True,
+        "CalibTensorRangeSymmetric": True,
+        # TensorRT takes float biases: an int32-quantized bias (ORT's default) is not a pattern it fuses.
+        "QuantizeBias": False,
+        # Only the policy's nodes consume DQ outputs: a tensor shared with a residual Add or the Performer's
+        # exp path (v, split outputs) keeps its float route to those ops.
+        "DedicatedQDQPair": True,
+        # Q/DQ on MatMul/Gemm inputs only: outputs flow in fp16 into bias Adds, GELU, residuals.
+        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+    }
+    if n_batches:
+        # Bounded memory over large T2T activations: onnxruntime merges ranges (MinMax) or histograms
+        # (Entropy, Percentile) after each stride. (Its CalibMaxIntermediateOutputs is ignored by the
+        # histogram calibrators and drops data in MinMax in onnxruntime 1.32, so it is not used.)
+        opts["CalibStridedMinMax"] = _stride(n_batches)
+    if method == "percentile":
+        opts["CalibPercentile"] = float(percentile)
+    return opts
+
+
+def quantize_model(fp32_model: onnx.ModelProto, nodes: Sequence[str], method: str, *,
+                   reader: TensorDataReader | None = None, cache_path: str | os.PathLike | None = None,
+                   percentile: float = 99.99) -> onnx.ModelProto:
+    """Q/DQ-quantize ``nodes`` of an fp32 graph (still fp32 elsewhere) with onnxruntime.
+
+    Args:
+        fp32_model: the exported fp32 graph (opset >= 19 after :func:`ensure_opset`).
+        nodes: names of the MatMul/Gemm nodes whose inputs get Q/DQ (from the policy).
+        method: "entropy", "percentile" or "max".
+        reader: calibration batches; may be None when ``cache_path`` already holds the ranges.
+        cache_path: ORT calibration cache (JSON of tensor ranges) written on first use and reused.
+        percentile: the percentile for ``method="percentile"``.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in METHODS:
+        raise QuantizationError(f"unknown calibration method {method!r}; choose one of {sorted(METHODS)}")
+    if not nodes:
+        raise QuantizationError("the policy selected no node to quantize; check --policy / --exclude-t2t")
+    if reader is None and (cache_path is None or not Path(cache_path).is_file()):
+        raise QuantizationError("need calibration data (a reader) or an existing calibration cache file")
+    TensorDataReader.register()
+    if reader is not None:
+        reader.rewind()
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-process nag
+    with tempfile.TemporaryDirectory(prefix="t2t-calib-") as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        dst = Path(tmp) / "qdq.onnx"
+        onnx.save(fp32_model, src)
+        quantize_static(
+            str(src), str(dst), reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_quantize=list(nodes),
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+            calibration_cache_path=str(cache_path) if cache_path is not None else None,
+            extra_options=_extra_options(method, percentile, len(reader) if reader is not None else None),
+        )
+        return onnx.load(dst)
+
+
+def to_mixed_fp16(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
+    """Convert every float tensor of a Q/DQ graph to fp16, graph input/output staying fp32.
+
+    Scales become fp16 (valid for opset >= 19 Q/DQ); int8 weights and zero points are untouched.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    _reroute_non_policy_consumers(qdq_model)
+    if _default_opset(qdq_model) < MIN_OPSET:
+        raise QuantizationError(f"fp16 Q/DQ scales need opset >= {MIN_OPSET}; run ensure_opset first")
+    mixed = convert_float_to_float16(qdq_model, keep_io_types=True, disable_shape_infer=False)
+    return mixed
+
+
+def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
+    """Feed the float tensor, not its fake-quantized copy, to nodes that are not quantized layers.
+
+    onnxruntime routes every consumer of a quantized activation through its DequantizeLinear (here: the
+    Shape nodes that read the batch/token sizes of an attention input). Only MatMul/Gemm nodes should
+    see int8-rounded values; the others get the original tensor back (the input of the Q node).
+    """
+    graph = model.graph
+    prod = _producer_map(graph)
+    moved = 0
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, t in enumerate(node.input):
+            dq = prod.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = prod.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                moved += 1
+    return moved
+
+
+def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16: bool = True) -> dict:
+    """Assert the Q/DQ pattern TensorRT accepts; return a summary.
+
+    * every expected node takes ALL its MatMul/Gemm data inputs from DequantizeLinear;
+    * constant inputs (weights): int8 initializer -> DQ with a per-channel scale (1-D, ``axis`` set to the
+      output-channel axis);
+    * activation inputs: Q -> DQ with scalar (per-tensor) scales;
+    * every zero point is int8 and 0;
+    * no other node consumes a DQ output, and no LayerNorm/Softmax/Add/Exp/... consumes one;
+    * with ``mixed_fp16``: every float initializer (scales included) is fp16.
+
+    Raises:
+        QuantizationError: listing every violation.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    prod = _producer_map(graph)
+    expected = set(expected_nodes)
+    problems: list[str] = []
+    n_weight = n_act = 0
+    by_name = {n.name: n for n in graph.node}
+    for name in sorted(expected - set(by_name)):
+        problems.append(f"{name}: expected quantized node is missing from the graph")
+
+    def zero_point_ok(node: onnx.NodeProto) -> None:
+        if len(node.input) < 3 or not node.input[2]:
+            problems.append(f"{node.name}: no explicit zero point (TensorRT needs an int8 zero point 0)")
+            return
+        zp = inits.get(node.input[2])
+        if zp is None:
+            problems.append(f"{node.name}: zero point is not an initializer")
+            return
+        if zp.data_type != TensorProto.INT8:
+            problems.append(f"{node.name}: zero point type {TensorProto.DataType.Name(zp.data_type)}, want INT8")
+        if np.any(numpy_helper.to_array(zp) != 0):
+            problems.append(f"{node.name}: non-zero zero point (asymmetric)")
+
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point_ok(node)
+            scale = inits.get(node.input[1])
+            if mixed_fp16 and scale is not None and scale.data_type != TensorProto.FLOAT16:
+                problems.append(f"{node.name}: scale is {TensorProto.DataType.Name(scale.data_type)}, want FLOAT16")
+        if node.op_type == "DequantizeLinear":
+            consumers = [c for c in graph.node if node.output[0] in c.input]
+            for c in consumers:
+                if c.op_type in NEVER_QUANTIZED_OPS:
+                    problems.append(f"{c.name} ({c.op_type}) consumes int8 data: the policy forbids it")
+                elif c.name not in expected:
+                    problems.append(f"{c.name} ({c.op_type}) consumes a DQ output but is not in the policy")
+    for name in sorted(expected & set(by_name)):
+        node = by_name[name]
+        for idx in range(2):
+            t = node.input[idx]
+            dq = prod.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                problems.append(f"{name}: input {idx} ({t}) does not come from DequantizeLinear")
+                continue
+            x = dq.input[0]
+            scale = inits.get(dq.input[1])
+            if scale is None:
+                problems.append(f"{dq.name}: scale is not an initializer")
+                continue
+            scale_arr = numpy_helper.to_array(scale)
+            if x in inits:  # weight
+                n_weight += 1
+                w = inits[x]
+                axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+                if w.data_type != TensorProto.INT8:
+                    problems.append(f"{dq.name}: weight stored as {TensorProto.DataType.Name(w.data_type)}, want INT8")
+                want_axis = 0 if (node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)) \
+                    else len(w.dims) - 1
+                if scale_arr.ndim != 1 or scale_arr.size != w.dims[axis] or scale_arr.size < 2 and w.dims[axis] > 1:
+                    problems.append(f"{dq.name}: weight scale shape {scale_arr.shape} is not per-channel "
+                                    f"over axis {axis} of {list(w.dims)}")
+                if axis % len(w.dims) != want_axis:
+                    problems.append(f"{dq.name}: per-channel axis {axis}, want the output-channel axis {want_axis}")
+            else:  # activation
+                n_act += 1
+                q = prod.get(x)
+                if q is None or q.op_type != "QuantizeLinear":
+                    problems.append(f"{dq.name}: activation DQ is not fed by QuantizeLinear")
+                if scale_arr.size != 1:
+                    problems.append(f"{dq.name}: activation scale has {scale_arr.size} values, want per-tensor")
+    if mixed_fp16:
+        for i in graph.initializer:
+            if i.data_type == TensorProto.FLOAT:
+                problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph")
+    if problems:
+        head = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise QuantizationError(f"the int8 graph does not have the Q/DQ pattern TensorRT accepts:\n  {head}{more}")
+    return {"quantized_nodes": len(expected), "weight_dq": n_weight, "activation_qdq": n_act,
+            "q_nodes": sum(n.op_type == "QuantizeLinear" for n in graph.node),
+            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node)}

@@ -1,0 +1,179 @@
+"""Benchmark the exported graphs on ONNX Runtime's CPU provider (``make bench-onnx``).
+
+For each model (default t2t_vit_7 and t2t_vit_14 at 224 px, random weights: throughput does not depend
+on the weights) and in one run:
+
+* ``patterned fp32`` - :func:`export.to_onnx.export_onnx` (one-hot Conv soft splits, explicit
+  attention, onnxslim), the graph ``make onnx`` ships;
+* ``plain fp32`` - a plain ``torch.onnx.export`` of the same model with its training-time forms
+  (Unfold soft splits, SDPA attention) and torch 2.14's default exporter settings, not simplified;
+* ``patterned fp16`` - the fp16 graph (float32 I/O);
+* ``patterned fp32 (dynamo)`` - the patterned graph from the other exporter, for the exporter choice.
+
+Each row: node count, file size, export time and ORT CPU throughput at batch 1 and 8. Writes
+``<out>/bench-onnx-cpu.{json,md}`` with the hardware named.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import contextlib
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import to_onnx
+from . import validate as V
+
+__all__ = ["plain_export", "throughput", "bench_model", "get_args_parser", "main"]
+
+
+def plain_export(model: torch.nn.Module, path: Path, opset: int = to_onnx.DEFAULT_OPSET) -> Path:
+    """``torch.onnx.export`` of the model as trained (Unfold, SDPA), default exporter, no simplification."""
+    from .patterns import apply_export_patterns
+
+    ref = apply_export_patterns(model, patterns=False)
+    x = torch.randn(2, 3, ref.img_size, ref.img_size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ref, (x,), str(path), opset_version=opset, input_names=["input"],
+                          output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                          external_data=False)
+    return path
+
+
+def throughput(path: Path, batch: int, img_size: int, min_runs: int = 5, min_seconds: float = 3.0,
+               threads: int | None = None) -> dict[str, Any]:
+    """Images/s and median latency of one ORT CPU session (3 warm-up runs, then >= min_runs and
+    >= min_seconds of timed runs)."""
+    sess = V.ort_session(path, threads=threads)
+    inp = sess.get_inputs()[0]
+    dtype = np.float16 if "float16" in inp.type else np.float32
+    x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(dtype)
+    for _ in range(3):
+        sess.run(None, {inp.name: x})
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"batch": batch, "runs": len(times), "median_ms": round(1e3 * med, 2),
+            "images_per_s": round(batch / med, 2)}
+
+
+def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, ...] = (1, 8),
+                dynamo_row: bool = True, min_seconds: float = 3.0) -> dict[str, Any]:
+    from t2t_vit.checkpoint import build_model
+    from tqdm import tqdm
+
+    import onnx
+
+    from .patterns import op_census
+
+    torch.manual_seed(0)
+    model = build_model(name, img_size=img_size).eval()
+    size = model.img_size
+    work = out / f".bench-{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    variants: list[tuple[str, Any]] = [
+        ("patterned fp32", lambda p: to_onnx.export_onnx(model, p, "fp32")),
+        ("plain fp32 (unfold, SDPA)", lambda p: plain_export(model, p)),
+        ("patterned fp16", lambda p: to_onnx.export_onnx(model, p, "fp16")),
+    ]
+    if dynamo_row:
+        variants.append(("patterned fp32 (dynamo exporter)", lambda p: to_onnx.export_onnx(model, p, "fp32",
+                                                                                         exporter="dynamo")))
+    rows = []
+    for label, make in tqdm(variants, desc=name, unit="graph"):
+        path = work / (label.split(" (")[0].replace(" ", "-") + ("-dynamo" if "dynamo" in label else "") + ".onnx")
+        t0 = time.perf_counter()
+        make(path)
+        export_s = time.perf_counter() - t0
+        proto = onnx.load(str(path))
+        census = op_census(proto)
+        row = {"graph": label, "nodes": len(proto.graph.node), "file_mib": round(path.stat().st_size / 2**20, 2),
+               "export_s": round(export_s, 1), "op_census": census,
+               "throughput": [throughput(path, b, size, min_seconds=min_seconds) for b in batches]}
+        rows.append(row)
+        path.unlink()
+    work.rmdir()
+    return {"model": name, "img_size": size, "weights": "random (throughput does not depend on them)", "rows": rows}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = ["# ONNX Runtime CPU benchmark of the exported graphs", "",
+             f"Hardware: {env['cpu']}, {env['cores']} cores (load average at start {report['load_average']}); "
+             f"onnxruntime {env['onnxruntime']} CPUExecutionProvider, torch {env['torch']}, onnx {env['onnx']}. "
+             f"Throughput is images/s at the median run latency. Command: `{report['command']}`.", ""]
+    for m in report["models"]:
+        batches = [t["batch"] for t in m["rows"][0]["throughput"]]
+        lines += [f"## {m['model']} ({m['img_size']} px)", "",
+                  "| graph | nodes | file (MiB) | export (s) | " + " | ".join(f"img/s b{b} | ms b{b}" for b in batches) + " |",
+                  "|---|---:|---:|---:|" + "---:|---:|" * len(batches)]
+        for r in m["rows"]:
+            tp = " | ".join(f"{t['images_per_s']:.1f} | {t['median_ms']:.1f}" for t in r["throughput"])
+            lines.append(f"| {r['graph']} | {r['nodes']} | {r['file_mib']:.2f} | {r['export_s']:.1f} | {tp} |")
+        ops = sorted({op for r in m["rows"] for op in r["op_census"]})
+        lines += ["", "<details><summary>op census</summary>", "",
+                  "| op | " + " | ".join(r["graph"] for r in m["rows"]) + " |",
+                  "|---|" + "---:|" * len(m["rows"])]
+        lines += [f"| {op} | " + " | ".join(str(r["op_census"].get(op, 0)) for r in m["rows"]) + " |" for op in ops]
+        lines += ["", "</details>", ""]
+    lines += ["ONNX Runtime's CPU provider has few fp16 kernels: it inserts Casts and runs most fp16 nodes in "
+              "float32, so the fp16 row measures the graph on CPU, not fp16 speed (that is TensorRT's job).", ""]
+    return "\n".join(lines)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="ORT CPU benchmark: patterned vs plain vs fp16 ONNX graphs",
+                                add_help=add_help)
+    p.add_argument("--models", nargs="+", default=["t2t_vit_7", "t2t_vit_14"], help="models (default t2t_vit_7 t2t_vit_14)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: registry, 224)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per measurement (default 3)")
+    p.add_argument("--no-dynamo-row", action="store_true", help="skip the dynamo-exporter row")
+    p.add_argument("--out", default="reports", help="output folder (default reports)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create {out}: {e}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {
+        "command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "environment": V.environment(),
+        "models": [],
+    }
+    try:
+        for name in args.models:
+            report["models"].append(bench_model(name, args.img_size, out, tuple(args.batches),
+                                                not args.no_dynamo_row, args.min_seconds))
+    except (ValueError, to_onnx.ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report["load_average_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    to_onnx._atomic_write_text(json.dumps(report, indent=2) + "\n", out / "bench-onnx-cpu.json")
+    to_onnx._atomic_write_text(render_markdown(report), out / "bench-onnx-cpu.md")
+    print(render_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

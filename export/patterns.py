@@ -1,0 +1,286 @@
+"""Export-time graph patterns: small, named swaps (on a copy of the PyTorch model) and ONNX rewrites.
+
+The PyTorch model stays the reference; every pattern here changes how the graph is *written*, never
+what it computes. Each pattern is a function named after what it makes, applied by
+:func:`export.to_onnx.export_onnx` and asserted by ``tests/test_export.py``:
+
+* :func:`soft_split_as_conv` - each soft split (``nn.Unfold``) becomes one ``Conv`` with a one-hot
+  kernel, instead of the Gather/GatherND/ScatterND (or Col2Im/Im2Col) chains exporters emit for
+  Unfold; TensorRT has no Im2Col and runs gathers poorly.
+* :func:`explicit_attention` - softmax attention exported as MatMul -> Softmax(last axis) -> MatMul on
+  4-D [B, heads, tokens, dim] tensors with the scale applied to Q first (TensorRT's fused-attention
+  pattern), instead of whatever ``scaled_dot_product_attention`` lowers to (an opset-23 ``Attention``
+  op, or a scale applied after Q.K^T).
+* :func:`remove_reduction_upcasts` - the dynamo exporter wraps every ReduceSum/ReduceMax of an fp16
+  model in Cast(fp32) -> Reduce -> Cast(fp16) (PyTorch's reduction type promotion). Those are fp32
+  islands TensorRT's strong typing would honour; the T2T Performer keeps every summed quantity <= 1
+  or <= m (see ``t2t_vit/layers.py``), so the fp16 graph drops them (measured in the export report).
+* :func:`performer_core_fp32` - fp16 graphs only: the Performer's linear-attention core (between
+  the ``kqv`` and ``proj`` Linears) runs in float32 behind explicit Casts, the one fp32 island, measured
+  to be needed (see its docstring); everything else is fp16.
+* :func:`simplify` - constant folding and graph simplification with onnxslim.
+
+The Performer (``t2t_vit.layers.TokenPerformer``) already exports as plain MatMul/ReduceSum/Exp
+arithmetic (no Einsum) and LayerNorm exports as single ``LayerNormalization`` nodes at opset >= 17;
+:func:`op_census` and :func:`check_patterns` verify both on every exported graph.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FORBIDDEN_OPS",
+    "apply_export_patterns",
+    "soft_split_as_conv",
+    "explicit_attention",
+    "remove_reduction_upcasts",
+    "performer_core_fp32",
+    "simplify",
+    "op_census",
+    "count_layernorms",
+    "count_softmax_attention",
+    "check_patterns",
+    "PatternError",
+]
+
+# Ops that must never appear in an exported graph: Einsum (slow and fp32-typed in TensorRT), and the
+# gather/scatter/im2col families exporters use to decompose Unfold.
+FORBIDDEN_OPS = ("Einsum", "GatherND", "ScatterND", "ScatterElements", "GatherElements", "Col2Im", "Im2Col")
+
+_ONNX_FLOAT = 1
+_ONNX_FLOAT16 = 10
+
+
+class PatternError(RuntimeError):
+    """An exported graph does not have the TensorRT-friendly form; the message names the pattern."""
+
+
+def soft_split_as_conv(model: nn.Module) -> nn.Module:
+    """Switch every soft split to the one-hot ``Conv`` form (identical numbers, no gather chains)."""
+    model.set_soft_split_impl("conv")
+    return model
+
+
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """Switch every softmax attention to the explicit MatMul -> Softmax -> MatMul path (scale on Q)."""
+    model.set_fused_attn(False)
+    return model
+
+
+FP32_ISLAND_REASON = ("Performer linear-attention core (feature exponents w.x - |x|^2/2, exp, sums, D, "
+                      "rescaled epsilon, y/D) kept fp32: in fp16 the exponent loses its O(1) differences, D "
+                      "underflows (5e-9) and epsilon overflows (5e20); pure fp16 top-1 agreement was 86% on a "
+                      "trained t2t_vit_7. See t2t_vit.layers.TokenPerformer")
+
+
+def performer_core_fp32(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Keep each TokenPerformer's linear-attention core in float32 (explicit Casts around it) while the
+    rest of a half-precision model stays fp16 (``enable=False``: a pure fp16 graph, for comparison).
+
+    The island is the model package's own (``TokenPerformer.fp32_core``, on by default, measured to be
+    needed: see its docstring); this pattern only selects it for export. Changes nothing for a float32
+    model and nothing at all for token transformers (t2t_vit_t_*)."""
+    model.set_performer_fp32_core(enable)
+    return model
+
+
+# name -> swap, applied in order. Each one is a setter of the model package, so the reference
+# numerics are the package's own (tested there); here they are only selected for export.
+MODULE_PATTERNS = {
+    "soft_split_as_conv": soft_split_as_conv,
+    "explicit_attention": explicit_attention,
+}
+
+
+def apply_export_patterns(model: nn.Module, patterns: bool = True) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with the export-time swaps applied (``patterns=False``:
+    the copy keeps the training-time forms, Unfold and SDPA, for the "plain export" baseline).
+
+    The caller's model is never modified, so it stays the numerical reference.
+    """
+    out = copy.deepcopy(model).eval()
+    if patterns:
+        for swap in MODULE_PATTERNS.values():
+            out = swap(out)
+    else:
+        out.set_soft_split_impl("unfold")
+        out.set_fused_attn(True)
+    return out
+
+
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _cast_to(node) -> int | None:
+    for a in node.attribute:
+        if a.name == "to":
+            return a.i
+    return None
+
+
+def remove_reduction_upcasts(model_proto, ops: tuple[str, ...] = ("ReduceSum", "ReduceMax")) -> tuple[Any, list[str]]:
+    """Remove ``Cast(fp16->fp32) -> Reduce -> Cast(fp32->fp16)`` islands, in place.
+
+    Only islands whose first Cast reads an fp16 tensor (checked with ONNX shape inference), whose
+    reduction has that Cast as its only producer, and whose result feeds only the Cast back to fp16
+    are rewritten; anything else is left as is. Returns the model and the names of the reductions
+    that now run in fp16.
+    """
+    import onnx
+
+    graph = model_proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    if not any(n.op_type in ops and n.input and getattr(producer.get(n.input[0]), "op_type", "") == "Cast"
+               for n in graph.node):
+        return model_proto, []  # nothing to rewrite: skip shape inference (a copy of every weight)
+    inferred = onnx.shape_inference.infer_shapes(model_proto)
+    elem_type = {vi.name: vi.type.tensor_type.elem_type for vi in
+                 list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    for init in model_proto.graph.initializer:
+        elem_type[init.name] = init.data_type
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    rewired: list[str] = []
+    dead: list = []
+    for node in list(graph.node):
+        if node.op_type not in ops:
+            continue
+        up = producer.get(node.input[0])
+        if up is None or up.op_type != "Cast" or _cast_to(up) != _ONNX_FLOAT:
+            continue
+        if elem_type.get(up.input[0]) != _ONNX_FLOAT16 or len(consumers.get(up.output[0], [])) != 1:
+            continue
+        downs = consumers.get(node.output[0], [])
+        if len(downs) != 1 or downs[0].op_type != "Cast" or _cast_to(downs[0]) != _ONNX_FLOAT16:
+            continue
+        if node.output[0] in graph_outputs:
+            continue
+        down = downs[0]
+        node.input[0] = up.input[0]
+        # The reduction now writes the tensor the second Cast wrote, so every consumer is unchanged.
+        node.output[0] = down.output[0]
+        dead.extend([up, down])
+        rewired.append(node.name or node.output[0])
+    for n in dead:
+        graph.node.remove(n)
+    if dead:
+        # Stale fp32 value_info entries of rewired tensors would contradict the new fp16 types.
+        keep = [vi for vi in graph.value_info if vi.name not in {o for n in dead for o in n.output}]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return model_proto, rewired
+
+
+def simplify(model_proto) -> Any:
+    """Constant folding and graph simplification (onnxslim); dynamic batch and I/O names are kept."""
+    import onnxslim
+
+    return onnxslim.slim(model_proto)
+
+
+def op_census(model_proto) -> dict[str, int]:
+    """Node count per op type (main graph), sorted by count then name."""
+    counts = Counter(n.op_type for n in model_proto.graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def count_layernorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
+def count_softmax_attention(model: nn.Module) -> int:
+    """Number of softmax attention blocks (backbone Attention + token-transformer attention)."""
+    from t2t_vit.layers import Attention, TokenAttention
+
+    return sum(isinstance(m, (Attention, TokenAttention)) for m in model.modules())
+
+
+def check_patterns(model_proto, model: nn.Module) -> dict[str, Any]:
+    """Assert the TensorRT-friendly patterns on an exported graph; returns what was checked.
+
+    Raises :class:`PatternError` naming the first pattern that does not hold.
+    """
+    census = op_census(model_proto)
+    bad = {op: census[op] for op in FORBIDDEN_OPS if census.get(op)}
+    if bad:
+        raise PatternError(f"graph holds forbidden ops {bad}: Einsum or an Unfold decomposition was exported; "
+                           f"export through export_onnx (patterns soft_split_as_conv / explicit_attention)")
+    n_ln = count_layernorms(model)
+    if census.get("LayerNormalization", 0) != n_ln:
+        raise PatternError(f"LayerNormalization nodes: {census.get('LayerNormalization', 0)}, model has {n_ln} "
+                           f"nn.LayerNorm; a LayerNorm was decomposed (use opset >= 17)")
+    n_attn = count_softmax_attention(model)
+    if census.get("Softmax", 0) != n_attn:
+        raise PatternError(f"Softmax nodes: {census.get('Softmax', 0)}, model has {n_attn} softmax attentions; "
+                           f"attention was not exported in the explicit MatMul-Softmax-MatMul form")
+    if census.get("Attention", 0):
+        raise PatternError("graph holds fused Attention ops; the explicit_attention pattern was not applied")
+    n_split = 3
+    if census.get("Conv", 0) != n_split:
+        raise PatternError(f"Conv nodes: {census.get('Conv', 0)}, expected {n_split} (one per soft split)")
+    softmax_ok = _softmax_last_axis(model_proto)
+    if not softmax_ok:
+        raise PatternError("a Softmax is not on the last axis")
+    return {"forbidden_ops": 0, "layernorm_nodes": n_ln, "softmax_nodes": n_attn, "soft_split_convs": n_split}
+
+
+def _softmax_last_axis(model_proto) -> bool:
+    for n in model_proto.graph.node:
+        if n.op_type == "Softmax":
+            axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+            if axis != -1:
+                # A positive axis is the last one only for 4-D inputs (axis 3).
+                if axis != 3:
+                    return False
+    return True
+
+
+def attention_chains(model_proto) -> list[dict[str, Any]]:
+    """For every Softmax: the MatMul feeding it, whether its Q input is scaled by a Mul before the
+    MatMul, and the MatMul consuming the Softmax. Used by the tests to assert TensorRT's MHA form."""
+    producer = {o: n for n in model_proto.graph.node for o in n.output}
+    consumers = _consumers(model_proto.graph)
+    chains = []
+    for n in model_proto.graph.node:
+        if n.op_type != "Softmax":
+            continue
+        mm1 = producer.get(n.input[0])
+        q_src = producer.get(mm1.input[0]) if mm1 is not None and mm1.op_type == "MatMul" else None
+        nxt = consumers.get(n.output[0], [])
+        chains.append({
+            "softmax": n.name,
+            "qk_matmul": mm1 is not None and mm1.op_type == "MatMul",
+            "q_scaled_first": q_src is not None and q_src.op_type == "Mul",
+            "av_matmul": len(nxt) == 1 and nxt[0].op_type == "MatMul",
+            "qk_output": mm1.output[0] if mm1 is not None else None,
+        })
+    return chains
+
+
+def fp32_tensors(model_proto) -> list[dict[str, str]]:
+    """Tensors of an fp16 graph that are float32 (besides the graph I/O), with the node making them."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model_proto)
+    io = {v.name for v in list(model_proto.graph.input) + list(model_proto.graph.output)}
+    producer = {o: n for n in model_proto.graph.node for o in n.output}
+    out = []
+    for vi in inferred.graph.value_info:
+        if vi.type.tensor_type.elem_type == _ONNX_FLOAT and vi.name not in io:
+            p = producer.get(vi.name)
+            out.append({"tensor": vi.name, "producer": f"{p.op_type}:{p.name}" if p is not None else "?"})
+    for init in model_proto.graph.initializer:
+        if init.data_type == _ONNX_FLOAT:
+            out.append({"tensor": init.name, "producer": "initializer"})
+    return out
+

@@ -1,0 +1,483 @@
+"""Export a T2T-ViT to TensorRT-friendly, precision-typed ONNX graphs and validate them on ONNX Runtime.
+
+Library API (used by the calibration and engine stages)::
+
+    from export.to_onnx import export_onnx, read_metadata
+    export_onnx(model, "artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx", precision="fp16", metadata=meta)
+    read_metadata("artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx")  # -> {"model": "t2t_vit_7", ...}
+
+Command line (``make onnx MODEL=t2t_vit_7 CHECKPOINT=...``)::
+
+    python -m export.to_onnx --model t2t_vit_7 --checkpoint runs/.../best.pth --out artifacts/t2t_vit_7
+
+writes ``<out>/<model>.fp32.onnx``, ``<out>/<model>.fp16.onnx`` and ``<out>/<model>.export.{json,md}``
+(op census, sizes, validation against PyTorch on real images, fp32 tensors kept in the fp16 graph).
+
+Choices (measured and explained in the README's export section):
+
+* Opset 18. LayerNormalization needs >= 17; 18 is the lowest opset torch 2.14's exporters write natively
+  (the dynamo exporter down-converts from 18 when asked for 17), and GELU stays the Erf form every
+  TensorRT 10/11 parser imports and fuses, rather than the opset-20 ``Gelu`` function op.
+  ``--opset`` accepts 17..23.
+* The TorchScript exporter (``dynamo=False``) by default; ``--exporter dynamo`` is the torch.export
+  path. After onnxslim both give the same op families within a few nodes (dynamo: one Shape instead of
+  a Shape/Gather/Equal/Where chain for the cls-token Expand, 3 Slices instead of a Split per
+  attention); the TorchScript path runs 5-10x faster and exports an fp16 model without the fp32
+  Cast->Reduce->Cast islands the dynamo path adds (those are removed by
+  :func:`export.patterns.remove_reduction_upcasts`). It is deprecated in torch 2.14 (pinned here), so
+  both paths are tested and switching is one flag.
+* fp16 = the model exported after ``.half()``, wrapped so the graph has explicit ``Cast`` nodes at its
+  float32 input and output (``fp16_io=True`` drops them). The overflow-safe Performer's constants,
+  including its ``torch.finfo(dtype).tiny`` guard, are then fp16 values by construction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import patterns as P
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "PRECISIONS",
+    "ExportError",
+    "export_onnx",
+    "read_metadata",
+    "model_metadata",
+    "export_model",
+    "get_args_parser",
+    "main",
+]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 17, 23
+PRECISIONS = ("fp32", "fp16")
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2" / "val"
+RANDOM_WEIGHTS_SHA = "none (random weights)"
+
+
+class ExportError(RuntimeError):
+    """Export failed or cannot start; the message says how to fix it."""
+
+
+class _Fp16WithFp32IO(nn.Module):
+    """An fp16 model behind float32 I/O: the exported graph starts and ends with an explicit Cast."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.float16)).to(torch.float32)
+
+
+def _project_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("t2t-vit-deploy")
+    except Exception:  # not installed (running from a bare checkout)
+        import t2t_vit
+
+        return t2t_vit.__version__
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def model_metadata(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
+    """The metadata every exported graph carries: model, num_classes, checkpoint sha256, project
+    version and the model's :class:`t2t_vit.data.DataConfig` (so no later stage guesses preprocessing)."""
+    from t2t_vit.checkpoint import file_sha256
+    from t2t_vit.data import DataConfig
+
+    meta = {
+        "model": _model_name(model),
+        "num_classes": str(int(getattr(model, "num_classes", 0))),
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else RANDOM_WEIGHTS_SHA,
+        "project_version": _project_version(),
+        **DataConfig.from_model(model).to_metadata(),
+    }
+    class_names = (getattr(model, "pretrained_cfg", None) or {}).get("class_names")
+    if class_names:
+        meta["class_names"] = json.dumps(list(class_names))
+    return meta
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the output folder {path.parent}: {e}; pass --out a writable folder") from e
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"output folder {path.parent} is not writable; pass --out a writable folder")
+    if path.is_dir():
+        raise ExportError(f"output path {path} is a folder; pass a file name ending in .onnx")
+
+
+def _atomic_save(model_proto: Any, path: Path) -> None:
+    """Write the model to a temporary file beside ``path`` and rename it: never a half-written file."""
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model_proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_EXPORTER = "torchscript"
+
+
+def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, exporter: str = DEFAULT_EXPORTER) -> Any:
+    """torch.onnx.export with a dynamic batch axis; returns the ModelProto.
+
+    ``torchscript`` (default) is the legacy tracer: deprecated in torch 2.14 but 5-10x faster, and it
+    exports an fp16 model without fp32 islands. ``dynamo`` traces with torch.export; after onnxslim the
+    two graphs differ by a few shape nodes (see the README's export section).
+    """
+    import contextlib
+    import io
+
+    import onnx
+
+    kw = dict(opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # The exporters warn and print about their own internals (deprecations, progress lines); the
+        # checks in export_onnx decide whether the graph is right.
+        warnings.simplefilter("ignore")
+        for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(module, (example,), None, dynamo=True, external_data=False,
+                                        dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False, **kw)
+            return program.model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(module, (example,), buf, dynamo=False, do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kw)
+        return onnx.load_from_string(buf.getvalue())
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp32",
+                metadata: Mapping[str, Any] | None = None, opset: int = DEFAULT_OPSET, *,
+                fp16_io: bool = False, patterns: bool = True, simplify: bool = True,
+                check: bool = True, exporter: str = DEFAULT_EXPORTER, fp32_core: bool = True) -> Path:
+    """Export ``model`` to one precision-typed ONNX graph at ``path`` (written atomically).
+
+    Args:
+        model: a T2T-ViT (left untouched: the swaps happen on a copy).
+        path: output file; its folder is created.
+        precision: "fp32", or "fp16" (fp16 weights and activations; float32 input/output through
+            explicit Casts unless ``fp16_io``).
+        metadata: extra/overriding ``metadata_props`` (stringified); defaults come from
+            :func:`model_metadata` (model name, classes, data config, version; no checkpoint hash).
+            ``precision`` is always set from the argument.
+        opset: ONNX opset, 17..23 (default 18, see the module docstring).
+        fp16_io: fp16 graphs only: fp16 input and output instead of float32.
+        patterns: apply the TensorRT-friendly swaps (False writes the plain export used as the
+            benchmark baseline; pattern checks are then skipped).
+        simplify: fold constants and simplify with onnxslim.
+        check: run ``onnx.checker.check_model(full_check=True)`` and the pattern checks.
+        exporter: "torchscript" (default) or "dynamo" (torch.export-based); see :func:`_torch_export`.
+        fp32_core: fp16 only: keep the Performer's linear-attention core in float32
+            (:func:`export.patterns.performer_core_fp32`; False gives a pure fp16 graph).
+
+    Returns:
+        The path written.
+    """
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r} (int8 graphs come from "
+                          f"the calibration stage: make calib)")
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise ExportError(f"opset must be in {MIN_OPSET}..{MAX_OPSET} (LayerNormalization needs >= 17), got {opset}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if fp16_io and precision != "fp16":
+        raise ExportError("fp16_io applies to precision='fp16' only")
+    path = Path(path)
+    _check_writable(path)
+
+    ref = P.apply_export_patterns(model, patterns=patterns)
+    img_size = int(getattr(ref, "img_size", 224))
+    example = torch.randn(2, 3, img_size, img_size)
+    module: nn.Module = ref
+    if precision == "fp16":
+        # The Performer core runs in fp32 inside the fp16 graph (measured to be needed: see patterns).
+        ref = P.performer_core_fp32(ref.half(), enable=fp32_core)
+        module = ref
+        if fp16_io:
+            example = example.half()
+        else:
+            module = _Fp16WithFp32IO(ref)
+    proto = _torch_export(module, example, int(opset), exporter)
+    rewrites: dict[str, Any] = {}
+    if precision == "fp16":
+        proto, reductions = P.remove_reduction_upcasts(proto)
+        rewrites["remove_reduction_upcasts"] = reductions
+    if simplify:
+        proto = P.simplify(proto)
+    meta = {**model_metadata(model), **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    meta.update(precision=precision, io_dtype="float16" if fp16_io else "float32", opset=str(int(opset)),
+                exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
+                fp32_islands="performer_core_fp32" if precision == "fp16" and fp32_core else "none",
+                patterns=",".join(P.MODULE_PATTERNS) if patterns else "none")
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta)
+    proto.producer_name = "t2t-vit-deploy"
+    proto.doc_string = f"{meta['model']} {precision} ({meta['patterns']})"
+    if check:
+        onnx.checker.check_model(proto, full_check=True)
+        if patterns:
+            P.check_patterns(proto, ref)
+    _atomic_save(proto, path)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file not found: {path} (create it with `make onnx`)")
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command: export both precisions, validate, report.
+
+
+def graph_summary(path: Path) -> dict[str, Any]:
+    """File size, node count and op census of an exported graph."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "file_mib": round(path.stat().st_size / 2**20, 3),
+        "nodes": len(proto.graph.node),
+        "initializers": len(proto.graph.initializer),
+        "op_census": P.op_census(proto),
+        "input": _io_desc(proto.graph.input[0]),
+        "output": _io_desc(proto.graph.output[0]),
+    }
+
+
+def _io_desc(vi: Any) -> dict[str, Any]:
+    import onnx
+
+    t = vi.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+    return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+
+def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | None = None,
+                 opset: int = DEFAULT_OPSET, fp16_io: bool = False, exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
+    """Write ``<out>/<model>.fp32.onnx`` and ``<out>/<model>.fp16.onnx``; returns the graph part of the
+    report (sizes, census, fp32 tensors kept in the fp16 graph with reasons)."""
+    import onnx
+
+    name = _model_name(model)
+    meta = model_metadata(model, checkpoint)
+    paths = {"fp32": out / f"{name}.fp32.onnx", "fp16": out / f"{name}.fp16.onnx"}
+    graphs: dict[str, Any] = {}
+    for precision, path in paths.items():
+        t0 = time.perf_counter()
+        export_onnx(model, path, precision=precision, metadata=meta, opset=opset,
+                    fp16_io=fp16_io and precision == "fp16", exporter=exporter)
+        graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
+    fp16 = onnx.load(str(paths["fp16"]))
+    kept = P.fp32_tensors(fp16)
+    graphs["fp16"]["fp32_tensors"] = [{**t, "reason": P.FP32_ISLAND_REASON} for t in kept]
+    # The float32 graph boundary itself, made by explicit Casts (absent with --fp16-io).
+    for vi, role in ((fp16.graph.input[0], "graph input"), (fp16.graph.output[0], "graph output")):
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            graphs["fp16"]["fp32_tensors"].append({
+                "tensor": vi.name, "producer": role,
+                "reason": "contract: input float32 / logits float32, converted by an explicit Cast next to it "
+                          "(--fp16-io makes it float16)"})
+    return graphs
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export a T2T-ViT to fp32 and fp16 ONNX and validate them on ONNX Runtime",
+                                add_help=add_help)
+    p.add_argument("--model", required=True, help="registered model name, e.g. t2t_vit_7")
+    p.add_argument("--checkpoint", default=None, help="weights to export (default: none, random weights with a warning)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: checkpoint/registry)")
+    p.add_argument("--out", default=None, help="output folder (default: artifacts/<model>)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
+                   help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; see the README's export section)")
+    p.add_argument("--fp16-io", action="store_true", help="fp16 graph takes and returns float16 (default float32 I/O)")
+    p.add_argument("--data", default=None,
+                   help=f"validation images: an ImageFolder, or a dataset root holding val/ "
+                        f"(default {DEFAULT_DATA} when present)")
+    p.add_argument("--val-images", type=int, default=500,
+                   help="class-balanced validation images (default 500; 0 skips validation)")
+    p.add_argument("--batch-size", type=int, default=50, help="validation batch size (default 50)")
+    p.add_argument("--no-fail", action="store_true", help="exit 0 even when validation misses a threshold")
+    return p
+
+
+def _warn_random_weights(name: str) -> None:
+    bar = "!" * 78
+    msg = (f"\n{bar}\n!! NO --checkpoint: exporting {name} with RANDOM weights. The graphs are only good for\n"
+           f"!! testing the pipeline; pass --checkpoint (make onnx CHECKPOINT=...) for a real model.\n{bar}")
+    _logger.warning(msg)
+    print(msg, file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``main`` does, raising instead of exiting."""
+    from t2t_vit.checkpoint import build_model
+
+    from . import validate as V
+
+    model = build_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size).eval()
+    if args.checkpoint is None:
+        _warn_random_weights(args.model)
+    out = Path(args.out or f"artifacts/{args.model}")
+    t0 = time.perf_counter()
+    graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
+                          exporter=args.exporter)
+    report: dict[str, Any] = {
+        "model": args.model,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "weights": "checkpoint" if args.checkpoint else "random",
+        "metadata": read_metadata(graphs["fp32"]["path"]),
+        "opset": args.opset,
+        "graphs": graphs,
+        "export_s": round(time.perf_counter() - t0, 2),
+    }
+    if args.val_images > 0:
+        images, labels, source = V.validation_images(model, args.data, args.val_images)
+        report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"], images,
+                                                 labels, batch_size=args.batch_size, source=source)
+    else:
+        report["validation"] = None
+    report["environment"] = V.environment()
+    name = report["metadata"]["model"]
+    _atomic_write_text(json.dumps(report, indent=2) + "\n", out / f"{name}.export.json")
+    _atomic_write_text(render_markdown(report), out / f"{name}.export.md")
+    return report
+
+
+def render_markdown(r: Mapping[str, Any]) -> str:
+    g32, g16 = r["graphs"]["fp32"], r["graphs"]["fp16"]
+    lines = [f"# ONNX export: {r['model']} ({r['weights']} weights)", ""]
+    if r["weights"] == "random":
+        lines += ["**Random weights: no checkpoint was given.** The graphs test the pipeline only.", ""]
+    meta = r["metadata"]
+    lines += [f"opset {r['opset']}, exporter `{meta.get('exporter')}`, patterns `{meta.get('patterns')}`, "
+              f"img_size {meta.get('img_size')}, {meta.get('num_classes')} classes, checkpoint sha256 "
+              f"`{meta.get('checkpoint_sha256')}`", ""]
+    lines += ["| graph | file (MiB) | nodes | input | output |", "|---|---:|---:|---|---|"]
+    for k, g in (("fp32", g32), ("fp16", g16)):
+        lines.append(f"| `{Path(g['path']).name}` | {g['file_mib']:.2f} | {g['nodes']} | "
+                     f"{g['input']['dtype']} {g['input']['shape']} | {g['output']['dtype']} {g['output']['shape']} |")
+    ops = sorted(set(g32["op_census"]) | set(g16["op_census"]))
+    lines += ["", "## Op census", "", "| op | fp32 | fp16 |", "|---|---:|---:|"]
+    lines += [f"| {op} | {g32['op_census'].get(op, 0)} | {g16['op_census'].get(op, 0)} |" for op in ops]
+    lines += ["", "## fp32 tensors in the fp16 graph", "",
+              "Grouped by the module that makes them; the JSON report lists every tensor.", ""]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for t in g16.get("fp32_tensors", []):
+        where = t["tensor"].rsplit("/", 1)[0] if "/" in t["tensor"] else t["producer"]
+        groups.setdefault((where, t["reason"]), []).append(t["producer"].split(":")[0])
+    if groups:
+        lines += ["| where | tensors (by producing op) | reason |", "|---|---|---|"]
+        for (where, reason), ops in groups.items():
+            counts = ", ".join(f"{op} {n}" for op, n in sorted(Counter(ops).items()))
+            lines.append(f"| `{where}` | {len(ops)}: {counts} | {reason} |")
+    else:
+        lines.append("none")
+    v = r.get("validation")
+    lines += ["", "## Validation (ONNX Runtime CPU vs PyTorch fp32)", ""]
+    if not v:
+        lines.append("skipped (--val-images 0)")
+    else:
+        lines += [f"{v['n_images']} images from {v['source']}; logit scale (max |logit|, PyTorch) "
+                  f"{v['logit_scale']:.4g}.", "",
+                  "| comparison | max abs delta | max delta / logit scale | mean abs delta | top-1 agreement | threshold | pass |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        for c in v["comparisons"]:
+            lines.append(f"| {c['name']} | {c['max_abs_delta']:.3g} | {c['max_rel_delta']:.3g} | "
+                         f"{c['mean_abs_delta']:.3g} | {100 * c['top1_agreement']:.2f}% | {c.get('threshold', '')} | "
+                         f"{'' if c.get('passed') is None else ('yes' if c['passed'] else '**NO**')} |")
+        if v.get("labels_top1"):
+            lines += ["", "top-1 accuracy against the folder labels: " + ", ".join(
+                f"{k} {100 * a:.2f}%" for k, a in v["labels_top1"].items())]
+        if v.get("note"):
+            lines += ["", v["note"]]
+    env = r["environment"]
+    lines += ["", f"Hardware: {env['cpu']} ({env['cores']} cores); torch {env['torch']}, onnxruntime "
+              f"{env['onnxruntime']}, onnx {env['onnx']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from t2t_vit.checkpoint import CheckpointError
+
+    try:
+        report = run(args)
+    except (ExportError, CheckpointError, ValueError, P.PatternError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"artifacts/{args.model}")
+    print(f"wrote {report['graphs']['fp32']['path']}, {report['graphs']['fp16']['path']} and "
+          f"{out / (report['metadata']['model'] + '.export.md')}")
+    v = report.get("validation")
+    if v:
+        for c in v["comparisons"]:
+            print(f"  {c['name']}: max|delta| {c['max_abs_delta']:.3g} (x{c['max_rel_delta']:.2g} of logit scale "
+                  f"{v['logit_scale']:.3g}), top-1 agreement {100 * c['top1_agreement']:.2f}%"
+                  + ("" if c.get("passed") is None else (" PASS" if c["passed"] else " FAIL")))
+        if not v["passed"] and not args.no_fail:
+            print("error: validation missed a threshold (see the report); --no-fail to ignore", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""INT8 calibration stage: placement policy, Q/DQ structure, calibration set, cache, report, exit codes.
+
+Everything runs on t2t_vit_test (64 px) with synthetic ImageFolder trees of a few images, so no test
+needs ../shared/data.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from PIL import Image
+
+import t2t_vit  # noqa: F401  (registers the models)
+from calibration import data as cdata
+from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes
+from calibration.quantize import (QuantizationError, TensorDataReader, check_qdq, ensure_opset, quantize_model,
+                                  to_mixed_fp16)
+from t2t_vit.data import DataConfig, DataError
+
+pytestmark = pytest.mark.timeout(300)  # generous: the module's export fixture runs in the first test's setup
+
+WNIDS = ["n01440764", "n02102040", "n02979186"]  # ImageNet wnids: labels 0, 217, 482 for 1000-class models
+
+
+def _make_folder(root: Path, per_class: int, classes=WNIDS, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, size=(72, 80, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"{c}_{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """<dir>/t2t_vit_test.{fp32,fp16}.onnx from the exporter (random weights)."""
+    from export.to_onnx import export_model
+    from t2t_vit.checkpoint import build_model
+
+    out = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    export_model(build_model("t2t_vit_test").eval(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32(exported) -> onnx.ModelProto:
+    return ensure_opset(onnx.load(str(exported / "t2t_vit_test.fp32.onnx")))
+
+
+@pytest.fixture(scope="module")
+def int8(fp32):
+    placement = Placement.from_model(fp32, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((6, 3, 64, 64), dtype=np.float32)
+    mixed = to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x)))
+    return mixed, placement
+
+
+# ---- placement policy ---------------------------------------------------------------------------------
+
+def test_structural_classification_matches_module_scopes(tmp_path):
+    """Families/stages found from graph structure agree with the module names a TorchScript export keeps."""
+    from t2t_vit.checkpoint import build_model
+
+    model = build_model("t2t_vit_test").eval()
+    model.set_soft_split_impl("conv")
+    model.set_fused_attn(False)
+    path = tmp_path / "ts.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=19, dynamo=False)
+    cands = classify_nodes(onnx.load(str(path)))
+    assert len(cands) == 30
+    for c in cands:
+        scope = ".".join(p for p in c.name.split("/")[1:-1])  # /blocks.0/attn/qkv/MatMul -> blocks.0.attn.qkv
+        if scope.startswith("blocks."):
+            assert c.stage == "blocks." + scope.split(".")[1], c
+        elif scope.startswith("tokens_to_token.attention"):
+            assert c.stage == "t2t." + scope.split(".")[1], c
+        elif scope == "tokens_to_token.project":
+            assert c.stage == "t2t.project", c
+        else:
+            assert scope == "head" and c.stage == "head", c
+        leaf = scope.split(".")[-1]
+        if scope == "head":
+            assert c.family == "head"
+        elif leaf in ("kqv", "qkv", "proj", "fc1", "fc2", "project", "0", "2"):
+            assert c.family == "linear", c
+        elif scope.endswith(".attn"):
+            assert c.family == "attn_matmul", c
+        else:  # the Performer's own MatMuls: x @ w^T (features) and the two feature products
+            assert c.family in ("performer_features", "performer_matmul"), c
+    fam = [c.family for c in cands]
+    assert fam.count("performer_features") == 4 and fam.count("performer_matmul") == 4
+
+
+def test_exclude_t2t_and_policies(fp32):
+    everything = Placement.from_model(fp32, "all-matmul")
+    linear = Placement.from_model(fp32, "linear")
+    no_t2t = Placement.from_model(fp32, "linear-attn", exclude_t2t=True)
+    assert len(everything.quantized) == 30 and not everything.kept_float
+    assert {c.family for c in linear.quantized} == {"linear", "head"}
+    assert no_t2t.quantized and all(not c.stage.startswith("t2t.") for c in no_t2t.quantized)
+    assert any(c.stage.startswith("t2t.") for c in no_t2t.kept_float)
+    assert "int8" in no_t2t.describe()
+
+
+# ---- Q/DQ structure -----------------------------------------------------------------------------------
+
+def test_qdq_structure_is_tensorrt_pattern(int8):
+    model, placement = int8
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    wanted = set(placement.node_names)
+    dq_consumers = set()
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = inits[n.input[2]]
+            assert zp.data_type == TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
+        if n.op_type == "DequantizeLinear":
+            for c in g.node:
+                if n.output[0] in c.input:
+                    assert c.op_type not in NEVER_QUANTIZED_OPS, c.op_type
+                    dq_consumers.add(c.name)
+    assert dq_consumers == wanted  # exactly the policy's nodes run in int8
+    for n in g.node:
+        if n.name not in wanted:
+            continue
+        for t in n.input[:2]:
+            dq = prod[t]
+            assert dq.op_type == "DequantizeLinear"
+            scale = numpy_helper.to_array(inits[dq.input[1]])
+            assert inits[dq.input[1]].data_type == TensorProto.FLOAT16  # mixed fp16 graph
+            if dq.input[0] in inits:  # int8 weight, one scale per output channel
+                w = inits[dq.input[0]]
+                assert w.data_type == TensorProto.INT8
+                axis = next(a.i for a in dq.attribute if a.name == "axis")
+                out_axis = 0 if n.op_type == "Gemm" else 1
+                assert axis == out_axis and scale.shape == (w.dims[out_axis],)
+            else:
+                assert scale.size == 1 and prod[dq.input[0]].op_type == "QuantizeLinear"
+    float_inits = [i.name for i in g.initializer if i.data_type == TensorProto.FLOAT]
+    assert not float_inits
+    assert check_qdq(model, wanted)["quantized_nodes"] == len(wanted)
+
+
+def test_check_qdq_rejects_nonzero_zero_point(int8):
+    model, placement = int8
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    q = next(n for n in bad.graph.node if n.op_type == "QuantizeLinear")
+    zp = next(i for i in bad.graph.initializer if i.name == q.input[2])
+    zp.CopyFrom(numpy_helper.from_array(np.array(3, dtype=np.int8), zp.name))
+    with pytest.raises(QuantizationError, match="non-zero zero point"):
+        check_qdq(bad, placement.node_names)
+
+
+def test_int8_graph_runs_on_ort_cpu_close_to_fp32(int8, fp32):
+    import onnxruntime as ort
+
+    model, _ = int8
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    ref = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
+    y = sess.run(None, {"input": x})[0]
+    assert y.shape == ref.shape and np.isfinite(y).all()
+    assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max() + 1e-3  # int8 noise, not a different function
+
+
+# ---- calibration set and cache -------------------------------------------------------------------------
+
+def test_selection_is_deterministic_and_class_balanced(tmp_path):
+    root = _make_folder(tmp_path / "train", per_class=5)
+    a = cdata.select_samples(root, 7, seed=0)
+    b = cdata.select_samples(root, 7, seed=0)
+    c = cdata.select_samples(root, 7, seed=1)
+    assert a == b and a != c
+    counts = sorted(sum(1 for s in a if Path(s.path).parent.name == w) for w in WNIDS)
+    assert counts == [2, 2, 3]
+
+
+def test_clear_errors(tmp_path):
+    root = _make_folder(tmp_path / "train", per_class=2)
+    with pytest.raises(DataError, match="fewer than the 10 requested"):
+        cdata.select_samples(root, 10)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.jpg")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        cdata.select_samples(loose, 1)
+
+
+def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
+    root = _make_folder(tmp_path / "train", per_class=2)
+    cfg = DataConfig(img_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    samples = cdata.select_samples(root, 4)
+    first = cdata.load_or_preprocess(samples, cfg, tmp_path / "cache", progress=False)
+    assert not first.from_cache and first.images.shape == (4, 3, 64, 64)
+
+    def no_decode(*a, **k):
+        raise AssertionError("the second run decoded images instead of using the cache")
+
+    monkeypatch.setattr(cdata, "ImageBatcher", no_decode)
+    second = cdata.load_or_preprocess(samples, cfg, tmp_path / "cache", progress=False)
+    assert second.from_cache and torch.equal(second.images, first.images)
+    assert second.cache_path == first.cache_path
+    # another preprocessing is another key (so it would decode again)
+    other = DataConfig(img_size=64, mean=cfg.mean, std=cfg.std, crop_pct=1.0)
+    assert cdata.selection_key(samples, other) != cdata.selection_key(samples, cfg)
+
+
+# ---- the command: report numbers and exit codes ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calib_run(exported, tmp_path_factory):
+    from calibration.calib import main
+
+    base = tmp_path_factory.mktemp("calib")
+    out = base / "out"
+    out.mkdir()
+    for p in ("fp32", "fp16"):
+        shutil.copy(exported / f"t2t_vit_test.{p}.onnx", out)
+    train = _make_folder(base / "train", per_class=3, seed=1)
+    val = _make_folder(base / "val", per_class=2, seed=2)
+    argv = ["--model", "t2t_vit_test", "--out", str(out), "--calib-data", str(train), "--calib-size", "6",
+            "--val-data", str(val), "--method", "max,entropy", "--workers", "0", "--no-progress",
+            "--sensitivity", "family"]
+    rc = main(argv)
+    return rc, argv, out, val
+
+
+def test_calib_report_matches_independent_computation(calib_run):
+    import onnxruntime as ort
+
+    from t2t_vit.data import imagenet_wnids
+
+    rc, _, out, val = calib_run
+    assert rc == 0
+    report = json.loads((out / "t2t_vit_test.calib.json").read_text())
+    assert (out / "t2t_vit_test.calib.md").read_text().startswith("# INT8 calibration")
+    assert (out / "t2t_vit_test.int8.onnx").is_file() and (out / "t2t_vit_test.int8-entropy.onnx").is_file()
+    meta = {p.key: p.value for p in onnx.load(str(out / "t2t_vit_test.int8.onnx")).metadata_props}
+    assert meta["precision"] == "int8" and meta["calib_method"] == "max" and meta["img_size"] == "64"
+    assert set(report["sensitivity"]["groups"]) == {"linear", "attn_matmul", "head"}
+
+    # independent: timm eval transform by hand, plain ORT sessions, numpy metrics
+    cfg = DataConfig.from_metadata(meta)
+    tf = cfg.eval_transform()
+    wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
+    files = sorted(val.rglob("*.jpg"))
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files]).numpy()
+    y = np.array([wnid_index[f.parent.name] for f in files])
+
+    def logits(name):
+        s = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        return s.run(None, {"input": x})[0]
+
+    ref, q = logits("t2t_vit_test.fp32.onnx"), logits("t2t_vit_test.int8.onnx")
+    acc = report["accuracy"]
+    assert acc["fp32"]["images"] == len(files)
+    assert acc["fp32"]["top1"] == pytest.approx(100 * np.mean(ref.argmax(1) == y))
+    top5 = np.argsort(-q, axis=1)[:, :5]
+    assert acc["int8-max"]["top5"] == pytest.approx(100 * np.mean([yy in t for yy, t in zip(y, top5)]))
+    assert acc["int8-max"]["top1_agreement"] == pytest.approx(100 * np.mean(ref.argmax(1) == q.argmax(1)))
+    assert acc["int8-max"]["mean_abs_dlogit"] == pytest.approx(np.abs(q - ref).mean(), rel=1e-3, abs=1e-6)
+    assert acc["int8-max"]["max_abs_dlogit"] == pytest.approx(np.abs(q - ref).max(), rel=1e-3, abs=1e-6)
+
+
+def test_rerun_hits_cache_and_threshold_fails(calib_run, monkeypatch, capsys):
+    """A second run decodes nothing, and a drop above --max-drop exits 1 with the reason."""
+    from calibration import calib
+
+    rc, argv, out, _ = calib_run
+    report = json.loads((out / "t2t_vit_test.calib.json").read_text())
+    drop = report["primary"]["top1_drop"]
+
+    real = cdata.ImageBatcher
+    calls = []
+
+    def counting(samples, *a, **k):
+        calls.append(len(samples))
+        return real(samples, *a, **k)
+
+    monkeypatch.setattr(cdata, "ImageBatcher", counting)  # calibration images come through this name only
+    argv2 = [a for a in argv if a not in ("--sensitivity", "family")] + ["--max-drop", str(drop - 0.5)]
+    rc2 = calib.main(argv2)
+    assert calls == []  # cache hit: no calibration image decoded
+    assert rc2 == 1
+    err = capsys.readouterr().err
+    assert "dropped" in err and "--max-drop" in err
+    again = json.loads((out / "t2t_vit_test.calib.json").read_text())
+    assert again["calibration"]["cache_hit"] is True
+    assert all(v["ranges_reused"] for v in again["int8"].values())
+
+
+def test_missing_export_names_the_command(tmp_path, monkeypatch):
+    from calibration import calib
+
+    root = _make_folder(tmp_path / "train", per_class=1)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "export.to_onnx" else object())
+    args = calib.get_args_parser().parse_args(["--model", "t2t_vit_test", "--out", str(tmp_path / "o"),
+                                               "--calib-data", str(root)])
+    with pytest.raises(calib.CalibrationError, match="python -m export.to_onnx --model t2t_vit_test"):
+        calib.ensure_fp32_onnx(args, tmp_path / "o")
+
+
+def test_strided_max_calibration_covers_every_image(fp32, tmp_path):
+    """MinMax ranges over several strides equal max |x| over ALL images (computed by a plain ORT run)."""
+    import onnxruntime as ort
+
+    placement = Placement.from_model(fp32, "linear")
+    x = np.random.default_rng(3).standard_normal((40, 3, 64, 64), dtype=np.float32)
+    x[0] *= 6.0  # the extreme image sits in the first stride (of 2)
+    cache = tmp_path / "ranges.json"
+    quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x), cache_path=cache)
+    first = next(n for n in fp32.graph.node if n.name == placement.node_names[0])
+    tensor = first.input[0]  # the LayerNorm output feeding attention1.kqv
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fp32)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = max(float(np.abs(sess.run([tensor], {"input": x[i:i + 1]})[0]).max()) for i in range(len(x)))
+    got = json.loads(cache.read_text())["data"][tensor]
+    assert max(got["highest"]["data"]) == pytest.approx(want, rel=1e-5)
+    assert min(got["lowest"]["data"]) == pytest.approx(-want, rel=1e-5)
