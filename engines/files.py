@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
+
+from t2t_vit.env import host_info  # noqa: F401  (re-exported: reports and sidecars name their host)
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "host_info"]
 
@@ -54,40 +55,3 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def host_info() -> dict[str, Any]:
-    """CPU model and core count, GPU (if any) and the versions of the libraries that produce timings."""
-    import torch
-
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": None,
-    }
-    try:
-        import onnxruntime as ort
-
-        info["onnxruntime"] = ort.__version__
-    except ImportError:
-        info["onnxruntime"] = None
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        info["gpu"] = {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
-                       "cuda": torch.version.cuda}
-    return info

@@ -12,7 +12,6 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from engines.trt_compat import parse_version

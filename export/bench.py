@@ -113,7 +113,7 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
 def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = ["# ONNX Runtime CPU benchmark of the exported graphs", "",
-             f"Hardware: {env['cpu']}, {env['cores']} cores (load average at start {report['load_average']}); "
+             f"Hardware: {env['cpu']}, {env['cpu_cores']} cores (load average at start {report['load_average']}); "
              f"onnxruntime {env['onnxruntime']} CPUExecutionProvider, torch {env['torch']}, onnx {env['onnx']}. "
              f"Throughput is images/s at the median run latency. Command: `{report['command']}`.", ""]
     for m in report["models"]:

@@ -30,7 +30,6 @@ import copy
 from collections import Counter
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = [

@@ -449,7 +449,7 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         if v.get("note"):
             lines += ["", v["note"]]
     env = r["environment"]
-    lines += ["", f"Hardware: {env['cpu']} ({env['cores']} cores); torch {env['torch']}, onnxruntime "
+    lines += ["", f"Hardware: {env['cpu']} ({env['cpu_cores']} cores); torch {env['torch']}, onnxruntime "
               f"{env['onnxruntime']}, onnx {env['onnx']}.", ""]
     return "\n".join(lines)
 

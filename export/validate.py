@@ -7,7 +7,6 @@ the fp32 graph on top-1 for at least ``FP16_MIN_TOP1_AGREEMENT`` (99.5%) of the 
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -168,23 +167,6 @@ def validate_graphs(model: nn.Module, fp32_path: str | os.PathLike, fp16_path: s
 
 def environment() -> dict[str, Any]:
     """Hardware and versions, named in every report."""
-    import onnx
-    import onnxruntime
+    from t2t_vit.env import host_info
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return host_info()

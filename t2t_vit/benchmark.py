@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,29 +31,7 @@ from typing import Any
 
 import torch
 
-
-def hardware_info() -> dict[str, Any]:
-    """Hardware and library versions, to be stored beside every number."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores_visible": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    return info
+from .env import host_info
 
 
 def _rss_bytes() -> int:
@@ -165,7 +142,7 @@ def build_cases(device: str, quick: bool, attn_model: str = "t2t_vit_t_14",
 def to_markdown(report: dict[str, Any]) -> str:
     hw = report["hardware"]
     lines = [f"# Model benchmark ({report['device']})", "",
-             f"Hardware: {hw.get('gpu', hw['cpu'])}; {hw['cpu_cores_visible']} CPU cores visible, "
+             f"Hardware: {(hw['gpu'] or {}).get('name') or hw['cpu']}; {hw['cpu_cores_usable']} CPU cores, "
              f"{hw['torch_threads']} torch threads; torch {hw['torch']}. Command: `{report['command']}`.", "",
              f"## SDPA vs explicit attention ({report['attn_model']}, {report['img_size']} px)", "",
              "| case | batch | attention | median ms | img/s | peak mem MiB |", "|---|---|---|---|---|---|"]
@@ -175,9 +152,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         ms = r.get("latency_ms_median", r.get("step_ms_median"))
         mem = f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "-"
         lines.append(f"| {r['kind']} | {r['batch']} | {r['attention']} | {ms:.1f} | {r['images_per_s']:.1f} | {mem} |")
-    for key, label in report["ratios"].items():
-        lines.append("")
-        lines.append(f"- {key}: **{label:.2f}x**")
+    lines.append("")
+    lines += [f"- {key}: **{value:.2f}x**" for key, value in report["ratios"].items()]
     lines += ["", "## fp32 forward throughput (eval, SDPA)", "", "| model | batch | median ms | img/s |", "|---|---|---|---|"]
     for r in report["results"]:
         if r["kind"] == "forward" and r["model"] in report["throughput_models"]:
@@ -238,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [_run_in_subprocess(c) for c in tqdm(cases, desc="bench-model", unit="case")]
     report = {
         "device": device,
-        "hardware": hardware_info(),
+        "hardware": host_info(),
         "command": "python -m t2t_vit.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": results,

@@ -1,11 +1,13 @@
 """INT8 calibration stage: placement policy, Q/DQ structure, calibration set, cache, report, exit codes.
 
 Everything runs on t2t_vit_test (64 px) with synthetic ImageFolder trees of a few images, so no test
-needs ../shared/data.
+needs ../shared/data. The int8 graph keeps the fp16 export's fp32 island (the Performer cores): checked
+against the exporter's own fp32 tensors, the module scopes and the PyTorch ``w`` buffer.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from PIL import Image
 
 import t2t_vit  # noqa: F401  (registers the models)
 from calibration import data as cdata
-from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes
+from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
 from calibration.quantize import (QuantizationError, TensorDataReader, check_qdq, ensure_opset, quantize_model,
                                   to_mixed_fp16)
 from t2t_vit.data import DataConfig, DataError
@@ -147,9 +149,166 @@ def test_qdq_structure_is_tensorrt_pattern(int8):
                 assert axis == out_axis and scale.shape == (w.dims[out_axis],)
             else:
                 assert scale.size == 1 and prod[dq.input[0]].op_type == "QuantizeLinear"
-    float_inits = [i.name for i in g.initializer if i.data_type == TensorProto.FLOAT]
-    assert not float_inits
+    # fp32 initializers: only the ones the Performer cores alone read (w and the cores' constants)
+    core = _core_by_scope(model)
+    for i in g.initializer:
+        if i.data_type == TensorProto.FLOAT:
+            readers = [n.name for n in g.node if i.name in n.input]
+            assert readers and set(readers) <= core, (i.name, readers)
     assert check_qdq(model, wanted)["quantized_nodes"] == len(wanted)
+
+
+# ---- the Performer core's fp32 island (as in the fp16 export) ---------------------------------------------
+
+_CORE_SCOPE = re.compile(r"^/(model/)?tokens_to_token/attention[12]/[A-Za-z]+(_\d+)?$")
+
+
+def _core_by_scope(model: onnx.ModelProto) -> set[str]:
+    """The Performer cores named by the TorchScript exporter's module scopes (independent of the structural
+    search): ops directly in tokens_to_token.attention{1,2} (kqv, proj, mlp, norm are sub-scopes), minus
+    the kqv Split and the residual Adds v + proj(y) and x + mlp(x)."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    out = set()
+    for n in model.graph.node:
+        if not _CORE_SCOPE.match(n.name) or n.op_type == "Split":
+            continue
+        if n.op_type == "Add" and any(s in getattr(prod.get(t), "name", "") for t in n.input for s in ("/proj/", "/mlp/")):
+            continue
+        out.add(n.name)
+    return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+@pytest.fixture(scope="module")
+def performer_w() -> list[np.ndarray]:
+    """w^T of both Performers, from the PyTorch model the export fixture exported (same seed)."""
+    from t2t_vit.checkpoint import build_model
+
+    torch.manual_seed(0)
+    m = build_model("t2t_vit_test").eval()
+    return [getattr(m.tokens_to_token, f"attention{i}").w.detach().numpy().T for i in (1, 2)]
+
+
+def test_structural_core_is_the_exporters_fp32_island(exported, fp32):
+    """The structural core search finds, in the fp16 export, exactly the nodes torch wrote in float32, and in
+    the fp32 export the nodes of the Performer scopes."""
+    from export.patterns import fp32_tensors
+
+    fp16 = onnx.load(str(exported / "t2t_vit_test.fp16.onnx"))
+    torch_fp32 = {t["producer"].split(":", 1)[1] for t in fp32_tensors(fp16) if ":" in t["producer"]}
+    assert len(torch_fp32) > 40
+    assert set(performer_core_nodes(fp16)) == torch_fp32
+    core = performer_core_nodes(fp32)
+    assert set(core) == _core_by_scope(fp32) and len(core) == len(torch_fp32) - 6  # fp16 graph: + 3 Casts in each
+
+
+def test_int8_graph_keeps_performer_core_fp32(int8, performer_w):
+    """Exp/ReduceSum/ReduceMax, y/D and the feature MatMuls (with w unrounded) are float32; the rest float16."""
+    model, _ = int8
+    g = model.graph
+    types = _elem_types(model)
+    inits = {i.name: i for i in g.initializer}
+    ops = {}
+    for n in g.node:
+        ops.setdefault(n.op_type, []).append(n)
+    for op in ("Exp", "ReduceSum", "ReduceMax"):  # only the Performer uses them (LayerNorm/Softmax are one op)
+        assert ops[op] and all(types[n.output[0]] == TensorProto.FLOAT for n in ops[op]), op
+    for op in ("LayerNormalization", "Softmax", "Erf", "DequantizeLinear", "Conv"):
+        assert ops[op] and all(types[n.output[0]] == TensorProto.FLOAT16 for n in ops[op]), op
+    # y / D feeds proj (through a Cast to fp16); the other Divs are GELU's x / sqrt(2), fp16
+    consumers = {t: [c for c in g.node if t in c.input] for n in ops["Div"] for t in n.output}
+    core_div = [n for n in ops["Div"] if not any(c.op_type == "Erf" for c in consumers[n.output[0]])]
+    assert len(core_div) == 2 and all(types[n.output[0]] == TensorProto.FLOAT for n in core_div)
+    assert all(types[n.output[0]] == TensorProto.FLOAT16 for n in ops["Div"] if n not in core_div)
+    assert all(c.op_type == "Cast" for n in core_div for c in consumers[n.output[0]])
+    # feature MatMuls x @ w^T: w kept float32, bit-equal to the PyTorch buffer
+    feats = [n for n in ops["MatMul"] if n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT
+             and any(np.array_equal(numpy_helper.to_array(inits[n.input[1]]), w) for w in performer_w)]
+    assert len(feats) == 4 and all(types[n.output[0]] == TensorProto.FLOAT for n in feats)
+    # every float32 tensor is made inside the cores (or by the graph I/O Casts)
+    io = {v.name for v in list(g.input) + list(g.output)}
+    core = _core_by_scope(model)
+    for n in g.node:
+        for o in n.output:
+            if types.get(o) == TensorProto.FLOAT and o not in io:
+                assert n.name in core or (n.op_type == "Cast" and "/tokens_to_token/attention" in n.name), n.name
+
+
+def test_int8_core_computes_in_fp32(fp32):
+    """The int8 graph's Performer output y/D, given its own fp16 k, q, v, equals TokenPerformer's
+    linear_attention run in float64 on them to fp32 accuracy; an all-fp16 conversion is 100x further off."""
+    import onnxruntime as ort
+
+    from t2t_vit.checkpoint import build_model
+
+    torch.manual_seed(0)
+    performer = build_model("t2t_vit_test").eval().tokens_to_token.attention1.double()
+    placement = Placement.from_model(fp32, "linear-attn")
+    x = np.random.default_rng(4).standard_normal((2, 3, 64, 64), dtype=np.float32)
+
+    def rel_error(model: onnx.ModelProto) -> float:
+        split = next(n for n in model.graph.node if n.op_type == "Split" and "attention1" in n.name)
+        div = next(n for n in model.graph.node if n.op_type == "Div" and n.name.endswith("attention1/Div"))
+        names = list(split.output) + [div.output[0]]
+        types = _elem_types(model)
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, types[t], None) for t in names)
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        k, q, v, y = (torch.from_numpy(a.astype(np.float64)) for a in sess.run(names, {"input": x}))
+        with torch.no_grad():
+            ref = performer.linear_attention(k, q, v)
+        return float((y - ref).abs().max() / ref.abs().max())
+
+    island = rel_error(to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x))))
+    all_fp16 = rel_error(to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x)),
+                                       fp32_nodes=[]))
+    assert island < 1e-5 and all_fp16 > 100 * island, (island, all_fp16)
+
+
+@pytest.mark.parametrize("policy", ["all-matmul", "linear-attn-performer"])
+def test_island_around_int8_performer_matmuls(fp32, policy):
+    """Policies that quantize Performer MatMuls: those stay int8 (Q/DQ, fp16 scales) inside the fp32 core."""
+    import onnxruntime as ort
+
+    placement = Placement.from_model(fp32, policy)
+    x = np.random.default_rng(5).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    model = to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x)))
+    summary = check_qdq(model, placement.node_names)
+    assert summary["quantized_nodes"] == len(placement.node_names) and summary["fp32_island_nodes"] > 40
+    types = _elem_types(model)
+    assert all(types[n.output[0]] == TensorProto.FLOAT for n in model.graph.node if n.op_type == "Exp")
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.isfinite(y).all()
+
+
+def test_check_qdq_fails_when_the_island_is_dropped(fp32):
+    placement = Placement.from_model(fp32, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    q = quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x))
+    dropped = to_mixed_fp16(q, fp32_nodes=[])  # the old conversion: every float tensor fp16
+    assert not any(i.data_type == TensorProto.FLOAT for i in dropped.graph.initializer)
+    with pytest.raises(QuantizationError, match="fp32 island was dropped"):
+        check_qdq(dropped, placement.node_names)
+    check_qdq(dropped, placement.node_names, fp32_island=False)  # the rest of the pattern is intact
+
+
+def test_check_qdq_rejects_fp32_initializer_outside_island(int8):
+    model, placement = int8
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    ln = next(n for n in bad.graph.node if n.op_type == "LayerNormalization")
+    gamma = next(i for i in bad.graph.initializer if i.name == ln.input[1])
+    gamma.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(gamma).astype(np.float32), gamma.name))
+    with pytest.raises(QuantizationError, match=f"initializer {re.escape(gamma.name)} is still fp32"):
+        check_qdq(bad, placement.node_names)
 
 
 def test_check_qdq_rejects_nonzero_zero_point(int8):
@@ -250,6 +409,13 @@ def test_calib_report_matches_independent_computation(calib_run):
     assert (out / "t2t_vit_test.int8.onnx").is_file() and (out / "t2t_vit_test.int8-entropy.onnx").is_file()
     meta = {p.key: p.value for p in onnx.load(str(out / "t2t_vit_test.int8.onnx")).metadata_props}
     assert meta["precision"] == "int8" and meta["calib_method"] == "max" and meta["img_size"] == "64"
+    fp16_meta = {p.key: p.value for p in onnx.load(str(out / "t2t_vit_test.fp16.onnx")).metadata_props}
+    assert meta["fp32_islands"] == fp16_meta["fp32_islands"] == "performer_core_fp32"
+    island = report["int8"]["max"]["fp32_island"]
+    assert report["fp32_island"]["nodes"] == len(island["nodes"]) > 40 and report["fp32_island"]["reason"]
+    assert {t["tensor"] for t in island["fp32_tensors"]} >= {i.name for i in onnx.load(
+        str(out / "t2t_vit_test.int8.onnx")).graph.initializer if i.data_type == TensorProto.FLOAT}
+    assert "stays float32" in (out / "t2t_vit_test.calib.md").read_text()
     assert set(report["sensitivity"]["groups"]) == {"linear", "attn_matmul", "head"}
 
     # independent: timm eval transform by hand, plain ORT sessions, numpy metrics

@@ -356,5 +356,5 @@ def test_benchmark_writes_both_attention_paths(tmp_path):
     rep = json.loads((tmp_path / "bench-train-cpu.json").read_text())
     assert [r["attn"] for r in rep["results"]] == ["sdpa", "explicit"]
     assert all(r["img_per_s"] > 0 and r["peak_mem_mib"] > 0 for r in rep["results"])
-    assert rep["hardware"]["cores"] and "no GPU" in rep["note"]
+    assert rep["hardware"]["cpu_cores"] and "no GPU" in rep["note"]
     assert "| t2t_vit_test | explicit |" in (tmp_path / "bench-train-cpu.md").read_text()

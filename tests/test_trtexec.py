@@ -8,7 +8,6 @@ fixture text: literals copied from it, and a deliberately naive split-based read
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import stat
 import subprocess

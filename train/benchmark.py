@@ -102,13 +102,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 def render_markdown(report: dict[str, Any], tag: str) -> list[str]:
     """The Markdown table of a benchmark report (one row per model x attention path)."""
     hw = report["hardware"]
-    hw_line = (f"{hw['gpu'] or hw['cpu']} ({hw['cores']} cores visible, {hw['torch_threads']} torch threads), "
+    hw_line = (f"{hw['gpu'] or hw['cpu']} ({hw['cpu_cores']} cores visible, {hw['torch_threads']} torch threads), "
                f"torch {hw['torch']}, load average {hw['load_average_1_5_15']} at the end of the run")
     lines = [f"# Training throughput ({tag})", "", f"Hardware: {hw_line}.", "", report["what"] + ".", ""]
     if "note" in report:
         lines += [report["note"], ""]
-    if hw["load_average_1_5_15"][0] > (hw["cores"] or 1):
-        lines += [f"The machine was shared: a load average above its {hw['cores']} cores means other jobs took most "
+    if hw["load_average_1_5_15"][0] > (hw["cpu_cores"] or 1):
+        lines += [f"The machine was shared: a load average above its {hw['cpu_cores']} cores means other jobs took most "
                   f"of the CPU, so absolute numbers are several times below an idle machine's and differences "
                   f"between rows of less than ~30% are noise.", ""]
     lines += ["| model | attention | img | batch | precision | img/s | step ms (median) | peak mem MiB |",

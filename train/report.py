@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [f"# {config['model']} trained on {Path(config['data']).name} ({config['img_size']} px, {hw['gpu'] or 'CPU'})", ""]
     if args.command:
         lines += ["```bash", args.command, "```", ""]
-    lines += [f"Hardware: {hw['gpu'] or hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; "
+    lines += [f"Hardware: {hw['gpu'] or hw['cpu']}, {hw['cpu_cores']} cores, torch {hw['torch']}; "
               f"precision {config.get('precision_resolved')}, global batch {config.get('global_batch')}, "
               f"lr {config.get('lr_resolved')}, {config.get('total_epochs')} epochs.",
               f"Wall time: {report['wall_time_s'] / 60:.1f} min for {len(epochs)} epochs (training + per-epoch validation).", ""]

@@ -15,7 +15,6 @@ import argparse
 import csv
 import io
 import logging
-import math
 import os
 import random
 import resource

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -81,19 +80,11 @@ def resolve_val_dir(data: str | Path) -> Path:
 
 
 def hardware() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    else:
-        info["gpu"] = None
+    """The host description of every report (t2t_vit.env.host_info), with the GPU as a plain name."""
+    from t2t_vit.env import host_info
+
+    info = host_info()
+    info["gpu"] = info["gpu"]["name"] if info["gpu"] else None
     return info
 
 
