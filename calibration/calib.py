@@ -10,7 +10,8 @@
 2. selects ``--calib-size`` images (seeded, class-balanced), preprocesses them with the model's eval
    transform through :class:`t2t_vit.data.ImageBatcher` and caches the tensor under ``<out>/``;
 3. for each method: calibrates with onnxruntime.quantization (range cache kept under ``<out>/``),
-   quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`), converts the rest to fp16,
+   quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`), converts the rest to fp16
+   except the Performer's linear-attention core, which stays fp32 as in the fp16 export,
    checks the Q/DQ pattern and writes ``<out>/<model>.int8.onnx`` (the first method) and
    ``<out>/<model>.int8-<method>.onnx`` (the others);
 4. evaluates fp32, fp16 and every int8 graph on ONNX Runtime CPU on the labeled ``--val-data`` images
@@ -157,19 +158,21 @@ def _set_metadata(model, meta: dict[str, str]) -> None:
 def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, percentile: float,
                meta: dict[str, str], path: Path) -> dict[str, Any]:
     """Quantize, convert to the mixed fp16 graph, check the Q/DQ pattern, write ``path``."""
-    from .quantize import check_qdq, quantize_model, save_model_atomic, to_mixed_fp16
+    from .quantize import check_qdq, fp32_island, quantize_model, save_model_atomic, to_mixed_fp16
 
     t0 = time.perf_counter()
     cache.parent.mkdir(parents=True, exist_ok=True)
     reused = cache.is_file()
     qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=cache,
                          percentile=percentile)
-    mixed = to_mixed_fp16(qdq)
+    mixed = to_mixed_fp16(qdq)  # the Performer cores stay fp32, as in the fp16 export
     check = check_qdq(mixed, nodes)
-    _set_metadata(mixed, meta)
+    island = fp32_island(mixed)
+    # Same key and value as the fp16 export's metadata, so a reader of either graph sees the same island.
+    _set_metadata(mixed, {**meta, "fp32_islands": island["pattern"]})
     save_model_atomic(mixed, path)
-    return {"path": str(path), "qdq_check": check, "ranges_cache": str(cache), "ranges_reused": reused,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {"path": str(path), "qdq_check": check, "fp32_island": island, "ranges_cache": str(cache),
+            "ranges_reused": reused, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +262,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "int8": int8,
         "max_drop": args.max_drop,
     }
+    first = int8[methods[0]]["fp32_island"]
+    report["fp32_island"] = {"pattern": first["pattern"], "nodes": len(first["nodes"]),
+                             "reason": first["fp32_tensors"][0]["reason"] if first["fp32_tensors"] else "",
+                             "note": "the same island in every int8 graph of this report; the node and tensor "
+                                     "lists are under int8.<method>.fp32_island"}
 
     # 5. accuracy on ONNX Runtime CPU
     if not args.no_eval:
@@ -325,7 +333,14 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"Policy `{pl['policy']}`{' with the T2T stage excluded' if pl['exclude_t2t'] else ''}: "
              f"{len(pl['quantized'])} MatMul/Gemm nodes quantized "
              f"({', '.join(f'{k} {v}' for k, v in sorted(pl['summary']['by_family'].items()))}), "
-             f"{len(pl['kept_float'])} kept fp16; everything else fp16.", ""]
+             f"{len(pl['kept_float'])} kept fp16; everything else fp16", ""]
+    isl = r.get("fp32_island", {})
+    if isl.get("nodes"):
+        lines[-2] += (f" except the fp32 island: the Performer's linear-attention core ({isl['nodes']} nodes, "
+                      f"`{isl['pattern']}`, the same island as the fp16 graph) stays float32 behind Casts. "
+                      f"Why: {isl['reason']}.")
+    else:
+        lines[-2] += "."
     if "accuracy" in r:
         v = r["validation"]
         lines += [f"ONNX Runtime {hw['onnxruntime']} CPU ({hw['cpu']}, {hw['cores']} cores), "

@@ -19,6 +19,8 @@ Every MatMul/Gemm of an exported T2T-ViT is put in one *family*:
 and one *stage*: ``t2t.attention1``, ``t2t.attention2``, ``t2t.project``, ``blocks.<i>`` or ``head``.
 Every other op (LayerNormalization, Softmax, Gelu/Erf, residual Add, the Performer's Exp, ReduceSum,
 ReduceMax and normaliser Div, the soft-split Conv, Reshape/Transpose) is never quantized.
+The Performer's linear-attention core (:func:`performer_core_nodes`) is, besides, the one part of the
+int8 graph that stays float32 instead of fp16, as in the fp16 export (``TokenPerformer.fp32_core``).
 
 Named policies (``POLICIES``) say which families are quantized; ``exclude_t2t`` drops every node of the
 T2T stage (3136 and 784 tokens at 224 px) from any policy.
@@ -51,6 +53,7 @@ __all__ = [
     "get_policy",
     "summarize",
     "Placement",
+    "performer_core_nodes",
 ]
 
 FAMILIES = ("linear", "head", "attn_matmul", "performer_matmul", "performer_features")
@@ -140,12 +143,16 @@ def _constant_inputs(graph: onnx.GraphProto) -> set[str]:
     const = {i.name for i in graph.initializer}
     for n in graph.node:  # graph order is topological (ONNX requires it)
         if n.op_type == "Constant" or (n.input and all((not i) or i in const for i in n.input)
-                                       and n.op_type in ("Transpose", "Cast", "Identity", "Reshape")):
+                                       and n.op_type in ("Transpose", "Cast", "Identity", "Reshape",
+                                                         "DequantizeLinear")):
             const.update(n.output)
     return const
 
 
-_PASS_THROUGH = ("Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+# Layout-only ops, and Q/DQ pairs (fake quantization keeps the tensor's meaning), so the same structure is
+# recognised in the exported graph, in the Q/DQ graph and in the mixed fp16 graph (with its Casts).
+_PASS_THROUGH = ("Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten",
+                 "QuantizeLinear", "DequantizeLinear")
 
 
 def _producer(prod: Mapping[str, onnx.NodeProto], tensor: str, skip: tuple[str, ...] = _PASS_THROUGH):
@@ -156,7 +163,7 @@ def _producer(prod: Mapping[str, onnx.NodeProto], tensor: str, skip: tuple[str, 
     return node
 
 
-def _feeds_exp(node: onnx.NodeProto, consumers: Mapping[str, list], hops: int = 3) -> bool:
+def _feeds_exp(node: onnx.NodeProto, consumers: Mapping[str, list], hops: int = 4) -> bool:
     """Output reaches an Exp through at most ``hops`` elementwise Sub/Add/Mul (the Performer's phi)."""
     frontier = [node]
     for _ in range(hops):
@@ -165,7 +172,7 @@ def _feeds_exp(node: onnx.NodeProto, consumers: Mapping[str, list], hops: int = 
             for c in consumers.get(n.output[0], []):
                 if c.op_type == "Exp":
                     return True
-                if c.op_type in ("Sub", "Add", "Mul"):
+                if c.op_type in ("Sub", "Add", "Mul", "Cast"):  # Cast: the mixed graph's island boundary
                     nxt.append(c)
         frontier = nxt
     return False
@@ -328,3 +335,106 @@ class Placement:
         lines += [f"    int8  {c.stage:<15} {c.family:<18} {c.name}{'  (' + c.scope + ')' if c.scope else ''}"
                   for c in self.quantized]
         return "\n".join(lines)
+
+
+def _source(prod: Mapping[str, onnx.NodeProto], tensor: str) -> str:
+    """The tensor behind layout ops, Casts and Q/DQ pairs (the kqv split output behind a Cast or a Q/DQ)."""
+    node = prod.get(tensor)
+    while node is not None and node.op_type in _PASS_THROUGH and node.input:
+        tensor = node.input[0]
+        node = prod.get(tensor)
+    return tensor
+
+
+def _casts_to_fp16(node: onnx.NodeProto) -> bool:
+    """A Cast to float16: the island's exit (to proj, or to the Q of an int8 Performer MatMul)."""
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in node.attribute)
+
+
+def performer_core_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of every Performer's linear-attention core, in graph order.
+
+    The core is what ``t2t_vit.layers.TokenPerformer`` runs in float32 (``fp32_core``) and what the fp16
+    export keeps fp32 behind Casts (``export.patterns.performer_core_fp32``): every node on a path from
+    the k, q, v outputs of the ``kqv`` split to the input of ``proj`` (feature MatMuls with ``w``,
+    ReduceMax, Exp, ReduceSum, the normaliser D, the rescaled epsilon, the division). Found from the
+    graph's structure, like :func:`classify_nodes`, so it holds after onnxslim renamed nodes and in the
+    exported, Q/DQ and mixed fp16 graphs alike. Q/DQ nodes and MatMuls fed by DequantizeLinear (int8
+    layers, when a policy quantizes Performer MatMuls) are left out: they belong to the int8 pattern;
+    so are Casts to float16, which are the island's exits.
+
+    Raises:
+        PolicyError: when the structure is not the Performer's (the walk back from ``proj`` leaves it).
+    """
+    graph = model.graph
+    cands = classify_nodes(model)
+    const = _constant_inputs(graph)
+    prod = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_stage: dict[str, list[QuantCandidate]] = {}
+    for c in cands:
+        if c.family in ("performer_features", "performer_matmul"):
+            by_stage.setdefault(c.stage, []).append(c)
+    node_by_name: dict[str, onnx.NodeProto] = {}
+    for n in graph.node:
+        if n.name in node_by_name:
+            raise PolicyError(f"two nodes are named {n.name!r}; the fp32 island is given to the fp16 converter by "
+                              f"node name, so names must be unique (re-export with python -m export.to_onnx)")
+        node_by_name[n.name] = n
+    core: set[int] = set()
+    for stage, group in by_stage.items():
+        names = {c.name for c in group}
+        feats = [node_by_name[c.name] for c in group if c.family == "performer_features"]
+        mms = [node_by_name[c.name] for c in group if c.family == "performer_matmul"]
+        if len(feats) != 2 or len(mms) != 2:
+            raise PolicyError(f"{stage}: expected a Performer's 2 feature projections and 2 feature products, "
+                              f"found {len(feats)} and {len(mms)}")
+        # Entry tensors: k and q (activation inputs of x @ w^T) and v (the input of kp^T @ v that is not
+        # an exp feature), each traced back to what the kqv split produced.
+        entry = {_source(prod, n.input[0] if n.input[1] in const else n.input[1]) for n in feats}
+        for n in mms:
+            for t in n.input[:2]:
+                src = _producer(prod, t)
+                if src is None or (src.op_type != "Exp" and src.name not in names):
+                    entry.add(_source(prod, t))
+        # Exit: the activation input of proj, the first Linear downstream of the feature products.
+        proj, frontier, seen = None, list(mms), set()
+        while frontier and proj is None:
+            nxt = []
+            for n in frontier:
+                for c in (c for o in n.output for c in consumers.get(o, [])):
+                    if id(c) in seen:
+                        continue
+                    seen.add(id(c))
+                    if c.op_type in ("MatMul", "Gemm") and c.name not in names and any(i in const for i in c.input[:2]):
+                        proj = c
+                        break
+                    nxt.append(c)
+                if proj is not None:
+                    break
+            frontier = nxt
+        if proj is None:
+            raise PolicyError(f"{stage}: no Linear (proj) after the Performer's feature products")
+        exit_t = _source(prod, proj.input[0] if proj.input[1] in const else proj.input[1])
+        # Walk back from the exit to the entry tensors; every node met is in the core.
+        stack, found = [exit_t], {}
+        while stack:
+            t = stack.pop()
+            if not t or t in entry or t in const:
+                continue
+            n = prod.get(t)
+            if n is None or n.op_type == "LayerNormalization":
+                raise PolicyError(f"{stage}: the walk back from proj's input reached "
+                                  f"{'a graph input' if n is None else n.name} without passing the kqv split; "
+                                  f"this is not the Performer's structure")
+            if id(n) in found:
+                continue
+            found[id(n)] = n
+            stack.extend(n.input)
+        core.update(k for k, n in found.items()
+                    if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and not _casts_to_fp16(n)
+                    and not any(getattr(prod.get(i), "op_type", "") == "DequantizeLinear" for i in n.input))
+    return [n.name for n in graph.node if id(n) in core]

@@ -10,9 +10,12 @@ calibration). The steps added here are:
    sensitivity sweep re-quantizes without re-running calibration;
 3. the quantized fp32 graph is converted to fp16 (``onnxruntime.transformers.float16``) with fp32 graph
    I/O: Q/DQ scales become fp16, which opset >= 19 QuantizeLinear/DequantizeLinear allow, so every
-   DequantizeLinear emits fp16 and the non-quantized ops (LayerNorm, Softmax, GELU, Adds, the
-   Performer's exp/normaliser) run in fp16, as TensorRT runs them;
-4. :func:`check_qdq` asserts the pattern TensorRT accepts.
+   DequantizeLinear emits fp16 and the non-quantized ops (LayerNorm, Softmax, GELU, Adds) run in fp16,
+   as TensorRT runs them. The one exception is the fp32 island of the fp16 export: each Performer's
+   linear-attention core (:func:`calibration.policy.performer_core_nodes`; feature MatMuls with ``w``,
+   ReduceMax/Exp/ReduceSum, the normaliser, the rescaled epsilon, the division) stays fp32 behind
+   Casts, because an fp16 core is measurably wrong (``FP32_ISLAND_REASON``);
+4. :func:`check_qdq` asserts the pattern TensorRT accepts, and that the island is there.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .policy import NEVER_QUANTIZED_OPS
+from .policy import NEVER_QUANTIZED_OPS, performer_core_nodes
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ __all__ = [
     "ensure_opset",
     "quantize_model",
     "to_mixed_fp16",
+    "fp32_island",
+    "FP32_ISLAND_REASON",
     "check_qdq",
     "save_model_atomic",
     "read_metadata",
@@ -45,6 +50,12 @@ __all__ = [
 # CLI name -> onnxruntime CalibrationMethod attribute name.
 METHODS = {"entropy": "Entropy", "percentile": "Percentile", "max": "MinMax"}
 MIN_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear need opset 19
+
+try:  # the exporter's wording, so the fp16 and int8 reports give the same reason for the same island
+    from export.patterns import FP32_ISLAND_REASON
+except ImportError:  # calibration installed without the export stage
+    FP32_ISLAND_REASON = ("Performer linear-attention core kept fp32 (t2t_vit.layers.TokenPerformer.fp32_core): "
+                          "in fp16 its exponents lose their O(1) differences, D underflows and epsilon overflows")
 
 
 class QuantizationError(RuntimeError):
@@ -213,18 +224,127 @@ def quantize_model(fp32_model: onnx.ModelProto, nodes: Sequence[str], method: st
         return onnx.load(dst)
 
 
-def to_mixed_fp16(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
-    """Convert every float tensor of a Q/DQ graph to fp16, graph input/output staying fp32.
+def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None = None) -> onnx.ModelProto:
+    """Convert the float tensors of a Q/DQ graph to fp16, graph input/output and the fp32 island staying fp32.
 
     Scales become fp16 (valid for opset >= 19 Q/DQ); int8 weights and zero points are untouched.
+
+    Args:
+        qdq_model: the output of :func:`quantize_model` (modified in place, then converted).
+        fp32_nodes: names of the nodes kept float32, with Casts at the island's boundary. ``None`` (the
+            default): the Performer cores (:func:`calibration.policy.performer_core_nodes`), the island the
+            fp16 export keeps. ``[]``: everything fp16 (for comparison only: measurably wrong).
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     _reroute_non_policy_consumers(qdq_model)
     if _default_opset(qdq_model) < MIN_OPSET:
         raise QuantizationError(f"fp16 Q/DQ scales need opset >= {MIN_OPSET}; run ensure_opset first")
-    mixed = convert_float_to_float16(qdq_model, keep_io_types=True, disable_shape_infer=False)
-    return mixed
+    island = set(performer_core_nodes(qdq_model) if fp32_nodes is None else fp32_nodes)
+    _own_island_initializers(qdq_model, island)
+    model = onnx.shape_inference.infer_shapes(qdq_model)
+    # The converter casts the output of every blocked node that has a value_info to fp16 and casts it back
+    # for the next blocked node, which would round the island's tensors to fp16 between its ops. So the
+    # island's exits get explicit Casts to fp16 here (for proj, or the Q of an int8 Performer MatMul) and
+    # the island's own tensors lose their value_info: they stay fp32 and get no Cast. The entries (k, q,
+    # v) keep theirs and get the converter's Casts to fp32.
+    _cast_island_exits(model, island)
+    produced = {o for n in model.graph.node if n.name in island for o in n.output}
+    keep = [vi for vi in model.graph.value_info if vi.name not in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    # op_block_list=[]: only the island stays fp32 (the converter's default list names ML ops absent here).
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                    op_block_list=[], node_block_list=sorted(island))
+
+
+def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
+    """Insert a Cast to fp16 after each float island output that a node outside the island reads."""
+    graph = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    nodes: list[onnx.NodeProto] = []
+    added = 0
+    for n in graph.node:
+        nodes.append(n)
+        if n.name not in island:
+            continue
+        for o in n.output:
+            outside = [c for c in consumers.get(o, []) if c.name not in island]
+            if not outside:
+                continue
+            if o in outputs or types.get(o) != TensorProto.FLOAT:
+                raise QuantizationError(f"{n.name}: the fp32 island's output {o} is a graph output or not float32; "
+                                        f"the Performer core is expected to end in y / D feeding proj")
+            half = f"{o}_fp16"
+            nodes.append(onnx.helper.make_node("Cast", [o], [half], to=TensorProto.FLOAT16,
+                                               name=f"{n.name}_island_exit_cast"))
+            for c in outside:
+                for i, t in enumerate(c.input):
+                    if t == o:
+                        c.input[i] = half
+            added += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return added
+
+
+def fp32_island(model: onnx.ModelProto) -> dict:
+    """The fp32 island of a mixed graph, as the export report records it: nodes, fp32 tensors, reason."""
+    nodes = performer_core_nodes(model)
+    tensors = [t for t in _fp32_tensors(model) if t["producer"] != "graph input"]
+    return {"pattern": "performer_core_fp32" if nodes else "none", "nodes": nodes,
+            "fp32_tensors": [{**t, "reason": FP32_ISLAND_REASON} for t in tensors]}
+
+
+def _fp32_tensors(model: onnx.ModelProto) -> list[dict[str, str]]:
+    """float32 tensors (graph I/O excluded) and initializers, each with the node that makes it."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    prod = _producer_map(model.graph)
+    out = []
+    for vi in inferred.graph.value_info:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in io:
+            p = prod.get(vi.name)
+            out.append({"tensor": vi.name, "producer": f"{p.op_type}:{p.name}" if p is not None else "?"})
+    out += [{"tensor": i.name, "producer": "initializer"} for i in model.graph.initializer
+            if i.data_type == TensorProto.FLOAT]
+    return out
+
+
+def _own_island_initializers(model: onnx.ModelProto, island: set[str]) -> int:
+    """Give island nodes their own copy of a float initializer they share with fp16 nodes.
+
+    The converter turns a shared initializer to fp16 and casts it back for the island, which would round
+    the island's constants (w, log(eps m), the 0.5 of |x|^2/2) to fp16; onnxslim dedupes equal constants
+    across the graph, so sharing happens.
+    """
+    graph = model.graph
+    floats = {i.name: i for i in graph.initializer if i.data_type == TensorProto.FLOAT}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            if t in floats:
+                users.setdefault(t, []).append(n)
+    copied = 0
+    for name, nodes in users.items():
+        inside = [n for n in nodes if n.name in island]
+        if not inside or len(inside) == len(nodes):
+            continue
+        dup = onnx.TensorProto()
+        dup.CopyFrom(floats[name])
+        dup.name = f"{name}_fp32_island"
+        graph.initializer.append(dup)
+        for n in inside:
+            for i, t in enumerate(n.input):
+                if t == name:
+                    n.input[i] = dup.name
+        copied += 1
+    return copied
 
 
 def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
@@ -255,7 +375,8 @@ def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
 
-def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16: bool = True) -> dict:
+def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16: bool = True,
+              fp32_island: bool = True) -> dict:
     """Assert the Q/DQ pattern TensorRT accepts; return a summary.
 
     * every expected node takes ALL its MatMul/Gemm data inputs from DequantizeLinear;
@@ -264,7 +385,11 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
     * activation inputs: Q -> DQ with scalar (per-tensor) scales;
     * every zero point is int8 and 0;
     * no other node consumes a DQ output, and no LayerNorm/Softmax/Add/Exp/... consumes one;
-    * with ``mixed_fp16``: every float initializer (scales included) is fp16.
+    * with ``mixed_fp16``: every float initializer (scales included) is fp16, except the ones only the
+      fp32 island reads (``w`` and the core's constants);
+    * with ``mixed_fp16`` and ``fp32_island``: every float output of a Performer-core node
+      (:func:`calibration.policy.performer_core_nodes`, found again from this graph's structure) is fp32,
+      and nothing outside it but the graph I/O is fp32 (the Casts into the island belong to it).
 
     Raises:
         QuantizationError: listing every violation.
@@ -339,14 +464,50 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
                     problems.append(f"{dq.name}: activation DQ is not fed by QuantizeLinear")
                 if scale_arr.size != 1:
                     problems.append(f"{dq.name}: activation scale has {scale_arr.size} values, want per-tensor")
+    island: set[str] = set()
     if mixed_fp16:
+        island = set(performer_core_nodes(model)) if fp32_island else set()
+        readers: dict[str, list[str]] = {}
+        for n in graph.node:
+            for t in n.input:
+                readers.setdefault(t, []).append(n.name)
         for i in graph.initializer:
-            if i.data_type == TensorProto.FLOAT:
-                problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph")
+            if i.data_type == TensorProto.FLOAT and not (readers.get(i.name) and set(readers[i.name]) <= island):
+                problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph outside the fp32 island")
+        if fp32_island:
+            problems += _island_problems(model, island)
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise QuantizationError(f"the int8 graph does not have the Q/DQ pattern TensorRT accepts:\n  {head}{more}")
     return {"quantized_nodes": len(expected), "weight_dq": n_weight, "activation_qdq": n_act,
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in graph.node),
-            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node)}
+            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node),
+            "fp32_island_nodes": len(island)}
+
+
+def _island_problems(model: onnx.ModelProto, island: set[str]) -> list[str]:
+    """Float tensors typed against the island: core outputs not fp32, fp32 tensors outside it."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n.name)
+    problems = []
+    for n in model.graph.node:
+        for o in n.output:
+            t = types.get(o)
+            if t not in floats or o in io:
+                continue
+            if n.name in island and t != TensorProto.FLOAT:
+                problems.append(f"{n.name} ({n.op_type}) is in the Performer core but outputs "
+                                f"{TensorProto.DataType.Name(t)}: the fp32 island was dropped")
+            elif n.name not in island and t == TensorProto.FLOAT:
+                problems.append(f"{n.name} ({n.op_type}) outputs FLOAT outside the fp32 island")
+            elif n.name not in island and n.op_type == "Cast" and any(c in island for c in consumers.get(o, [])):
+                problems.append(f"{n.name} rounds a tensor of the fp32 island to fp16 between two of its nodes")
+    return problems
