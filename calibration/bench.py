@@ -124,9 +124,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"command": "python -m calibration.bench " + " ".join(args.argv or sys.argv[1:]),
               "hardware": hw, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "threads": args.threads, "int8_policy": DEFAULT_POLICY, "results": rows}
-    md = [f"# ONNX Runtime CPU throughput: fp32 / fp16 / int8 graphs", "",
+    md = ["# ONNX Runtime CPU throughput: fp32 / fp16 / int8 graphs", "",
           f"`{report['command']}`", "",
-          f"{hw['cpu']}, {hw['cores']} cores (AVX-512 VNNI: {'yes' if hw['avx512_vnni'] else 'no'}), "
+          f"{hw['cpu']}, {hw['cpu_cores']} cores (AVX-512 VNNI: {'yes' if hw['avx512_vnni'] else 'no'}), "
           f"onnxruntime {hw['onnxruntime']}, CPUExecutionProvider, threads {args.threads or 'default'}; "
           f"load average before/after {load_before[0]:.1f}/{report['load_average_after'][0]:.1f} "
           f"(other jobs on the machine lower every number alike).", "",

@@ -343,7 +343,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines[-2] += "."
     if "accuracy" in r:
         v = r["validation"]
-        lines += [f"ONNX Runtime {hw['onnxruntime']} CPU ({hw['cpu']}, {hw['cores']} cores), "
+        lines += [f"ONNX Runtime {hw['onnxruntime']} CPU ({hw['cpu']}, {hw['cpu_cores']} cores), "
                   f"{v['images']} labeled images from `{v['data']}`.", ""]
         rows = []
         for k, a in r["accuracy"].items():

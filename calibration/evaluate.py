@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -72,30 +71,10 @@ def evaluate_graphs(graphs: Mapping[str, str | os.PathLike], batches, threads: i
 
 
 def hardware_info() -> dict[str, Any]:
-    """CPU model, core count, library versions (written into every report)."""
-    cpu, flags = platform.processor() or "unknown", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
-    except OSError:
-        pass
-    import onnx
-    import onnxruntime
-    import torch
+    """CPU model, core count, AVX-512 VNNI, library versions (t2t_vit.env.host_info; in every report)."""
+    from t2t_vit.env import host_info
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "avx512_vnni": "avx512_vnni" in flags.split(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "platform": platform.platform(),
-    }
+    return host_info()
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
