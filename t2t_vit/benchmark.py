@@ -126,7 +126,7 @@ def build_cases(device: str, quick: bool, attn_model: str = "t2t_vit_t_14",
         cases.append(dict(kind="forward", model=attn_model, attention=attention, batch=8, img_size=img,
                           device=device, warmup=warm, iters=iters))
         cases.append(dict(kind="train_step", model=attn_model, attention=attention, batch=8 if device == "cpu" else 64,
-                          img_size=img, device=device, warmup=1, iters=max(2, iters // 2),
+                          img_size=img, device=device, warmup=1, iters=iters,
                           amp="bf16" if device == "cuda" else None))
     for model in throughput_models:
         for batch in (1, 8):
