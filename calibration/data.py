@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, Sample, class_balanced_subset, scan_image_folder
+from t2t_vit.files import atomic_torch_save
 
 _logger = logging.getLogger(__name__)
 
@@ -107,15 +107,7 @@ class CachedImages:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_torch_save(obj, path)
 
 
 def load_or_preprocess(samples: Sequence[Sample], config: DataConfig, cache_dir: str | os.PathLike,

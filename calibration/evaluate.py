@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from t2t_vit.files import atomic_write_text
 
 __all__ = ["topk_correct", "compare_logits", "evaluate_graphs", "hardware_info", "write_json", "write_text"]
 
@@ -79,17 +80,7 @@ def hardware_info() -> dict[str, Any]:
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Atomic text write (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from t2t_vit.files import atomic_save_onnx
+
 from .policy import NEVER_QUANTIZED_OPS, performer_core_nodes
 
 _logger = logging.getLogger(__name__)
@@ -106,17 +108,7 @@ class TensorDataReader:
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write an ONNX model through a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save_onnx(model, path)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

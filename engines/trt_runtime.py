@@ -119,7 +119,14 @@ class TensorRTRunner(Runner):
         if n < lo:
             raise RunnerError(f"{self.name}: batch {n} is below the engine profile's minimum {lo}; "
                               f"rebuild with `make engine ARGS='--min-batch {n}'`")
-        parts = [self._run(images[a:b]) for a, b in batch_chunks(n, hi)]
+        parts = []
+        for a, b in batch_chunks(n, hi):
+            if b - a < lo:
+                # Only the last chunk can be short (n >= lo): TensorRT would reject it, so rerun the last
+                # `lo` images and keep the outputs of the new ones.
+                parts.append(self._run(images[b - lo:b])[lo - (b - a):])
+            else:
+                parts.append(self._run(images[a:b]))
         return np.concatenate(parts, axis=0)
 
     def _run(self, images: torch.Tensor) -> np.ndarray:

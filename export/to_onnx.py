@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -46,6 +45,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from t2t_vit.files import atomic_save_onnx, atomic_write_text
 
 from . import patterns as P
 
@@ -134,28 +135,12 @@ def _check_writable(path: Path) -> None:
 
 
 def _atomic_save(model_proto: Any, path: Path) -> None:
-    """Write the model to a temporary file beside ``path`` and rename it: never a half-written file."""
-    import onnx
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model_proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Never a half-written file: temporary file beside ``path``, then rename."""
+    atomic_save_onnx(model_proto, path)
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 EXPORTERS = ("torchscript", "dynamo")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .env import host_info
+from .files import atomic_write_json, atomic_write_text
 
 
 def _rss_bytes() -> int:
@@ -182,12 +183,6 @@ def _ratios(results: list[dict[str, Any]], attn_model: str) -> dict[str, float]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="reports", help="folder for bench-model-<device>.{json,md}")
@@ -226,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-model-{device}" if args.img_size == 224 else f"bench-model-{device}-{args.img_size}px"
-    _write_atomic(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / f"{stem}.json", report)
     md = to_markdown(report)
-    _write_atomic(out / f"{stem}.md", md)
+    atomic_write_text(out / f"{stem}.md", md)
     print(md)
     return 0
 

@@ -505,6 +505,34 @@ def test_tensorrt_runner_reads_sidecar_without_touching_a_device(tmp_path):
         assert not runner.is_active
 
 
+def test_tensorrt_runner_batches_stay_inside_the_profile(tmp_path):
+    # No device: _run is replaced by a stand-in that enforces the profile like set_input_shape would.
+    import torch
+
+    from engines.runners import RunnerError
+    from engines.trt_runtime import TensorRTRunner
+
+    engine = tmp_path / "m.fp16.engine"
+    engine.write_bytes(b"engine bytes")
+    S.write_sidecar(engine, make_test_sidecar())
+    runner = TensorRTRunner(engine)
+    runner._batch_range = (4, 8)
+    seen = []
+
+    def run(x):
+        assert 4 <= x.shape[0] <= 8, x.shape
+        seen.append(x.shape[0])
+        return x.reshape(x.shape[0], -1)[:, :2].numpy() * 2
+
+    runner._run = run
+    images = torch.arange(11 * 3 * 2 * 2, dtype=torch.float32).reshape(11, 3, 2, 2)
+    got = runner._infer(images)
+    np.testing.assert_array_equal(got, images.reshape(11, -1)[:, :2].numpy() * 2)
+    assert seen == [8, 4]  # 11 = 8 + 3, and the short tail reruns the last 4 images
+    with pytest.raises(RunnerError, match="below the engine profile's minimum 4"):
+        runner._infer(images[:3])
+
+
 @pytest.mark.parametrize("running_trt,running_gpu,expect", [
     ("11.4.0.106", "NVIDIA H100 80GB HBM3", "running TensorRT 11.4.0.106"),
     ("10.13.3.9", "NVIDIA H200", "running on a NVIDIA H200"),

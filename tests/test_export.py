@@ -380,7 +380,9 @@ def test_unwritable_output_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save_model", boom)
+    import t2t_vit.files
+
+    monkeypatch.setattr(t2t_vit.files.os, "fsync", boom)  # fails after the bytes are written
     with pytest.raises(OSError, match="disk full"):
         export_onnx(tiny[0], out / "m.onnx")
     assert list(out.iterdir()) == []

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
-    from .train import atomic_write_text
+    from t2t_vit.files import atomic_write_text
     from .validate import hardware
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

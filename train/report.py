@@ -17,7 +17,9 @@ from typing import Sequence
 
 import yaml
 
-from .train import atomic_write_text, read_csv
+from t2t_vit.files import atomic_write_text
+
+from .train import read_csv
 from .validate import hardware
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
+from t2t_vit.files import atomic_torch_save, atomic_write_text
 
 from .config import parse_config, resolve_lr
 from .data import ImageCache, ImageDataset, build_train_transform, collate_skip, resolve_split, scan_split, seed_worker
@@ -118,18 +119,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------- I/O
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def plain(value: Any) -> Any:
     """The config as plain data (loads with weights_only=True, dumps to YAML)."""

@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or os.path.join("artifacts", args.model))
     out.mkdir(parents=True, exist_ok=True)
     stem = f"validate-{val_dir.parent.name}-{val_dir.name}" if val_dir.parent.name else f"validate-{val_dir.name}"
-    from .train import atomic_write_text
+    from t2t_vit.files import atomic_write_text
 
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
     md = (f"# {args.model} on {val_dir}\n\n| checkpoint | img | images | top-1 | top-5 | labels |\n|---|---|---|---|---|---|\n"
