@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import onnx
 
@@ -189,6 +189,16 @@ def _stage_of_ln(index: int, num_ln: int) -> str:
     return f"blocks.{(index - 4) // 2}"
 
 
+def _producers_consumers(graph) -> tuple[dict[str, Any], dict[str, list]]:
+    """tensor name -> the node producing it, and tensor name -> the nodes reading it."""
+    prod = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return prod, consumers
+
+
 def classify_nodes(model: onnx.ModelProto) -> list[QuantCandidate]:
     """Every MatMul/Gemm of an exported T2T-ViT graph with its family and stage, in graph order.
 
@@ -205,11 +215,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[QuantCandidate]:
     """
     graph = model.graph
     const = _constant_inputs(graph)
-    prod = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    prod, consumers = _producers_consumers(graph)
     ln_index = {n.name or id(n): k for k, n in
                 enumerate(n for n in graph.node if n.op_type == "LayerNormalization")}
     num_ln = len(ln_index)
@@ -369,11 +375,7 @@ def performer_core_nodes(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     cands = classify_nodes(model)
     const = _constant_inputs(graph)
-    prod = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    prod, consumers = _producers_consumers(graph)
     by_stage: dict[str, list[QuantCandidate]] = {}
     for c in cands:
         if c.family in ("performer_features", "performer_matmul"):

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engines.files import atomic_write, atomic_write_json, atomic_write_text, host_info
 from engines.trt_compat import INSTALL_HINT, parse_version
+from t2t_vit.env import host_info
+from t2t_vit.files import atomic_write, atomic_write_json, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from engines.files import atomic_write_bytes
 from engines.sidecar import make_sidecar, sidecar_path, write_sidecar
 from engines.trt_compat import TensorRTUnavailable, gpu_info, import_tensorrt, network_creation_flags
+from t2t_vit.files import atomic_write_bytes
 
 _logger = logging.getLogger(__name__)
 

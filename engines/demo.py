@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from engines.files import atomic_write_json, atomic_write_text, host_info
+from t2t_vit.env import host_info
+from t2t_vit.files import atomic_write_json, atomic_write_text
 
 __all__ = ["DemoError", "write_digits_dataset", "find_imagenette", "get_args_parser", "main", "run_demo"]
 

@@ -39,8 +39,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from engines.files import atomic_write, atomic_write_json, atomic_write_text, host_info
 from engines.runners import OnnxRuntimeRunner, Runner, RunnerError, TorchRunner, read_onnx_metadata
+from t2t_vit.env import host_info
+from t2t_vit.files import atomic_write, atomic_write_json, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 

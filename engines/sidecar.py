@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from engines.files import atomic_write_json
+from t2t_vit.files import atomic_write_json
 
 __all__ = [
     "SIDECAR_FORMAT",

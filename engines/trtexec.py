@@ -112,7 +112,7 @@ def run_trtexec(cmd: Sequence[str], log_path: str | os.PathLike, batch: int, tim
     Raises:
         TrtexecError: trtexec failed or printed no performance summary (the log is kept for reading).
     """
-    from engines.files import atomic_write_text
+    from t2t_vit.files import atomic_write_text
     from engines.trtexec_log import TrtexecLogError, parse_summary
 
     try:
