@@ -70,10 +70,15 @@ train:
 	$(TRAIN_LAUNCH) -m train.train $(TRAIN_ARGS) $(ARGS)
 
 .PHONY: train-imagenette-cpu
-## train-imagenette-cpu  t2t_vit_7 from scratch on Imagenette at 64 px on CPU (~30 min, top-1 ~40%) -> runs/imagenette-t2t_vit_7/
+REF_RUN     ?= runs/imagenette-t2t_vit_7
+REF_DATA    ?= $(or $(DATA),../shared/data/imagenette2)
+## train-imagenette-cpu  the reference checkpoint: t2t_vit_7 from scratch on Imagenette at 80 px on a 2-core CPU; resumes an interrupted run -> runs/imagenette-t2t_vit_7/ + reports/train-imagenette-cpu.{json,md,png}
 train-imagenette-cpu:
-	$(PYTHON) -m train.train --config train/configs/imagenette_cpu.yaml \
-		--data $(or $(DATA),../shared/data/imagenette2) --out runs/imagenette-t2t_vit_7 $(ARGS)
+	$(PYTHON) -m train.train $(if $(wildcard $(REF_RUN)/last.pth),--resume $(REF_RUN)/last.pth,\
+		--config train/configs/imagenette_cpu.yaml --data $(REF_DATA) --out $(REF_RUN)) $(ARGS)
+	$(PYTHON) -m train.validate --model t2t_vit_7 --checkpoint $(REF_RUN)/best.pth --data $(REF_DATA)/val --out $(REF_RUN)
+	$(PYTHON) -m train.report --run $(REF_RUN) --checkpoint $(REF_RUN)/best.pth \
+		--validate $(REF_RUN)/validate-imagenette2-val.json --name train-imagenette-cpu --command "make train-imagenette-cpu"
 
 ## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
 validate:

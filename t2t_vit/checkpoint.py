@@ -35,6 +35,9 @@ __all__ = [
     "build_model",
     "suggest_models",
     "file_sha256",
+    "WEIGHTS",
+    "preferred_weights",
+    "loaded_weights",
 ]
 
 # Classes a checkpoint may contain besides tensors and plain containers. argparse.Namespace is what
@@ -89,11 +92,30 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
-def extract_state_dict(obj: Any, use_ema: bool = True) -> "OrderedDict[str, torch.Tensor]":
-    """Pick the weights out of a checkpoint dict and strip ``module.`` prefixes (DDP/DataParallel)."""
+WEIGHTS = ("ema", "model")
+
+
+def preferred_weights(obj: Any, weights: str | None = None) -> str:
+    """Which weights to load: ``weights`` when given, else the checkpoint's own record (this project's
+    training stores the better of its EMA and raw weights under ``"weights"``), else "ema"."""
+    if weights is None and isinstance(obj, Mapping) and obj.get("weights") in WEIGHTS:
+        weights = str(obj["weights"])
+    weights = weights or "ema"
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    return weights
+
+
+def extract_state_dict(obj: Any, weights: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """Pick the weights out of a checkpoint dict and strip ``module.`` prefixes (DDP/DataParallel).
+
+    ``weights``: "ema" prefers the EMA weights when the checkpoint has them, "model" never takes them,
+    None follows :func:`preferred_weights`.
+    """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
     sd: Any = obj
+    use_ema = preferred_weights(obj, weights) == "ema"
     keys = STATE_DICT_KEYS if use_ema else tuple(k for k in STATE_DICT_KEYS if "ema" not in k)
     for key in keys:
         if isinstance(obj.get(key), Mapping) and obj[key]:
@@ -139,7 +161,7 @@ def _model_name(model: nn.Module) -> str:
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True,
-                    use_ema: bool = True) -> dict[str, Any]:
+                    weights: str | None = None) -> dict[str, Any]:
     """Load weights into ``model``; returns a small report of what was adapted.
 
     * A head of another class count is dropped (transfer learning) and the model's new head kept.
@@ -149,7 +171,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
       unexpected keys and shape mismatches, and naming the registered models the weights do fit.
     """
     obj = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
-    sd = extract_state_dict(obj, use_ema=use_ema)
+    sd = extract_state_dict(obj, weights=weights)
     own = model.state_dict()
     report: dict[str, Any] = {"dropped_head": False, "rebuilt_pos_embed": False}
 
@@ -196,6 +218,17 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     return report
 
 
+def loaded_weights(obj: Any, weights: str | None = None) -> str:
+    """What :func:`extract_state_dict` takes from ``obj``: "ema", "model", or "bare" (a plain state dict)."""
+    if not isinstance(obj, Mapping):
+        return "bare"
+    use_ema = preferred_weights(obj, weights) == "ema"
+    for key in STATE_DICT_KEYS:
+        if (use_ema or "ema" not in key) and isinstance(obj.get(key), Mapping) and obj[key]:
+            return "ema" if "ema" in key else "model"
+    return "bare"
+
+
 def checkpoint_meta(obj: Any) -> dict[str, Any]:
     """Plain-data metadata our training checkpoints carry (model name, classes, config); {} otherwise."""
     if isinstance(obj, Mapping):
@@ -206,7 +239,7 @@ def checkpoint_meta(obj: Any) -> dict[str, Any]:
 
 
 def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
-                img_size: int | None = None, strict: bool = True, use_ema: bool = True,
+                img_size: int | None = None, strict: bool = True, weights: str | None = None,
                 **kwargs: Any) -> nn.Module:
     """Create a registered model and load a checkpoint into it: the one entry point every CLI uses.
 
@@ -225,15 +258,17 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
         meta = checkpoint_meta(obj)
-        sd = extract_state_dict(obj, use_ema=use_ema)
+        sd = extract_state_dict(obj, weights=weights)
         if num_classes is None and "head.weight" in sd:
             num_classes = int(sd["head.weight"].shape[0])
         if img_size is None and meta.get("img_size"):
             img_size = int(meta["img_size"])
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     if obj is not None:
-        load_checkpoint(model, obj, strict=strict, use_ema=use_ema)
+        load_checkpoint(model, obj, strict=strict, weights=weights)
         meta = checkpoint_meta(obj)
+        extra: dict[str, Any] = {"weights": loaded_weights(obj, weights)}
         if meta.get("class_names"):
-            model.pretrained_cfg = {**model.pretrained_cfg, "class_names": list(meta["class_names"])}
+            extra["class_names"] = list(meta["class_names"])
+        model.pretrained_cfg = {**model.pretrained_cfg, **extra}
     return model

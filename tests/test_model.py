@@ -312,7 +312,7 @@ def test_authors_training_checkpoint_loads_with_timm_and_ours(tmp_path, trained_
     assert _same_weights(m1, trained_like)
     m2 = build_model("t2t_vit_7", path)
     assert _same_weights(m2, trained_like)
-    m3 = build_model("t2t_vit_7", path, use_ema=False)
+    m3 = build_model("t2t_vit_7", path, weights="model")
     assert torch.equal(m3.head.weight, noise["head.weight"])
 
 

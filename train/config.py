@@ -19,7 +19,8 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["get_args_parser", "parse_config", "recipe_path", "resolve_lr", "CONFIG_DIR"]
+__all__ = ["get_args_parser", "parse_config", "recipe_path", "resolve_lr", "resolve_schedule", "resolve_ema_decay",
+           "CONFIG_DIR"]
 
 
 def _float_pair(s: str) -> list[float]:
@@ -61,9 +62,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="stop after this many non-finite losses in a row (each one skips its step)")
 
     g = p.add_argument_group("schedule and optimiser")
-    g.add_argument("--epochs", type=int, default=300, help="cosine epochs; the run lasts epochs + cooldown-epochs")
-    g.add_argument("--cooldown-epochs", type=int, default=10, help="epochs at min-lr after the cosine")
-    g.add_argument("--warmup-epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=310,
+                   help="total epochs of the run: warmup, cosine and cooldown all fit inside (warmup and cooldown "
+                        "shrink, with a warning, when they take more than half of a short run)")
+    g.add_argument("--cooldown-epochs", type=int, default=10, help="last epochs at min-lr, inside --epochs")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="first epochs, linear from warmup-lr, inside --epochs")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--lr", type=float, default=1e-3, help="peak lr for a global batch of --lr-base-batch")
@@ -97,9 +100,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g.add_argument("--drop-path", type=float, default=0.1)
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--model-ema-decay", type=float, default=0.99996)
-    g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=False,
-                   help="ramp the EMA decay up from 0 (timm ModelEmaV3 warmup); useful for short runs")
+    g.add_argument("--model-ema-decay", type=float, default=0.99996,
+                   help="the longest EMA memory; capped so the EMA's time constant 1/(1-decay) stays within "
+                        "1/10 of the run's updates (a short run's EMA would otherwise stay at initialization)")
+    g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="ramp the EMA decay up from 0 over the first updates (timm ModelEmaV3 warmup)")
     return p
 
 
@@ -134,6 +139,9 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
 
         meta = checkpoint_meta(read_checkpoint(pre.resume))
         base = dict(meta.get("config") or {})
+        if base.get("total_epochs") and base.get("epochs") != base["total_epochs"]:
+            # Written when --epochs counted cosine epochs only (cooldown added on top): keep the run's length.
+            base["epochs"] = base["total_epochs"]
         # Per-invocation controls are never inherited from the interrupted run.
         for k in ("resume", "stop_after", "finetune", "config"):
             base.pop(k, None)
@@ -150,6 +158,13 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
     known = {a.dest for a in parser._actions}
     parser.set_defaults(**{k: v for k, v in base.items() if k in known})
     args = parser.parse_args(argv)
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) is None or getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)} "
+                             f"(make train EPOCHS=... / BATCH_SIZE=...)")
+    for flag in ("warmup_epochs", "cooldown_epochs"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.out is None:
         args.out = str(Path(pre.resume).parent) if pre.resume else os.path.join("runs", args.model)
     return args, sources
@@ -160,3 +175,36 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
     if args.lr_scale == "linear":
         return args.lr * args.batch_size * world_size / args.lr_base_batch
     return args.lr
+
+
+def resolve_schedule(epochs: int, warmup: int, cooldown: int) -> tuple[int, int, str | None]:
+    """(warmup, cooldown) that fit inside a run of ``epochs`` total epochs, and a warning when they shrank.
+
+    Warmup and cooldown together may take at most half of the run; beyond that both shrink in
+    proportion (a 1-epoch run gets neither and trains its one epoch at the peak lr).
+    """
+    budget = epochs // 2
+    if warmup + cooldown <= budget:
+        return warmup, cooldown, None
+    new_warmup = (warmup * budget) // (warmup + cooldown)
+    new_cooldown = budget - new_warmup
+    return new_warmup, new_cooldown, (
+        f"--epochs {epochs} cannot hold --warmup-epochs {warmup} + --cooldown-epochs {cooldown} (they may take at "
+        f"most half of the run): using warmup {new_warmup} and cooldown {new_cooldown}, "
+        f"so {epochs - new_warmup - new_cooldown} epochs follow the cosine")
+
+
+def resolve_ema_decay(decay: float, total_updates: int, fraction: float = 0.1) -> tuple[float, str | None]:
+    """EMA decay whose time constant 1/(1-decay) is at most ``fraction`` of the run's optimizer updates.
+
+    The authors' 0.99996 (a time constant of 25,000 updates) suits ImageNet's 775,000; a 10-epoch run on a
+    small dataset has ~1,500 updates, and with that decay its EMA weights would still be the random
+    initialization at the end. Returns the decay used and a note when it was capped.
+    """
+    if total_updates <= 0:
+        return decay, None
+    cap = 1.0 - 1.0 / max(fraction * total_updates, 1.0)
+    if decay <= cap:
+        return decay, None
+    return cap, (f"EMA decay {decay:g} would average over {1 / (1 - decay):,.0f} updates, more than this run's "
+                 f"{total_updates:,}: using {cap:.6g} (time constant {fraction:.0%} of the run)")

@@ -6,7 +6,8 @@
     python -m train.train --resume runs/t2t_vit_7/last.pth                   # continues exactly
 
 The run folder (``--out``, default ``runs/<model>``) receives ``config.yaml`` (resolved),
-``last.pth``, ``best.pth`` (best EMA top-1), ``epoch_<N>.pth`` (``--checkpoint-every``),
+``last.pth``, ``best.pth`` (best top-1 of the EMA or the raw weights, whichever is higher; the checkpoint's
+``weights`` key says which, and later stages load those by default), ``epoch_<N>.pth`` (``--checkpoint-every``),
 ``summary.csv`` (one row per epoch), ``curves.png`` and ``log.txt``. Only rank 0 writes.
 """
 from __future__ import annotations
@@ -32,13 +33,13 @@ from torch import nn
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
 from t2t_vit.files import atomic_torch_save, atomic_write_text
 
-from .config import parse_config, resolve_lr
+from .config import parse_config, resolve_ema_decay, resolve_lr, resolve_schedule
 from .data import ImageCache, ImageDataset, build_train_transform, collate_skip, resolve_split, scan_split, seed_worker
 
 _logger = logging.getLogger("train")
 
-CSV_FIELDS = ["epoch", "lr", "train_loss", "top1", "top5", "ema_top1", "ema_top5", "img_per_s", "peak_mem_mib",
-              "epoch_s", "wall_s", "nonfinite_steps", "skipped_images"]
+CSV_FIELDS = ["epoch", "lr", "train_loss", "top1", "top5", "ema_top1", "ema_top5", "best_weights", "img_per_s",
+              "peak_mem_mib", "epoch_s", "wall_s", "nonfinite_steps", "skipped_images"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -321,14 +322,25 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, eps=args.opt_eps, betas=tuple(args.opt_betas))
     scaler = NativeScaler(device=device.type) if use_scaler else None
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_t=args.warmup_epochs,
-                                  warmup_lr_init=args.warmup_lr, cycle_limit=1, t_in_epochs=True)
-    total_epochs = args.epochs + args.cooldown_epochs
+    total_epochs = args.epochs
+    warmup_epochs, cooldown_epochs, shrunk = resolve_schedule(args.epochs, args.warmup_epochs, args.cooldown_epochs)
+    if shrunk and rank == 0:
+        _logger.warning("%s", shrunk)
+    # timm's cosine runs over [0, t_initial); epochs past it stay at lr_min (the cooldown).
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_epochs - cooldown_epochs, lr_min=args.min_lr,
+                                  warmup_t=warmup_epochs, warmup_lr_init=args.warmup_lr, cycle_limit=1,
+                                  t_in_epochs=True)
     ema = None
+    ema_decay = args.model_ema_decay
     if args.model_ema:
-        ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        ema_decay, capped = resolve_ema_decay(args.model_ema_decay, len(train_loader) * total_epochs)
+        if capped and rank == 0:
+            _logger.warning("%s", capped)
+        ema = ModelEmaV3(model, decay=ema_decay, use_warmup=args.model_ema_warmup)
 
-    start_epoch, num_updates, best = 0, 0, {"top1": -1.0, "epoch": -1}
+    # best: the better of the EMA and the raw weights at each validation ("weights" says which).
+    start_epoch, num_updates, best = 0, 0, {"top1": -1.0, "epoch": -1, "weights": "ema" if ema else "model"}
+    preferred = best["weights"]  # the better weights at the latest validation, recorded in every checkpoint
     nonfinite_total = 0
     if resume_obj is not None:
         missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch") if k not in resume_obj]
@@ -348,9 +360,10 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
             scaler.load_state_dict(resume_obj["scaler"])
         start_epoch = int(resume_obj["epoch"]) + 1
         num_updates = int(resume_obj.get("num_updates", 0))
-        best = dict(resume_obj.get("best") or best)
+        best = {**best, **dict(resume_obj.get("best") or {})}
+        preferred = str(resume_obj.get("weights") or preferred)
         nonfinite_total = int(resume_obj.get("nonfinite_steps", 0))
-        _logger.info("resumed %s at epoch %d (update %d)", args.resume, start_epoch, num_updates)
+        _logger.info("resumed %s after epoch %d (update %d)", args.resume, start_epoch, num_updates)
     del resume_obj
 
     train_model: nn.Module = model
@@ -362,7 +375,9 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
 
     config = plain(vars(args))
     config.update({"world_size": world, "global_batch": args.batch_size * world, "lr_resolved": lr,
-                   "total_epochs": total_epochs, "precision_resolved": str(amp_dtype or "fp32"),
+                   "total_epochs": total_epochs, "warmup_epochs_resolved": warmup_epochs,
+                   "cooldown_epochs_resolved": cooldown_epochs, "model_ema_decay_resolved": ema_decay,
+                   "precision_resolved": str(amp_dtype or "fp32"),
                    "device_resolved": str(device), "sources": sources})
     meta = {"model": args.model, "img_size": int(args.img_size), "num_classes": int(num_classes),
             "class_names": list(class_names), "config": config, "data_config": data_config.as_dict()}
@@ -372,11 +387,14 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         _logger.info("run folder %s; %d train / %d val images, %d classes, img %d, %s, global batch %d, lr %.3g "
-                     "(lr-scale %s), %d epochs (%d cosine + %d cooldown)", out, len(train_ds), len(val_ds),
+                     "(lr-scale %s), %d epochs (%d warmup, %d cooldown)%s", out, len(train_ds), len(val_ds),
                      num_classes, args.img_size, config["precision_resolved"], args.batch_size * world, lr,
-                     args.lr_scale, total_epochs, args.epochs, args.cooldown_epochs)
+                     args.lr_scale, total_epochs, warmup_epochs, cooldown_epochs,
+                     f", EMA decay {ema_decay:.6g}" + (" with warmup" if args.model_ema_warmup else "") if ema else "")
 
-    rows = [r for r in read_csv(out / "summary.csv") if int(r["epoch"]) < start_epoch] if rank == 0 else []
+    # Epochs are numbered from 1 for people (CSV, plot, log, progress bar, epoch_<N>.pth); the checkpoint's
+    # "epoch" key is the 0-based index of the last finished epoch.
+    rows = [r for r in read_csv(out / "summary.csv") if int(r["epoch"]) <= start_epoch] if rank == 0 else []
     wall0 = time.time() - (float(rows[-1]["wall_s"]) if rows else 0.0)
     stop_epoch = total_epochs if args.stop_after is None else min(total_epochs, start_epoch + args.stop_after)
 
@@ -390,6 +408,8 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
             "epoch": epoch,
             "num_updates": num_updates,
             "best": dict(best),
+            # Which weights later stages load by default (--weights overrides): the better at validation.
+            "weights": best["weights"] if name == "best.pth" else preferred,
             "nonfinite_steps": nonfinite_total,
             "meta": meta,
         }
@@ -429,11 +449,11 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
                 consecutive_bad += 1
                 optimizer.zero_grad(set_to_none=True)
                 _logger.warning("non-finite loss at epoch %d update %d: step skipped (%d in a row, %d total)",
-                                epoch, num_updates, consecutive_bad, nonfinite_total)
+                                epoch + 1, num_updates, consecutive_bad, nonfinite_total)
                 if consecutive_bad >= args.max_nonfinite:
                     last = out / "last.pth"
                     raise NonFiniteLossError(
-                        f"{consecutive_bad} non-finite losses in a row (epoch {epoch}); stopping. The last good "
+                        f"{consecutive_bad} non-finite losses in a row (epoch {epoch + 1}); stopping. The last good "
                         f"checkpoint is {last if last.is_file() else '(none yet)'}. Try a lower --lr, "
                         f"--clip-grad 1.0, or --precision bf16/fp32 instead of fp16.")
                 continue
@@ -461,7 +481,7 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
         if world > 1:
             dist.all_reduce(counts)
         train_loss = counts[0].item() / max(counts[1].item(), 1.0)
-        row: dict[str, Any] = {"epoch": epoch, "lr": epoch_lr, "train_loss": round(train_loss, 5),
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": epoch_lr, "train_loss": round(train_loss, 5),
                                "img_per_s": round(counts[2].item() / epoch_s, 2),
                                "peak_mem_mib": round(peak_memory_mib(device), 1), "epoch_s": round(epoch_s, 2),
                                "nonfinite_steps": nonfinite_total, "skipped_images": int(counts[3].item())}
@@ -472,10 +492,12 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
             if ema is not None:
                 e = evaluate(ema.module, val_loader, device, amp_dtype, world)
                 row.update(ema_top1=round(e["top1"], 3), ema_top5=round(e["top5"], 3))
-            score = row.get("ema_top1", row["top1"])
+            preferred = "ema" if row.get("ema_top1", -1.0) >= row["top1"] else "model"
+            score = row["ema_top1"] if preferred == "ema" else row["top1"]
+            row["best_weights"] = preferred
             is_best = score > best["top1"]
             if is_best:
-                best = {"top1": score, "epoch": epoch}
+                best = {"top1": score, "epoch": epoch, "weights": preferred}
         else:
             is_best = False
         row["wall_s"] = round(time.time() - wall0, 1)
@@ -488,11 +510,13 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
             rows.append(row)
             write_csv(out / "summary.csv", rows)
             plot_curves(rows, out / "curves.png", f"{args.model} img {args.img_size} on {Path(args.data).name}")
-            _logger.info("epoch %d: loss %.4f  top1 %s  ema_top1 %s  lr %.3g  %.1f img/s  %.0f s%s", epoch,
+            _logger.info("epoch %d/%d: loss %.4f  top1 %s  ema_top1 %s  lr %.3g  %.1f img/s  %.0f s%s", epoch + 1,
+                         total_epochs,
                          train_loss, row.get("top1", "-"), row.get("ema_top1", "-"), epoch_lr, row["img_per_s"],
                          epoch_s, "  (best)" if is_best else "")
     if rank == 0:
-        _logger.info("done: best EMA top-1 %.2f at epoch %d; checkpoints in %s", best["top1"], best["epoch"], out)
+        _logger.info("done: best top-1 %.2f (%s weights) at epoch %d; checkpoints in %s", best["top1"],
+                     "EMA" if best.get("weights") == "ema" else "raw", best["epoch"] + 1, out)
     return 0
 
 

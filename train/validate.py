@@ -39,7 +39,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="class-balanced subset of N images")
-    p.add_argument("--no-ema", action="store_true", help="score state_dict instead of state_dict_ema")
+    p.add_argument("--weights", choices=("ema", "model"), default=None,
+                   help="EMA or raw weights (default: the checkpoint's record of the better one, else EMA)")
+    p.add_argument("--no-ema", dest="weights", action="store_const", const="model", help="same as --weights model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="report folder (default artifacts/<model>)")
     return p
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.checkpoint is None:
             _logger.warning("NO --checkpoint: scoring RANDOM weights (the numbers mean nothing)")
-        model = build_model(args.model, args.checkpoint, img_size=args.img_size, use_ema=not args.no_ema)
+        model = build_model(args.model, args.checkpoint, img_size=args.img_size, weights=args.weights)
         val_dir = resolve_val_dir(args.data)
         res = validate(model, val_dir, args.batch_size, args.workers, args.limit, args.device)
     except (CheckpointError, DataError, ValueError) as e:
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     report = {"model": args.model, "checkpoint": args.checkpoint,
               "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None,
-              "weights": "state_dict" if args.no_ema else "state_dict_ema (when present)", "data": str(val_dir),
+              "weights": model.pretrained_cfg.get("weights", "random"), "data": str(val_dir),
               "img_size": int(model.img_size), "num_classes": int(model.num_classes), **res, "hardware": hardware()}
     out = Path(args.out or os.path.join("artifacts", args.model))
     out.mkdir(parents=True, exist_ok=True)
