@@ -25,7 +25,9 @@ ARGS        ?=
 PYTEST_ARGS ?=
 
 opt = $(if $(strip $(2)),$(1) $(strip $(2)))
-STAGE_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) --out $(OUT)
+WEIGHTS     ?=
+ENGINE_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) --out $(OUT)
+STAGE_ARGS  = $(ENGINE_ARGS) $(call opt,--weights,$(WEIGHTS))
 
 .PHONY: help install test test-fast train validate bench-model bench-train onnx bench-onnx calib bench-calib \
         engine bench parity demo clean
@@ -118,7 +120,7 @@ LOG         ?=
 
 ## engine       strongly typed TensorRT engine + sidecar from <OUT>/<MODEL>.<PRECISION>.onnx (needs TensorRT + GPU)
 engine:
-	$(PYTHON) -m engines.build $(STAGE_ARGS) --precision $(PRECISION) $(ARGS)
+	$(PYTHON) -m engines.build $(ENGINE_ARGS) --precision $(PRECISION) $(ARGS)
 
 ## bench        trtexec batch sweep of the engine + ONNX Runtime/PyTorch baselines -> <OUT>/bench-engines-* (needs TensorRT)
 bench:
@@ -135,12 +137,12 @@ trtexec-log:
 # ----- parity and demo -----
 DEMO_DIR    ?= artifacts/demo
 
-## parity       accuracy of every backend vs PyTorch fp32 on the same batches: make parity MODEL=.. CHECKPOINT=.. DATA=/path/val [LIMIT=N] [LABELS=LOC_val_solution.csv] [BACKENDS=pytorch,ort,trt] -> <OUT>/parity-<MODEL>.{json,md,png}
+## parity       accuracy of every backend vs PyTorch fp32 on the same batches: make parity MODEL=.. CHECKPOINT=.. DATA=/path/val [LIMIT=N] [LABELS=LOC_val_solution.csv] [BACKENDS=pytorch,onnxruntime,tensorrt] -> <OUT>/parity-<MODEL>.{json,md,png}
 parity:
 	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/val (synset folders, or a flat folder with LABELS=...), e.g. make parity DATA=../shared/data/imagenette2/val"; exit 2; }
-	$(PYTHON) -m engines.parity $(STAGE_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) \
+	$(PYTHON) -m evaluation.parity $(STAGE_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) \
 		$(call opt,--labels,$(LABELS)) $(call opt,--backends,$(BACKENDS)) $(ARGS)
 
 ## demo         the whole pipeline on a small real dataset in a few minutes on a CPU -> artifacts/demo/ (DEMO_DIR=...; Imagenette when ../shared/data exists, else scikit-learn digits)
 demo:
-	$(PYTHON) -m engines.demo --out $(DEMO_DIR) $(ARGS)
+	$(PYTHON) -m evaluation.demo --out $(DEMO_DIR) $(ARGS)

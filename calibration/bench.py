@@ -16,53 +16,55 @@ Writes ``<out>/bench-calib-cpu.{json,md}`` with the hardware named.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import onnx
+from tqdm import tqdm
+
+from export.to_onnx import export_model
+from t2t_vit.checkpoint import build_model
+from t2t_vit.cli import apply_threads, comma_list, run_command
+from t2t_vit.data import DataConfig
+from t2t_vit.files import atomic_save_onnx
+from t2t_vit.graphs import ort_session, read_metadata
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.timing import load_average, time_calls
+
+from .data import load_or_preprocess, select_samples
+from .policy import DEFAULT_POLICY, Placement
+from .quantize import TensorDataReader, ensure_opset, quantize_model, to_mixed_fp16
 
 __all__ = ["get_args_parser", "time_session", "run", "main"]
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="ONNX Runtime CPU throughput of fp32/fp16/int8 graphs", add_help=add_help)
-    p.add_argument("--models", default="t2t_vit_7,t2t_vit_14", help="comma-separated model names")
+    p.add_argument("--models", type=comma_list(str), default=["t2t_vit_7", "t2t_vit_14"],
+                   help="model names, comma-separated (default t2t_vit_7,t2t_vit_14)")
     p.add_argument("--img-size", type=int, default=224, help="input size (default 224)")
-    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--batches", type=comma_list(int), default=[1, 8], help="batch sizes, comma-separated (default 1,8)")
     p.add_argument("--out", default="reports", help="report folder (default reports)")
     p.add_argument("--work", default="artifacts/bench-calib", help="folder for the benchmarked graphs")
     p.add_argument("--calib-data", default=None, help="ImageFolder tree for the int8 ranges (default: noise)")
     p.add_argument("--calib-images", type=int, default=16, help="calibration images for the int8 graphs (default 16)")
     p.add_argument("--min-time", type=float, default=3.0, help="seconds of timed runs per point (default 3)")
     p.add_argument("--min-iters", type=int, default=3, help="at least this many timed runs per point (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", default="auto", help="ONNX Runtime intra-op threads: a number or auto (idle cores)")
     p.add_argument("--name", default="bench-calib-cpu", help="report file stem (default bench-calib-cpu)")
     return p
 
 
-def time_session(path: str | os.PathLike, batch: int, img_size: int, min_time: float, min_iters: int,
+def time_session(path: str | Path, batch: int, img_size: int, min_time: float, min_iters: int,
                  threads: int | None = None) -> dict[str, float]:
     """Median latency and throughput of one graph at one batch size (2 warm-up runs first)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads=threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size), dtype=np.float32)
-    for _ in range(2):
-        sess.run(None, {name: x})
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
+    times = time_calls(lambda: sess.run(None, {name: x}), warmup=2, min_iters=min_iters, min_time_s=min_time)
     med = statistics.median(times)
     return {"batch": batch, "iters": len(times), "latency_ms_median": 1000 * med,
             "latency_ms_min": 1000 * min(times), "images_per_s": batch / med}
@@ -70,15 +72,6 @@ def time_session(path: str | os.PathLike, batch: int, img_size: int, min_time: f
 
 def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | None, calib_images: int) -> dict[str, Path]:
     """fp32, fp16 (exporter), int8 (mixed fp16, as `make calib`) and int8-fp32 graphs of one model."""
-    import onnx
-
-    from export.to_onnx import export_model
-    from t2t_vit.checkpoint import build_model
-    from t2t_vit.data import DataConfig
-
-    from .policy import DEFAULT_POLICY, Placement
-    from .quantize import TensorDataReader, ensure_opset, quantize_model, save_model_atomic, to_mixed_fp16
-
     out = work / f"{model_name}-{img_size}"
     paths = {"fp32": out / f"{model_name}.fp32.onnx", "fp16": out / f"{model_name}.fp16.onnx",
              "int8": out / f"{model_name}.int8.onnx", "int8-fp32": out / f"{model_name}.int8-fp32.onnx"}
@@ -88,48 +81,38 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
     if not (paths["int8"].is_file() and paths["int8-fp32"].is_file()):
         fp32 = ensure_opset(onnx.load(str(paths["fp32"])))
         if calib_data:
-            from .data import load_or_preprocess, select_samples
-            from .quantize import read_metadata
-
             cfg = DataConfig.from_metadata(read_metadata(paths["fp32"]))
-            images = load_or_preprocess(select_samples(calib_data, calib_images), cfg, out, progress=False).images.numpy()
+            images = load_or_preprocess(select_samples(calib_data, calib_images, what="--calib-images"), cfg, out,
+                                        progress=False).images.numpy()
         else:
             images = np.random.default_rng(0).standard_normal((calib_images, 3, img_size, img_size), dtype=np.float32)
         nodes = Placement.from_model(fp32, DEFAULT_POLICY).node_names
         qdq = quantize_model(fp32, nodes, "entropy", reader=TensorDataReader(images, fp32.graph.input[0].name))
-        save_model_atomic(qdq, paths["int8-fp32"])
-        save_model_atomic(to_mixed_fp16(qdq), paths["int8"])
+        atomic_save_onnx(qdq, paths["int8-fp32"])
+        atomic_save_onnx(to_mixed_fp16(qdq), paths["int8"])
     return paths
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from .evaluate import hardware_info, markdown_table, write_json, write_text
-    from .policy import DEFAULT_POLICY
-
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    load_before = os.getloadavg()
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    threads = apply_threads(args.threads)
     rows: list[dict[str, Any]] = []
-    graphs = {m: build_graphs(m, args.img_size, Path(args.work), args.calib_data, args.calib_images) for m in models}
-    points = [(m, p, b) for m in models for p in graphs[m] for b in batches]
+    graphs = {m: build_graphs(m, args.img_size, Path(args.work), args.calib_data, args.calib_images)
+              for m in args.models}
+    points = [(m, p, b) for m in args.models for p in graphs[m] for b in args.batches]
+    header = report_header("calibration.bench", argv)
     for m, prec, b in tqdm(points, desc="bench", unit="point"):
-        r = time_session(graphs[m][prec], b, args.img_size, args.min_time, args.min_iters, args.threads)
+        r = time_session(graphs[m][prec], b, args.img_size, args.min_time, args.min_iters, threads)
         rows.append({"model": m, "precision": prec, "img_size": args.img_size, **r})
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"] and x["precision"] == "fp32")
         r["speedup_vs_fp32"] = r["images_per_s"] / base["images_per_s"]
-    hw = hardware_info()
-    report = {"command": "python -m calibration.bench " + " ".join(args.argv or sys.argv[1:]),
-              "hardware": hw, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "threads": args.threads, "int8_policy": DEFAULT_POLICY, "results": rows}
+    report = {**header, "load_average_after": load_average(), "threads": threads, "int8_policy": DEFAULT_POLICY,
+              "results": rows}
     md = ["# ONNX Runtime CPU throughput: fp32 / fp16 / int8 graphs", "",
           f"`{report['command']}`", "",
-          f"{hw['cpu']}, {hw['cpu_cores']} cores (AVX-512 VNNI: {'yes' if hw['avx512_vnni'] else 'no'}), "
-          f"onnxruntime {hw['onnxruntime']}, CPUExecutionProvider, threads {args.threads or 'default'}; "
-          f"load average before/after {load_before[0]:.1f}/{report['load_average_after'][0]:.1f} "
-          f"(other jobs on the machine lower every number alike).", "",
+          f"Host: {host_line(report['host'])} (at the start); load average after "
+          f"{report['load_average_after']}. ONNX Runtime CPUExecutionProvider, {threads} threads; AVX-512 VNNI: "
+          f"{'yes' if report['host']['avx512_vnni'] else 'no'}.", "",
           markdown_table(["model", "graph", "batch", "images/s", "median latency ms", "vs fp32"],
                          [[r["model"], r["precision"], r["batch"], r["images_per_s"], r["latency_ms_median"],
                            f"{r['speedup_vs_fp32']:.2f}x"] for r in rows]), "",
@@ -137,22 +120,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           "is the same Q/DQ placement over fp32, the form the CPU provider fuses into int8 kernels. The CPU "
           "provider has few fp16 kernels and wraps fp16 ops in casts, so fp16 and int8 graphs are slower than "
           "fp32 on a CPU: these graphs are built for TensorRT, and this table is a smoke-level cost check.", ""]
-    stem = Path(args.out) / args.name
-    write_json(report, stem.with_suffix(".json"))
-    write_text("\n".join(md), stem.with_suffix(".md"))
+    write_report(Path(args.out) / args.name, report, "\n".join(md))
     print("\n".join(md))
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        run(args)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args, argv) and 0, "calibration.bench")
 
 
 if __name__ == "__main__":

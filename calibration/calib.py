@@ -5,8 +5,8 @@
     python -m calibration.calib --model t2t_vit_7 --checkpoint ckpt.pth --out artifacts/t2t_vit_7 \\
         --calib-data /data/imagenette2/train --val-data /data/imagenette2/val --method entropy,percentile,max
 
-1. reads ``<out>/<model>.fp32.onnx`` (exported first with ``python -m export.to_onnx`` when missing or
-   made from another checkpoint) and its data config from the ONNX metadata;
+1. reads ``<out>/<model>.fp32.onnx`` (exported first, in this process, with :func:`export.to_onnx.run` when
+   missing or made from another checkpoint) and its data config from the ONNX metadata;
 2. selects ``--calib-size`` images (seeded, class-balanced), preprocesses them with the model's eval
    transform through :class:`t2t_vit.data.ImageBatcher` and caches the tensor under ``<out>/``;
 3. for each method: calibrates with onnxruntime.quantization (range cache kept under ``<out>/``),
@@ -22,68 +22,74 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import onnx
+
+from export import to_onnx
+from t2t_vit.artifacts import default_out, onnx_path
+from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.data import DataConfig, ImageBatcher
+from t2t_vit.errors import T2TError, ThresholdMissed
+from t2t_vit.files import OutputLock, atomic_save_onnx, file_sha256
+from t2t_vit.graphs import read_metadata, set_metadata
+from t2t_vit.metrics import accuracy, compare_logits
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+
+from .data import folder_label_space, load_or_preprocess, select_samples
+from .evaluate import evaluate_graphs
+from .policy import DEFAULT_POLICY, POLICIES, Placement, group_nodes
+from .quantize import (METHODS, TensorDataReader, check_qdq, ensure_opset, fp32_island, quantize_model,
+                       to_mixed_fp16)
 
 _logger = logging.getLogger("calibration")
 
-__all__ = ["CalibrationError", "get_args_parser", "run", "render_markdown", "main"]
+__all__ = ["CalibrationError", "AccuracyDropError", "get_args_parser", "run", "render_markdown", "main"]
 
 
-class CalibrationError(RuntimeError):
-    """A calibration run that cannot go on (missing export, no validation data, accuracy drop)."""
+class CalibrationError(T2TError, RuntimeError):
+    """A calibration run that cannot go on (missing export, no validation data)."""
 
 
-class AccuracyDropError(CalibrationError):
-    """The int8 graph lost more top-1 than allowed."""
+class AccuracyDropError(ThresholdMissed):
+    """The int8 graph lost more top-1 than allowed (the graphs and reports were written)."""
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .policy import DEFAULT_POLICY, POLICIES
-
     p = argparse.ArgumentParser(description="INT8 Q/DQ calibration and accuracy check on ONNX Runtime CPU",
                                 add_help=add_help)
-    p.add_argument("--model", required=True, help="registered model name, e.g. t2t_vit_7")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights; used to export <out>/<model>.fp32.onnx when it is missing or stale")
-    p.add_argument("--img-size", type=int, default=None, help="input size for the export (default: checkpoint/registry)")
-    p.add_argument("--out", default=None, help="artifact folder (default: artifacts/<model>)")
-    p.add_argument("--calib-data", required=True, help="ImageFolder tree of calibration images (e.g. imagenet/train)")
-    p.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
-    p.add_argument("--method", default="entropy",
+    add_stage_args(p, checkpoint_help="weights; used to export <out>/<model>.fp32.onnx when it is missing or stale")
+    add_run_args(p, batch_size=32, workers=2)
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-data", required=True, help="ImageFolder tree of calibration images (e.g. imagenet/train)")
+    g.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024)")
+    g.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    g.add_argument("--method", default="entropy",
                    help="calibration method(s), comma separated: entropy, percentile, max, or 'all' "
                         "(default entropy; the first one writes <model>.int8.onnx)")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile (default 99.99)")
-    p.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
+    g.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile (default 99.99)")
+    g.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                    help=f"placement policy (default {DEFAULT_POLICY}; see calibration/policy.py)")
-    p.add_argument("--exclude-t2t", action="store_true", help="keep the whole T2T stage in fp16")
-    p.add_argument("--val-data", default=None,
+    g.add_argument("--exclude-t2t", action="store_true", help="keep the whole T2T stage in fp16")
+    g.add_argument("--val-data", default=None,
                    help="labeled ImageFolder tree for accuracy (default: the 'val' folder beside --calib-data)")
-    p.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the validation images (default all)")
-    p.add_argument("--no-eval", action="store_true", help="quantize only: no accuracy report, no threshold check")
-    p.add_argument("--max-drop", type=float, default=1.0,
+    g.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the validation images (default all)")
+    g.add_argument("--no-eval", action="store_true", help="quantize only: no accuracy report, no threshold check")
+    g.add_argument("--max-drop", type=float, default=1.0,
                    help="fail when int8 top-1 is more than this many points below fp32 (default 1.0)")
-    p.add_argument("--sensitivity", choices=("stage", "family"), default=None,
+    g.add_argument("--sensitivity", choices=("stage", "family"), default=None,
                    help="also quantize one group at a time (per block or per op family) and report each top-1 drop")
-    p.add_argument("--batch-size", type=int, default=32, help="preprocessing/evaluation batch size (default 32)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding workers (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--report", default=None,
-                   help="also write the report to REPORT.json / REPORT.md (e.g. reports/calib-imagenette-t2t_vit_7)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--report", default=None,
+                   help="also write the report here: a file stem (reports/calib-imagenette-t2t_vit_7) or a folder")
     return p
 
 
 def _methods(spec: str) -> list[str]:
-    from .quantize import METHODS
-
     names = list(METHODS) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
@@ -91,43 +97,26 @@ def _methods(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _export_command(args: argparse.Namespace, out: Path) -> list[str]:
-    # --no-fail: the exporter's own fp16-vs-fp32 validation verdict is its report's business; this stage
-    # needs the graphs and measures int8 against them itself.
-    cmd = [sys.executable, "-m", "export.to_onnx", "--model", args.model, "--out", str(out), "--no-fail"]
-    if args.checkpoint:
-        cmd += ["--checkpoint", str(args.checkpoint)]
-    if args.img_size:
-        cmd += ["--img-size", str(args.img_size)]
-    return cmd
-
-
 def ensure_fp32_onnx(args: argparse.Namespace, out: Path) -> Path:
-    """``<out>/<model>.fp32.onnx``, exported first when missing or made from another checkpoint."""
-    import importlib.util
-
-    path = out / f"{args.model}.fp32.onnx"
+    """``<out>/<model>.fp32.onnx``, exported first (in this process) when missing or made from another
+    checkpoint. The exporter's own fp16-vs-fp32 verdict is its report's business: this stage needs the
+    graphs and measures int8 against them itself."""
+    path = onnx_path(out, args.model, "fp32")
     reason = None
     if not path.is_file():
         reason = f"{path} does not exist"
     elif args.checkpoint:
-        from t2t_vit.checkpoint import file_sha256
-
-        from .quantize import read_metadata
-
         recorded = read_metadata(path).get("checkpoint_sha256", "")
         if recorded and recorded != file_sha256(args.checkpoint):
             reason = f"{path} was exported from another checkpoint (sha256 {recorded[:12]}...)"
     if reason is None:
         return path
-    cmd = _export_command(args, out)
-    shown = " ".join(["python"] + cmd[1:])
-    if importlib.util.find_spec("export.to_onnx") is None:
-        raise CalibrationError(f"{reason}; export it first: {shown}  (or `make onnx MODEL={args.model} ...`)")
-    print(f"{reason}: exporting it first: {shown}", flush=True)
-    rc = subprocess.call(cmd)
-    if rc != 0 or not path.is_file():
-        raise CalibrationError(f"the export failed (exit {rc}); run it by hand to see why: {shown}")
+    export_argv = ["--model", args.model, "--out", str(out), "--no-fail", "--val-images", "0"]
+    export_argv += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []
+    export_argv += ["--img-size", str(args.img_size)] if args.img_size else []
+    export_argv += ["--weights", args.weights] if getattr(args, "weights", None) else []
+    print(f"{reason}: exporting it first: python -m export.to_onnx {' '.join(export_argv)}", flush=True)
+    to_onnx.run(to_onnx.get_args_parser().parse_args(export_argv), export_argv)
     return path
 
 
@@ -137,6 +126,8 @@ def _default_val(calib_data: Path) -> Path | None:
 
 
 def _range_cache(out: Path, model: str, method: str, fp32_sha: str, data_key: str, percentile: float) -> Path:
+    import hashlib
+
     key = hashlib.sha256(f"{fp32_sha}|{data_key}|{method}|{percentile}".encode()).hexdigest()[:16]
     return out / "calib-cache" / f"{model}.ranges-{method}-{key}.json"
 
@@ -148,18 +139,9 @@ def _int8_metadata(meta: dict[str, str], **extra: Any) -> dict[str, str]:
     return out
 
 
-def _set_metadata(model, meta: dict[str, str]) -> None:
-    import onnx
-
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, meta)
-
-
 def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, percentile: float,
                meta: dict[str, str], path: Path) -> dict[str, Any]:
     """Quantize, convert to the mixed fp16 graph, check the Q/DQ pattern, write ``path``."""
-    from .quantize import check_qdq, fp32_island, quantize_model, save_model_atomic, to_mixed_fp16
-
     t0 = time.perf_counter()
     cache.parent.mkdir(parents=True, exist_ok=True)
     reused = cache.is_file()
@@ -169,26 +151,22 @@ def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, p
     check = check_qdq(mixed, nodes)
     island = fp32_island(mixed)
     # Same key and value as the fp16 export's metadata, so a reader of either graph sees the same island.
-    _set_metadata(mixed, {**meta, "fp32_islands": island["pattern"]})
-    save_model_atomic(mixed, path)
+    set_metadata(mixed, {**meta, "fp32_islands": island["pattern"]})
+    atomic_save_onnx(mixed, path)
     return {"path": str(path), "qdq_check": check, "fp32_island": island, "ranges_cache": str(cache),
             "ranges_reused": reused, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The whole calibration run; returns the report (also written to ``<out>/<model>.calib.{json,md}``)."""
-    import onnx
+    out = Path(args.out) if args.out else default_out(args.model)
+    with OutputLock(out):
+        return _run(args, argv, out)
 
-    from t2t_vit.data import DataConfig, ImageBatcher
 
-    from .data import label_space, load_or_preprocess, select_samples
-    from .evaluate import compare_logits, evaluate_graphs, hardware_info, write_json, write_text
-    from .policy import Placement, group_nodes
-    from .quantize import TensorDataReader, ensure_opset, read_metadata
-
+def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
-    out = Path(args.out or f"artifacts/{args.model}")
-    out.mkdir(parents=True, exist_ok=True)
+    threads = apply_threads(args.threads)
     methods = _methods(args.method)
     calib_root = Path(args.calib_data)
     val_root = Path(args.val_data) if args.val_data else _default_val(calib_root)
@@ -203,10 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp32_path = ensure_fp32_onnx(args, out)
     meta = read_metadata(fp32_path)
     config = DataConfig.from_metadata(meta)  # preprocessing is recorded, never guessed
-    fp32_sha = hashlib.sha256(fp32_path.read_bytes()).hexdigest()
+    fp32_sha = file_sha256(fp32_path)
 
     # 1. calibration images (cached)
-    samples = select_samples(calib_root, args.calib_size, args.seed)
+    samples = select_samples(calib_root, args.calib_size, args.seed, what="--calib-size (CALIB_SIZE=)")
     cached = load_or_preprocess(samples, config, out / "calib-cache", prefix=f"calib-{args.model}",
                                 batch_size=args.batch_size, num_workers=args.workers,
                                 progress=not args.no_progress)
@@ -225,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 3. one int8 graph per method
     int8: dict[str, dict[str, Any]] = {}
     for i, method in enumerate(methods):
-        path = out / (f"{args.model}.int8.onnx" if i == 0 else f"{args.model}.int8-{method}.onnx")
+        path = onnx_path(out, args.model, "int8" if i == 0 else f"int8-{method}")
         cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
         info = _int8_metadata(meta, calib_method=method, calib_policy=args.policy, calib_exclude_t2t=str(args.exclude_t2t).lower(),
                               calib_size=str(len(cached.paths)), calib_data_key=data_key,
@@ -249,9 +227,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sens_graphs[g] = path
 
     report: dict[str, Any] = {
+        **report_header("calibration.calib", argv),
         "model": args.model,
-        "command": "python -m calibration.calib " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-        "hardware": hardware_info(),
+        "threads": threads,
         "fp32_onnx": str(fp32_path),
         "fp32_sha256": fp32_sha,
         "metadata": {k: meta.get(k) for k in ("model", "num_classes", "checkpoint_sha256", "img_size")},
@@ -271,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 5. accuracy on ONNX Runtime CPU
     if not args.no_eval:
         graphs: dict[str, Path] = {"fp32": fp32_path}
-        fp16_path = out / f"{args.model}.fp16.onnx"
+        fp16_path = onnx_path(out, args.model, "fp16")
         if fp16_path.is_file():
             graphs["fp16"] = fp16_path
         else:
@@ -281,12 +259,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for g, p in sens_graphs.items():
             graphs[f"only:{g}"] = p
         val_samples = select_samples(val_root, args.val_size, args.seed,
-                                     class_to_idx=label_space(meta, val_root), strict=False)
+                                     class_to_idx=folder_label_space(meta, val_root), strict=False,
+                                     what="--val-size")
         batcher = ImageBatcher(val_samples, config, batch_size=args.batch_size, num_workers=args.workers)
-        logits, labels = evaluate_graphs({k: str(v) for k, v in graphs.items()}, batcher, threads=args.threads,
+        logits, labels = evaluate_graphs({k: str(v) for k, v in graphs.items()}, batcher, threads=threads,
                                          total=len(batcher), progress=not args.no_progress)
         ref = logits["fp32"]
-        acc = {k: compare_logits(v, labels, None if k == "fp32" else ref) for k, v in logits.items()}
+        acc = {k: accuracy(v, labels) if k == "fp32" else compare_logits(ref, v, labels) for k, v in logits.items()}
         for k, v in acc.items():
             if k != "fp32":
                 v["top1_drop"] = acc["fp32"]["top1"] - v["top1"]
@@ -300,16 +279,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "top1_agreement": acc[f"only:{g}"]["top1_agreement"]} for g in sens_graphs},
             }
         primary = f"int8-{methods[0]}"
-        report["primary"] = {"graph": str(out / f"{args.model}.int8.onnx"), "method": methods[0],
+        report["primary"] = {"graph": str(onnx_path(out, args.model, "int8")), "method": methods[0],
                              "top1_drop": acc[primary]["top1_drop"], "passed": acc[primary]["top1_drop"] <= args.max_drop}
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     md = render_markdown(report)
     targets = [out / f"{args.model}.calib"]
     if args.report:
-        targets.append(Path(args.report))
+        rp = Path(args.report)
+        targets.append(rp / f"{args.model}.calib" if args.report.endswith("/") or rp.is_dir() else rp)
     for stem in targets:
-        write_json(report, stem.with_name(stem.name + ".json"))
-        write_text(md, stem.with_name(stem.name + ".md"))
+        write_report(stem, report, md)
     print(md, flush=True)
     if "primary" in report and not report["primary"]["passed"]:
         raise AccuracyDropError(
@@ -321,9 +300,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    from .evaluate import markdown_table
-
-    hw = r["hardware"]
     cal = r["calibration"]
     pl = r["placement"]
     lines = [f"# INT8 calibration: {r['model']}", "",
@@ -343,8 +319,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines[-2] += "."
     if "accuracy" in r:
         v = r["validation"]
-        lines += [f"ONNX Runtime {hw['onnxruntime']} CPU ({hw['cpu']}, {hw['cpu_cores']} cores), "
-                  f"{v['images']} labeled images from `{v['data']}`.", ""]
+        lines += [f"ONNX Runtime CPU, {r.get('threads')} threads, {v['images']} labeled images from `{v['data']}`. "
+                  f"Host: {host_line(r['host'])}.", ""]
         rows = []
         for k, a in r["accuracy"].items():
             rows.append([k, a["top1"], a["top5"], a.get("top1_drop", 0.0) if k != "fp32" else "-",
@@ -367,22 +343,8 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    args.argv = argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from t2t_vit.data import DataError
-
-    from .policy import PolicyError
-    from .quantize import QuantizationError
-
-    try:
-        run(args)
-    except AccuracyDropError as e:
-        print(f"FAIL: {e}", file=sys.stderr)
-        return 1
-    except (CalibrationError, DataError, PolicyError, QuantizationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args, argv) and 0, "calibration.calib")
 
 
 if __name__ == "__main__":

@@ -21,53 +21,41 @@ import torch
 
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, Sample, class_balanced_subset, scan_image_folder
 from t2t_vit.files import atomic_torch_save
+from t2t_vit.labels import label_space, metadata_class_names
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["select_samples", "selection_key", "CachedImages", "load_or_preprocess", "label_space"]
+__all__ = ["select_samples", "selection_key", "CachedImages", "load_or_preprocess", "folder_label_space"]
 
 CACHE_VERSION = 1  # bump when the cache layout changes
 
 
-def label_space(metadata: Mapping[str, str], root: str | os.PathLike) -> dict[str, int] | None:
-    """Folder name -> label index for a model, so labels of a folder match its logits.
-
-    1000-class models use ImageNet's wnid order (Imagenette's synset folders map into it); models that
-    recorded ``class_names`` in their metadata use those; otherwise the sorted folder names are the
-    classes (torchvision ImageFolder order, as training used) and their count must match.
-    """
-    num_classes = int(metadata.get("num_classes", 0) or 0)
-    if num_classes == 1000:
-        from t2t_vit.data import imagenet_wnids
-
-        return {w: i for i, w in enumerate(imagenet_wnids())}
-    if metadata.get("class_names"):
-        names = json.loads(metadata["class_names"])
-        return {n: i for i, n in enumerate(names)}
+def folder_label_space(metadata: Mapping[str, str], root: str | os.PathLike) -> dict[str, int]:
+    """Folder name -> label index of the model an ONNX file holds (:func:`t2t_vit.labels.label_space`
+    with the class list and count recorded in its metadata)."""
     root = Path(root)
-    if root.is_dir():
-        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if num_classes and folders and len(folders) != num_classes:
-            raise DataError(
-                f"{root} has {len(folders)} class folders but the model has {num_classes} classes and its "
-                f"metadata records no class names; use a folder with exactly the training classes"
-            )
-    return None
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    folders = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    n = int(metadata.get("num_classes", 0) or 0) or None
+    return label_space(folders, metadata_class_names(metadata), n)[0]
 
 
 def select_samples(root: str | os.PathLike, n: int | None, seed: int = 0,
-                   class_to_idx: Mapping[str, int] | None = None, strict: bool = True) -> list[Sample]:
+                   class_to_idx: Mapping[str, int] | None = None, strict: bool = True,
+                   what: str = "the subset size") -> list[Sample]:
     """``n`` images of an ImageFolder tree, class-balanced and deterministic for a given ``seed``.
 
     Args:
         root: ``root/<class>/<image>`` folder.
         n: how many; None = all.
         seed: selection seed.
-        class_to_idx: folder name -> label (see :func:`label_space`).
+        class_to_idx: folder name -> label (see :func:`folder_label_space`).
         strict: raise when the folder holds fewer than ``n`` images (calibration); else take them all.
+        what: the user's flag or variable for ``n``, named in errors (``"--calib-size (CALIB_SIZE=)"``).
 
     Raises:
-        DataError: not ImageFolder-shaped, or fewer than ``n`` images with ``strict``.
+        DataError: not ImageFolder-shaped, ``n`` not positive, or fewer than ``n`` images with ``strict``.
     """
     samples, classes = scan_image_folder(root, class_to_idx)
     if n is None:
@@ -76,10 +64,10 @@ def select_samples(root: str | os.PathLike, n: int | None, seed: int = 0,
         if strict:
             raise DataError(
                 f"{root} holds {len(samples)} images in {len(classes)} class folders, fewer than the "
-                f"{n} requested; lower CALIB_SIZE (--calib-size {len(samples)}) or point at a larger folder"
+                f"{n} requested by {what}; lower it to {len(samples)} or point at a larger folder"
             )
         return samples
-    return class_balanced_subset(samples, n, seed)
+    return class_balanced_subset(samples, n, seed, what=what)
 
 
 def selection_key(samples: Sequence[Sample], config: DataConfig) -> str:
@@ -106,10 +94,6 @@ class CachedImages:
     from_cache: bool
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    atomic_torch_save(obj, path)
-
-
 def load_or_preprocess(samples: Sequence[Sample], config: DataConfig, cache_dir: str | os.PathLike,
                        prefix: str = "calib", batch_size: int = 32, num_workers: int = 0,
                        progress: bool = True) -> CachedImages:
@@ -131,6 +115,6 @@ def load_or_preprocess(samples: Sequence[Sample], config: DataConfig, cache_dir:
     images, labels, paths = batcher.tensor(progress=progress)
     if batcher.skipped:
         _logger.warning("%d unreadable images skipped: %s", len(batcher.skipped), batcher.skipped[:3])
-    _save_atomic({"key": key, "config": config.as_dict(), "images": images, "labels": labels,
+    atomic_torch_save({"key": key, "config": config.as_dict(), "images": images, "labels": labels,
                   "paths": paths, "skipped": list(batcher.skipped)}, path)
     return CachedImages(images, labels, paths, path, False)

@@ -3,7 +3,7 @@
 Why a policy at all: on vision transformers, quantizing residual Adds, Softmax, LayerNorm or GELU
 collapses accuracy (a reported ViT-B fell under 5% top-1 with a default "quantize everything" recipe),
 while quantizing only the inputs of the Linear/MatMul layers kept it within a point of fp32
-(REFERENCE.md section 3). TensorRT runs exactly the layers whose inputs carry Q/DQ in int8 and
+(NVIDIA's TensorRT Model Optimizer documentation on ViT INT8 placement). TensorRT runs exactly the layers whose inputs carry Q/DQ in int8 and
 everything else in the precision of the graph's tensors (fp16 here).
 
 Every MatMul/Gemm of an exported T2T-ViT is put in one *family*:
@@ -38,6 +38,10 @@ from typing import Any, Iterable, Mapping
 
 import onnx
 
+from t2t_vit.errors import T2TError
+from t2t_vit.graphs import consumers as _consumers
+from t2t_vit.graphs import producers as _producers
+
 __all__ = [
     "FAMILIES",
     "POLICIES",
@@ -65,7 +69,7 @@ NEVER_QUANTIZED_OPS = frozenset({
 })
 
 
-class PolicyError(ValueError):
+class PolicyError(T2TError, ValueError):
     """A policy name or option that does not exist; the message lists the valid ones."""
 
 
@@ -191,12 +195,7 @@ def _stage_of_ln(index: int, num_ln: int) -> str:
 
 def _producers_consumers(graph) -> tuple[dict[str, Any], dict[str, list]]:
     """tensor name -> the node producing it, and tensor name -> the nodes reading it."""
-    prod = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return prod, consumers
+    return _producers(graph), _consumers(graph)
 
 
 def classify_nodes(model: onnx.ModelProto) -> list[QuantCandidate]:

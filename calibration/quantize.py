@@ -29,7 +29,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from t2t_vit.files import atomic_save_onnx
+from export.patterns import FP32_ISLAND_REASON
+from t2t_vit.errors import T2TError
+from t2t_vit.graphs import default_opset, fp32_tensors, producers
 
 from .policy import NEVER_QUANTIZED_OPS, performer_core_nodes
 
@@ -45,22 +47,14 @@ __all__ = [
     "fp32_island",
     "FP32_ISLAND_REASON",
     "check_qdq",
-    "save_model_atomic",
-    "read_metadata",
 ]
 
 # CLI name -> onnxruntime CalibrationMethod attribute name.
 METHODS = {"entropy": "Entropy", "percentile": "Percentile", "max": "MinMax"}
 MIN_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear need opset 19
 
-try:  # the exporter's wording, so the fp16 and int8 reports give the same reason for the same island
-    from export.patterns import FP32_ISLAND_REASON
-except ImportError:  # calibration installed without the export stage
-    FP32_ISLAND_REASON = ("Performer linear-attention core kept fp32 (t2t_vit.layers.TokenPerformer.fp32_core): "
-                          "in fp16 its exponents lose their O(1) differences, D underflows and epsilon overflows")
 
-
-class QuantizationError(RuntimeError):
+class QuantizationError(T2TError, RuntimeError):
     """Quantization failed or produced a graph TensorRT would not accept; the message says why."""
 
 
@@ -106,35 +100,13 @@ class TensorDataReader:
         CalibrationDataReader.register(cls)
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write an ONNX model through a temp file in the same folder, then rename."""
-    return atomic_save_onnx(model, path)
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """``metadata_props`` of an ONNX file (the exporter's reader when that stage is installed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuantizationError(f"ONNX file not found: {path} (create it with `make onnx`)")
-    try:
-        from export.to_onnx import read_metadata as export_read_metadata
-    except ImportError:
-        model = onnx.load(str(path), load_external_data=False)
-        return {p.key: p.value for p in model.metadata_props}
-    return dict(export_read_metadata(path))
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.ModelProto:
     """The model at opset >= ``minimum`` (version-converted when older: Reduce*/Split changed at 18)."""
-    if _default_opset(model) >= minimum:
+    if default_opset(model) >= minimum:
         return model
     from onnx import version_converter
 
-    _logger.info("converting the graph from opset %d to %d (fp16 Q/DQ scales)", _default_opset(model), minimum)
+    _logger.info("converting the graph from opset %d to %d (fp16 Q/DQ scales)", default_opset(model), minimum)
     converted = version_converter.convert_version(model, minimum)
     # version_converter drops metadata_props on some versions; keep them.
     if not converted.metadata_props:
@@ -230,7 +202,7 @@ def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None =
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     _reroute_non_policy_consumers(qdq_model)
-    if _default_opset(qdq_model) < MIN_OPSET:
+    if default_opset(qdq_model) < MIN_OPSET:
         raise QuantizationError(f"fp16 Q/DQ scales need opset >= {MIN_OPSET}; run ensure_opset first")
     island = set(performer_core_nodes(qdq_model) if fp32_nodes is None else fp32_nodes)
     _own_island_initializers(qdq_model, island)
@@ -288,24 +260,9 @@ def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
 def fp32_island(model: onnx.ModelProto) -> dict:
     """The fp32 island of a mixed graph, as the export report records it: nodes, fp32 tensors, reason."""
     nodes = performer_core_nodes(model)
-    tensors = [t for t in _fp32_tensors(model) if t["producer"] != "graph input"]
+    tensors = [t for t in fp32_tensors(model) if t["producer"] != "graph input"]
     return {"pattern": "performer_core_fp32" if nodes else "none", "nodes": nodes,
             "fp32_tensors": [{**t, "reason": FP32_ISLAND_REASON} for t in tensors]}
-
-
-def _fp32_tensors(model: onnx.ModelProto) -> list[dict[str, str]]:
-    """float32 tensors (graph I/O excluded) and initializers, each with the node that makes it."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
-    prod = _producer_map(model.graph)
-    out = []
-    for vi in inferred.graph.value_info:
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in io:
-            p = prod.get(vi.name)
-            out.append({"tensor": vi.name, "producer": f"{p.op_type}:{p.name}" if p is not None else "?"})
-    out += [{"tensor": i.name, "producer": "initializer"} for i in model.graph.initializer
-            if i.data_type == TensorProto.FLOAT]
-    return out
 
 
 def _own_island_initializers(model: onnx.ModelProto, island: set[str]) -> int:
@@ -347,7 +304,7 @@ def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
     see int8-rounded values; the others get the original tensor back (the input of the Q node).
     """
     graph = model.graph
-    prod = _producer_map(graph)
+    prod = producers(graph)
     moved = 0
     for node in graph.node:
         if node.op_type in ("MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"):
@@ -361,10 +318,6 @@ def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
                 node.input[i] = q.input[0]
                 moved += 1
     return moved
-
-
-def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
 
 
 def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16: bool = True,
@@ -388,7 +341,7 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    prod = _producer_map(graph)
+    prod = producers(graph)
     expected = set(expected_nodes)
     problems: list[str] = []
     n_weight = n_act = 0

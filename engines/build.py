@@ -24,15 +24,20 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from engines.sidecar import make_sidecar, sidecar_path, write_sidecar
-from engines.trt_compat import TensorRTUnavailable, gpu_info, import_tensorrt, network_creation_flags
-from t2t_vit.files import atomic_write_bytes
+from t2t_vit.artifacts import ENGINE_PRECISIONS, default_out, engine_path, make_hint, onnx_path
+from t2t_vit.cli import add_stage_args, run_command
+from t2t_vit.data import DataConfig, DataError
+from t2t_vit.errors import T2TError
+from t2t_vit.files import atomic_write_bytes, file_sha256
+from t2t_vit.graphs import graph_inputs, read_metadata
+
+from .sidecar import make_sidecar, sidecar_path, write_sidecar
+from .trt_compat import TensorRTUnavailable, gpu_info, import_tensorrt, network_creation_flags
 
 _logger = logging.getLogger(__name__)
 
@@ -41,8 +46,6 @@ __all__ = [
     "BuildError",
     "BuildSettings",
     "OnnxInputs",
-    "onnx_path_for",
-    "engine_path_for",
     "inspect_onnx",
     "profile_shapes",
     "plan_build",
@@ -52,10 +55,10 @@ __all__ = [
     "main",
 ]
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ENGINE_PRECISIONS
 
 
-class BuildError(RuntimeError):
+class BuildError(T2TError, RuntimeError):
     """The engine cannot be built as asked; the message says how to fix it."""
 
 
@@ -88,33 +91,9 @@ class OnnxInputs:
     metadata: dict[str, str]
 
 
-def onnx_path_for(out: str | os.PathLike, model: str, precision: str) -> Path:
-    return Path(out) / f"{model}.{precision}.onnx"
-
-
-def engine_path_for(out: str | os.PathLike, model: str, precision: str) -> Path:
-    return Path(out) / f"{model}.{precision}.engine"
-
-
-def _make_hint(precision: str, model: str) -> str:
-    return (f"`make calib MODEL={model}`" if precision == "int8" else f"`make onnx MODEL={model}`")
-
-
 def inspect_onnx(path: str | os.PathLike) -> OnnxInputs:
     """Input names/dims and metadata of an ONNX file, without loading external weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    inputs: dict[str, list[int | str]] = {}
-    for value in model.graph.input:
-        if value.name in initializers:  # old exporters list weights as inputs
-            continue
-        dims: list[int | str] = []
-        for d in value.type.tensor_type.shape.dim:
-            dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?"))
-        inputs[value.name] = dims
-    return OnnxInputs(inputs=inputs, metadata={p.key: p.value for p in model.metadata_props})
+    return OnnxInputs(inputs=graph_inputs(path), metadata=read_metadata(path))
 
 
 def profile_shapes(inputs: dict[str, list[int | str]], settings: BuildSettings,
@@ -152,7 +131,7 @@ def profile_shapes(inputs: dict[str, list[int | str]], settings: BuildSettings,
 
 
 def plan_build(model: str, precision: str, out: str | os.PathLike, settings: BuildSettings,
-               onnx_path: str | os.PathLike | None = None, engine_path: str | os.PathLike | None = None,
+               onnx_file: str | os.PathLike | None = None, engine_file: str | os.PathLike | None = None,
                img_size: int | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """Everything about a build that can be known without TensorRT: paths, shapes, data config.
 
@@ -161,38 +140,34 @@ def plan_build(model: str, precision: str, out: str | os.PathLike, settings: Bui
     Raises:
         BuildError: missing ONNX, precision or data config disagreeing with the graph, bad profile.
     """
-    from t2t_vit.data import DataConfig, DataError
-
     if precision not in PRECISIONS:
         raise BuildError(f"precision {precision!r}: use one of {PRECISIONS}")
-    onnx_path = Path(onnx_path) if onnx_path else onnx_path_for(out, model, precision)
-    engine_path = Path(engine_path) if engine_path else engine_path_for(out, model, precision)
-    if not onnx_path.is_file():
-        raise BuildError(f"{onnx_path} not found: create it with {_make_hint(precision, model)} "
+    onnx_file = Path(onnx_file) if onnx_file else onnx_path(out, model, precision)
+    engine_file = Path(engine_file) if engine_file else engine_path(out, model, precision)
+    if not onnx_file.is_file():
+        raise BuildError(f"{onnx_file} not found: create it with {make_hint(precision, model)} "
                          f"(or pass --onnx PATH)")
-    info = inspect_onnx(onnx_path)
+    info = inspect_onnx(onnx_file)
     meta = info.metadata
     if meta.get("precision") and meta["precision"] != precision:
-        raise BuildError(f"{onnx_path} is a {meta['precision']} graph (metadata `precision`) but --precision is "
+        raise BuildError(f"{onnx_file} is a {meta['precision']} graph (metadata `precision`) but --precision is "
                          f"{precision}; precision is a property of the ONNX graph, so build from "
-                         f"{onnx_path_for(onnx_path.parent, model, precision).name}")
+                         f"{onnx_path(onnx_file.parent, model, precision).name}")
     if meta.get("model") and meta["model"] != model:
-        raise BuildError(f"{onnx_path} holds {meta['model']} (metadata `model`), not {model}; check --model/--onnx")
+        raise BuildError(f"{onnx_file} holds {meta['model']} (metadata `model`), not {model}; check --model/--onnx")
     if checkpoint is not None and meta.get("checkpoint_sha256"):
-        from t2t_vit.checkpoint import file_sha256
-
         if not Path(checkpoint).is_file():
             raise BuildError(f"checkpoint {checkpoint} not found")
         if file_sha256(checkpoint) != meta["checkpoint_sha256"]:
-            raise BuildError(f"{onnx_path} was exported from another checkpoint than {checkpoint} (metadata "
+            raise BuildError(f"{onnx_file} was exported from another checkpoint than {checkpoint} (metadata "
                              f"checkpoint_sha256); re-export with `make onnx CHECKPOINT={checkpoint}`")
     try:
         data_config = DataConfig.from_metadata(meta).to_metadata()
     except DataError as e:
-        raise BuildError(f"{onnx_path}: {e}") from e
+        raise BuildError(f"{onnx_file}: {e}") from e
     shapes = profile_shapes(info.inputs, settings, img_size=img_size)
-    return {"model": model, "precision": precision, "onnx": str(onnx_path), "engine": str(engine_path),
-            "sidecar": str(sidecar_path(engine_path)), "profile": shapes, "data_config": data_config,
+    return {"model": model, "precision": precision, "onnx": str(onnx_file), "engine": str(engine_file),
+            "sidecar": str(sidecar_path(engine_file)), "profile": shapes, "data_config": data_config,
             "onnx_metadata": meta, "settings": asdict(settings)}
 
 
@@ -202,15 +177,7 @@ def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
     return Path(".cache") / "tensorrt" / f"timing-trt{tensorrt_version}-{slug}.cache"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _build_serialized(trt: Any, onnx_path: Path, shapes: dict[str, dict[str, list[int]]], settings: BuildSettings,
+def _build_serialized(trt: Any, onnx_file: Path, shapes: dict[str, dict[str, list[int]]], settings: BuildSettings,
                       cache_bytes: bytes) -> tuple[Any, Any]:
     """The TensorRT part: parse, configure, build. Returns (serialized engine, serialized timing cache)."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -218,9 +185,9 @@ def _build_serialized(trt: Any, onnx_path: Path, shapes: dict[str, dict[str, lis
     network = builder.create_network(network_creation_flags(trt))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse) so weights stored as ONNX external data next to the file are found.
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(onnx_file)):
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
+        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_file}:\n  {errors}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mib) << 20)
@@ -243,14 +210,14 @@ def _build_serialized(trt: Any, onnx_path: Path, shapes: dict[str, dict[str, lis
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildError(f"TensorRT failed to build an engine from {onnx_path}; the builder's errors are above "
+        raise BuildError(f"TensorRT failed to build an engine from {onnx_file}; the builder's errors are above "
                          f"(try a larger --workspace-mib, or check the graph with `polygraphy inspect model`)")
     timing_cache = config.get_timing_cache()  # now holds this build's tactic timings too
     return serialized, timing_cache.serialize()
 
 
 def build_engine(model: str, precision: str, out: str | os.PathLike, settings: BuildSettings = BuildSettings(),
-                 onnx_path: str | os.PathLike | None = None, engine_path: str | os.PathLike | None = None,
+                 onnx_file: str | os.PathLike | None = None, engine_file: str | os.PathLike | None = None,
                  img_size: int | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """Build ``<out>/<model>.<precision>.engine`` and its sidecar; returns the sidecar.
 
@@ -261,7 +228,7 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
         BuildError: bad input, or the build failed.
     """
     trt = import_tensorrt()
-    plan = plan_build(model, precision, out, settings, onnx_path, engine_path, img_size, checkpoint)
+    plan = plan_build(model, precision, out, settings, onnx_file, engine_file, img_size, checkpoint)
     onnx_file, engine_file = Path(plan["onnx"]), Path(plan["engine"])
     gpu = gpu_info()
     cache_file = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu["name"])
@@ -275,7 +242,7 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
     atomic_write_bytes(cache_file, cache_out)
     sidecar = make_sidecar(
         model=model, precision=precision, profile=plan["profile"], onnx_path=onnx_file,
-        onnx_sha256=_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
+        onnx_sha256=file_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
         tensorrt_version=trt.__version__, gpu=gpu, build_time_s=build_time,
         built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         onnx_metadata=plan["onnx_metadata"], data_config=plan["data_config"],
@@ -290,53 +257,53 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Build a strongly typed TensorRT engine from a typed ONNX graph",
                                 add_help=add_help)
-    p.add_argument("--model", required=True, help="registered model name, e.g. t2t_vit_12")
-    p.add_argument("--checkpoint", default=None,
-                   help="the weights come from the ONNX file; if given, it must be the checkpoint the ONNX metadata records")
-    p.add_argument("--img-size", type=int, default=None, help="check the ONNX input is this size (default: as exported)")
-    p.add_argument("--out", default=None, help="artifact folder (default: artifacts/<model>)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+    add_stage_args(p, weights=False,
+                   checkpoint_help="the weights come from the ONNX file; if given, it must be the checkpoint the "
+                                   "ONNX metadata records",
+                   img_size_help="check the ONNX input is this size (default: as exported)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp16",
                    help="which typed ONNX to build: <out>/<model>.<precision>.onnx (default: fp16)")
-    p.add_argument("--onnx", default=None, help="ONNX file to build instead of <out>/<model>.<precision>.onnx")
-    p.add_argument("--engine", default=None, help="engine path (default: <out>/<model>.<precision>.engine)")
+    g.add_argument("--onnx", default=None, help="ONNX file to build instead of <out>/<model>.<precision>.onnx")
+    g.add_argument("--engine", default=None, help="engine path (default: <out>/<model>.<precision>.engine)")
     d = BuildSettings()
-    p.add_argument("--min-batch", type=int, default=d.min_batch, help=f"profile minimum batch (default {d.min_batch})")
-    p.add_argument("--opt-batch", type=int, default=d.opt_batch, help=f"profile optimum batch (default {d.opt_batch})")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"profile maximum batch (default {d.max_batch})")
-    p.add_argument("--workspace-mib", type=int, default=d.workspace_mib,
+    g.add_argument("--min-batch", type=int, default=d.min_batch, help=f"profile minimum batch (default {d.min_batch})")
+    g.add_argument("--opt-batch", type=int, default=d.opt_batch, help=f"profile optimum batch (default {d.opt_batch})")
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help=f"profile maximum batch (default {d.max_batch})")
+    g.add_argument("--workspace-mib", type=int, default=d.workspace_mib,
                    help=f"builder workspace limit in MiB (default {d.workspace_mib})")
-    p.add_argument("--opt-level", type=int, default=d.opt_level,
+    g.add_argument("--opt-level", type=int, default=d.opt_level,
                    help=f"builder optimization level 0-5 (default {d.opt_level}, TensorRT's default)")
-    p.add_argument("--timing-cache", default=None,
+    g.add_argument("--timing-cache", default=None,
                    help="timing cache file, read and updated (default .cache/tensorrt/timing-<trt>-<gpu>.cache)")
-    p.add_argument("--dry-run", action="store_true", help="print the build plan as JSON; needs no TensorRT")
+    g.add_argument("--dry-run", action="store_true", help="print the build plan as JSON; needs no TensorRT")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(args.out) if args.out else Path("artifacts") / args.model
+    out = Path(args.out) if args.out else default_out(args.model)
     settings = BuildSettings(args.min_batch, args.opt_batch, args.max_batch, args.workspace_mib, args.opt_level,
                              args.timing_cache)
-    try:
+
+    def body() -> int:
         if args.dry_run:
             plan = plan_build(args.model, args.precision, out, settings, args.onnx, args.engine, args.img_size,
                               args.checkpoint)
             print(json.dumps(plan, indent=2))
             return 0
-        sidecar = build_engine(args.model, args.precision, out, settings, args.onnx, args.engine, args.img_size,
-                               args.checkpoint)
-    except TensorRTUnavailable as e:
-        print(f"error: cannot build a TensorRT engine: {e}\n(nothing was written)", file=sys.stderr)
-        return 2
-    except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    engine = args.engine or engine_path_for(out, args.model, args.precision)
-    print(f"wrote {engine} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']['name']}, "
-          f"{sidecar['build_time_s']:.1f} s) and {sidecar_path(engine)}")
-    return 0
+        try:
+            sidecar = build_engine(args.model, args.precision, out, settings, args.onnx, args.engine, args.img_size,
+                                   args.checkpoint)
+        except TensorRTUnavailable as e:  # raised before anything is read or written
+            raise TensorRTUnavailable(f"cannot build a TensorRT engine: {e}\n(nothing was written)") from e
+        engine = args.engine or engine_path(out, args.model, args.precision)
+        print(f"wrote {engine} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']['name']}, "
+              f"{sidecar['build_time_s']:.1f} s) and {sidecar_path(engine)}")
+        return 0
+
+    return run_command(body, "engines.build")
 
 
 if __name__ == "__main__":

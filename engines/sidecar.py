@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from t2t_vit.data import DataConfig
+from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_write_json
 
 __all__ = [
@@ -32,11 +34,11 @@ _REQUIRED = ("format", "model", "precision", "profile", "onnx_sha256", "engine_s
              "gpu", "data_config")
 
 
-class SidecarError(RuntimeError):
+class SidecarError(T2TError, RuntimeError):
     """The sidecar is missing or unreadable; the message says how to fix it."""
 
 
-class EngineMismatchError(RuntimeError):
+class EngineMismatchError(T2TError, RuntimeError):
     """The engine was built for another TensorRT version or GPU (or the file changed since)."""
 
 
@@ -138,6 +140,4 @@ def check_sidecar(sidecar: Mapping[str, Any], *, tensorrt_version: str, gpu_name
 
 def data_config_from_sidecar(sidecar: Mapping[str, Any]):
     """The :class:`t2t_vit.data.DataConfig` recorded at build time."""
-    from t2t_vit.data import DataConfig
-
     return DataConfig.from_metadata(sidecar["data_config"])

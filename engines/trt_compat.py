@@ -22,6 +22,8 @@ import importlib.util
 import re
 from typing import Any
 
+from t2t_vit.errors import T2TError
+
 __all__ = [
     "INSTALL_HINT",
     "TensorRTUnavailable",
@@ -88,7 +90,7 @@ TRT_OBJECT_NAMES: frozenset[str] = frozenset({
 TRT_MODULES: tuple[str, ...] = ("engines/trt_compat.py", "engines/build.py", "engines/trt_runtime.py")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(T2TError, RuntimeError):
     """TensorRT (or a GPU for it) is missing or too old; the message says what to install."""
 
 

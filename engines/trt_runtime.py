@@ -1,4 +1,4 @@
-"""Run a TensorRT engine behind the shared :class:`engines.runners.Runner` interface.
+"""Run a TensorRT engine behind the shared :class:`t2t_vit.runners.Runner` interface.
 
 TensorRT 10/11 tensor API only (unchanged between the two): ``set_input_shape``, ``set_tensor_address``
 and ``execute_async_v3`` on a CUDA stream, with input/output buffers held as torch CUDA tensors (so no
@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.runners import Runner, RunnerError
-from engines.sidecar import check_sidecar, data_config_from_sidecar, read_sidecar
-from engines.trt_compat import gpu_info, import_tensorrt, tensorrt_availability
+from t2t_vit.runners import Runner, RunnerError
+
+from .sidecar import check_sidecar, data_config_from_sidecar, read_sidecar
+from .trt_compat import gpu_info, import_tensorrt, tensorrt_availability
 
 __all__ = ["TensorRTRunner", "batch_chunks"]
 

@@ -14,7 +14,12 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from engines.trt_compat import parse_version
+from t2t_vit.errors import T2TError
+from t2t_vit.files import atomic_write_text
+from t2t_vit.timing import run_child
+
+from .trt_compat import parse_version
+from .trtexec_log import TrtexecLogError, parse_summary, version_from_log
 
 __all__ = ["TrtexecError", "TimingBudget", "SAME_MEASUREMENT_FLAGS_10", "find_trtexec", "trtexec_version",
            "trtexec_command", "run_trtexec"]
@@ -23,7 +28,7 @@ __all__ = ["TrtexecError", "TimingBudget", "SAME_MEASUREMENT_FLAGS_10", "find_tr
 SAME_MEASUREMENT_FLAGS_10 = ("--useCudaGraph", "--noDataTransfers", "--useSpinWait")
 
 
-class TrtexecError(RuntimeError):
+class TrtexecError(T2TError, RuntimeError):
     """trtexec is missing or failed; the message says what to do."""
 
 
@@ -54,10 +59,8 @@ def find_trtexec(path: str | None = None) -> str:
 
 def trtexec_version(binary: str, timeout_s: float = 60.0) -> str:
     """TensorRT version of a trtexec binary, from the ``[TensorRT vNNNNNN]`` tag it prints on every run."""
-    from engines.trtexec_log import version_from_log
-
     try:
-        proc = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=timeout_s)
+        proc = run_child([binary, "--help"], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise TrtexecError(f"cannot run {binary} --help: {e}") from e
     version = version_from_log(proc.stdout + proc.stderr)
@@ -112,11 +115,8 @@ def run_trtexec(cmd: Sequence[str], log_path: str | os.PathLike, batch: int, tim
     Raises:
         TrtexecError: trtexec failed or printed no performance summary (the log is kept for reading).
     """
-    from t2t_vit.files import atomic_write_text
-    from engines.trtexec_log import TrtexecLogError, parse_summary
-
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s)
+        proc = run_child(list(cmd), capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise TrtexecError(f"{shlex.join(cmd)}: {e}") from e
     text = proc.stdout + (("\n" + proc.stderr) if proc.stderr else "")

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from t2t_vit.cli import run_command
+from t2t_vit.errors import T2TError
 
 __all__ = ["TrtexecLogError", "parse_summary", "parse_log_file", "batch_from_command", "version_from_log",
            "get_args_parser", "main"]
@@ -46,7 +48,7 @@ _STAT_KEYS = {
 }
 
 
-class TrtexecLogError(ValueError):
+class TrtexecLogError(T2TError, ValueError):
     """The log holds no (or a malformed) performance summary; the message says what it found instead."""
 
 
@@ -219,13 +221,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        summary = parse_log_file(args.log, batch=args.batch)
-    except TrtexecLogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=2))
-    return 0
+
+    def body() -> int:
+        print(json.dumps(parse_log_file(args.log, batch=args.batch), indent=2))
+        return 0
+
+    return run_command(body, "engines.trtexec_log")
 
 
 if __name__ == "__main__":

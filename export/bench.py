@@ -16,30 +16,34 @@ Each row: node count, file size, export time and ORT CPU throughput at batch 1 a
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import contextlib
-import os
+import io
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import onnx
 import torch
+from tqdm import tqdm
+
+from t2t_vit.checkpoint import build_model
+from t2t_vit.cli import apply_threads, comma_list, run_command
+from t2t_vit.graphs import ort_session
+from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.timing import load_average, time_calls
 
 from . import to_onnx
-from . import validate as V
+from .patterns import apply_export_patterns, op_census
 
 __all__ = ["plain_export", "throughput", "bench_model", "get_args_parser", "main"]
 
 
 def plain_export(model: torch.nn.Module, path: Path, opset: int = to_onnx.DEFAULT_OPSET) -> Path:
     """``torch.onnx.export`` of the model as trained (Unfold, SDPA), default exporter, no simplification."""
-    from .patterns import apply_export_patterns
-
     ref = apply_export_patterns(model, patterns=False)
     x = torch.randn(2, 3, ref.img_size, ref.img_size)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -54,32 +58,18 @@ def throughput(path: Path, batch: int, img_size: int, min_runs: int = 5, min_sec
                threads: int | None = None) -> dict[str, Any]:
     """Images/s and median latency of one ORT CPU session (3 warm-up runs, then >= min_runs and
     >= min_seconds of timed runs)."""
-    sess = V.ort_session(path, threads=threads)
+    sess = ort_session(path, threads=threads)
     inp = sess.get_inputs()[0]
     dtype = np.float16 if "float16" in inp.type else np.float32
     x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(dtype)
-    for _ in range(3):
-        sess.run(None, {inp.name: x})
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append(time.perf_counter() - t0)
+    times = time_calls(lambda: sess.run(None, {inp.name: x}), warmup=3, min_iters=min_runs, min_time_s=min_seconds)
     med = statistics.median(times)
     return {"batch": batch, "runs": len(times), "median_ms": round(1e3 * med, 2),
             "images_per_s": round(batch / med, 2)}
 
 
 def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, ...] = (1, 8),
-                dynamo_row: bool = True, min_seconds: float = 3.0) -> dict[str, Any]:
-    from t2t_vit.checkpoint import build_model
-    from tqdm import tqdm
-
-    import onnx
-
-    from .patterns import op_census
-
+                dynamo_row: bool = True, min_seconds: float = 3.0, threads: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(name, img_size=img_size).eval()
     size = model.img_size
@@ -103,7 +93,7 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
         census = op_census(proto)
         row = {"graph": label, "nodes": len(proto.graph.node), "file_mib": round(path.stat().st_size / 2**20, 2),
                "export_s": round(export_s, 1), "op_census": census,
-               "throughput": [throughput(path, b, size, min_seconds=min_seconds) for b in batches]}
+               "throughput": [throughput(path, b, size, min_seconds=min_seconds, threads=threads) for b in batches]}
         rows.append(row)
         path.unlink()
     work.rmdir()
@@ -111,11 +101,11 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
     lines = ["# ONNX Runtime CPU benchmark of the exported graphs", "",
-             f"Hardware: {env['cpu']}, {env['cpu_cores']} cores (load average at start {report['load_average']}); "
-             f"onnxruntime {env['onnxruntime']} CPUExecutionProvider, torch {env['torch']}, onnx {env['onnx']}. "
-             f"Throughput is images/s at the median run latency. Command: `{report['command']}`.", ""]
+             f"`{report['command']}`", "",
+             f"Host: {host_line(report['host'])}; load average at the end {report['load_average_end']}. "
+             f"ONNX Runtime CPUExecutionProvider, {report['threads']} threads. Throughput is images/s at the "
+             f"median run latency.", ""]
     for m in report["models"]:
         batches = [t["batch"] for t in m["rows"][0]["throughput"]]
         lines += [f"## {m['model']} ({m['img_size']} px)", "",
@@ -138,41 +128,35 @@ def render_markdown(report: dict[str, Any]) -> str:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="ORT CPU benchmark: patterned vs plain vs fp16 ONNX graphs",
                                 add_help=add_help)
-    p.add_argument("--models", nargs="+", default=["t2t_vit_7", "t2t_vit_14"], help="models (default t2t_vit_7 t2t_vit_14)")
+    p.add_argument("--models", type=comma_list(str), default=["t2t_vit_7", "t2t_vit_14"],
+                   help="models, comma-separated (default t2t_vit_7,t2t_vit_14)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: registry, 224)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    p.add_argument("--batches", type=comma_list(int), default=[1, 8], help="batch sizes, comma-separated (default 1,8)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per measurement (default 3)")
+    p.add_argument("--threads", default="auto", help="ONNX Runtime intra-op threads: a number or auto (idle cores)")
     p.add_argument("--no-dynamo-row", action="store_true", help="skip the dynamo-exporter row")
     p.add_argument("--out", default="reports", help="output folder (default reports)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    try:
+
+    def body() -> int:
+        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: cannot create {out}: {e}", file=sys.stderr)
-        return 2
-    report: dict[str, Any] = {
-        "command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-        "environment": V.environment(),
-        "models": [],
-    }
-    try:
+        threads = apply_threads(args.threads)
+        report: dict[str, Any] = {**report_header("export.bench", argv), "threads": threads, "models": []}
         for name in args.models:
             report["models"].append(bench_model(name, args.img_size, out, tuple(args.batches),
-                                                not args.no_dynamo_row, args.min_seconds))
-    except (ValueError, to_onnx.ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report["load_average_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    to_onnx._atomic_write_text(json.dumps(report, indent=2) + "\n", out / "bench-onnx-cpu.json")
-    to_onnx._atomic_write_text(render_markdown(report), out / "bench-onnx-cpu.md")
-    print(render_markdown(report))
-    return 0
+                                                not args.no_dynamo_row, args.min_seconds, threads))
+        report["load_average_end"] = load_average()
+        md = render_markdown(report)
+        write_report(out / "bench-onnx-cpu", report, md)
+        print(md)
+        return 0
+
+    return run_command(body, "export.bench")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ from typing import Any
 
 from torch import nn
 
+from t2t_vit.errors import T2TError
+from t2t_vit.graphs import ONNX_FLOAT, ONNX_FLOAT16, consumers, producers, value_types
+from t2t_vit.layers import Attention, TokenAttention
+
 __all__ = [
     "FORBIDDEN_OPS",
     "apply_export_patterns",
@@ -44,6 +48,7 @@ __all__ = [
     "count_layernorms",
     "count_softmax_attention",
     "check_patterns",
+    "attention_chains",
     "PatternError",
 ]
 
@@ -51,11 +56,7 @@ __all__ = [
 # gather/scatter/im2col families exporters use to decompose Unfold.
 FORBIDDEN_OPS = ("Einsum", "GatherND", "ScatterND", "ScatterElements", "GatherElements", "Col2Im", "Im2Col")
 
-_ONNX_FLOAT = 1
-_ONNX_FLOAT16 = 10
-
-
-class PatternError(RuntimeError):
+class PatternError(T2TError, RuntimeError):
     """An exported graph does not have the TensorRT-friendly form; the message names the pattern."""
 
 
@@ -112,14 +113,6 @@ def apply_export_patterns(model: nn.Module, patterns: bool = True) -> nn.Module:
     return out
 
 
-def _consumers(graph) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def _cast_to(node) -> int | None:
     for a in node.attribute:
         if a.name == "to":
@@ -135,19 +128,13 @@ def remove_reduction_upcasts(model_proto, ops: tuple[str, ...] = ("ReduceSum", "
     are rewritten; anything else is left as is. Returns the model and the names of the reductions
     that now run in fp16.
     """
-    import onnx
-
     graph = model_proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producers(graph)
     if not any(n.op_type in ops and n.input and getattr(producer.get(n.input[0]), "op_type", "") == "Cast"
                for n in graph.node):
         return model_proto, []  # nothing to rewrite: skip shape inference (a copy of every weight)
-    inferred = onnx.shape_inference.infer_shapes(model_proto)
-    elem_type = {vi.name: vi.type.tensor_type.elem_type for vi in
-                 list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    for init in model_proto.graph.initializer:
-        elem_type[init.name] = init.data_type
-    consumers = _consumers(graph)
+    elem_type = value_types(model_proto)
+    readers = consumers(graph)
     graph_outputs = {o.name for o in graph.output}
     rewired: list[str] = []
     dead: list = []
@@ -155,12 +142,12 @@ def remove_reduction_upcasts(model_proto, ops: tuple[str, ...] = ("ReduceSum", "
         if node.op_type not in ops:
             continue
         up = producer.get(node.input[0])
-        if up is None or up.op_type != "Cast" or _cast_to(up) != _ONNX_FLOAT:
+        if up is None or up.op_type != "Cast" or _cast_to(up) != ONNX_FLOAT:
             continue
-        if elem_type.get(up.input[0]) != _ONNX_FLOAT16 or len(consumers.get(up.output[0], [])) != 1:
+        if elem_type.get(up.input[0]) != ONNX_FLOAT16 or len(readers.get(up.output[0], [])) != 1:
             continue
-        downs = consumers.get(node.output[0], [])
-        if len(downs) != 1 or downs[0].op_type != "Cast" or _cast_to(downs[0]) != _ONNX_FLOAT16:
+        downs = readers.get(node.output[0], [])
+        if len(downs) != 1 or downs[0].op_type != "Cast" or _cast_to(downs[0]) != ONNX_FLOAT16:
             continue
         if node.output[0] in graph_outputs:
             continue
@@ -199,8 +186,6 @@ def count_layernorms(model: nn.Module) -> int:
 
 def count_softmax_attention(model: nn.Module) -> int:
     """Number of softmax attention blocks (backbone Attention + token-transformer attention)."""
-    from t2t_vit.layers import Attention, TokenAttention
-
     return sum(isinstance(m, (Attention, TokenAttention)) for m in model.modules())
 
 
@@ -247,15 +232,15 @@ def _softmax_last_axis(model_proto) -> bool:
 def attention_chains(model_proto) -> list[dict[str, Any]]:
     """For every Softmax: the MatMul feeding it, whether its Q input is scaled by a Mul before the
     MatMul, and the MatMul consuming the Softmax. Used by the tests to assert TensorRT's MHA form."""
-    producer = {o: n for n in model_proto.graph.node for o in n.output}
-    consumers = _consumers(model_proto.graph)
+    producer = producers(model_proto.graph)
+    readers = consumers(model_proto.graph)
     chains = []
     for n in model_proto.graph.node:
         if n.op_type != "Softmax":
             continue
         mm1 = producer.get(n.input[0])
         q_src = producer.get(mm1.input[0]) if mm1 is not None and mm1.op_type == "MatMul" else None
-        nxt = consumers.get(n.output[0], [])
+        nxt = readers.get(n.output[0], [])
         chains.append({
             "softmax": n.name,
             "qk_matmul": mm1 is not None and mm1.op_type == "MatMul",
@@ -264,22 +249,3 @@ def attention_chains(model_proto) -> list[dict[str, Any]]:
             "qk_output": mm1.output[0] if mm1 is not None else None,
         })
     return chains
-
-
-def fp32_tensors(model_proto) -> list[dict[str, str]]:
-    """Tensors of an fp16 graph that are float32 (besides the graph I/O), with the node making them."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model_proto)
-    io = {v.name for v in list(model_proto.graph.input) + list(model_proto.graph.output)}
-    producer = {o: n for n in model_proto.graph.node for o in n.output}
-    out = []
-    for vi in inferred.graph.value_info:
-        if vi.type.tensor_type.elem_type == _ONNX_FLOAT and vi.name not in io:
-            p = producer.get(vi.name)
-            out.append({"tensor": vi.name, "producer": f"{p.op_type}:{p.name}" if p is not None else "?"})
-    for init in model_proto.graph.initializer:
-        if init.data_type == _ONNX_FLOAT:
-            out.append({"tensor": init.name, "producer": "initializer"})
-    return out
-

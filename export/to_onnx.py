@@ -1,10 +1,10 @@
 """Export a T2T-ViT to TensorRT-friendly, precision-typed ONNX graphs and validate them on ONNX Runtime.
 
-Library API (used by the calibration and engine stages)::
+Library API (used by the calibration stage)::
 
-    from export.to_onnx import export_onnx, read_metadata
+    from export.to_onnx import export_onnx
     export_onnx(model, "artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx", precision="fp16", metadata=meta)
-    read_metadata("artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx")  # -> {"model": "t2t_vit_7", ...}
+    t2t_vit.graphs.read_metadata("artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx")  # -> {"model": "t2t_vit_7", ...}
 
 Command line (``make onnx MODEL=t2t_vit_7 CHECKPOINT=...``)::
 
@@ -13,7 +13,7 @@ Command line (``make onnx MODEL=t2t_vit_7 CHECKPOINT=...``)::
 writes ``<out>/<model>.fp32.onnx``, ``<out>/<model>.fp16.onnx`` and ``<out>/<model>.export.{json,md}``
 (op census, sizes, validation against PyTorch on real images, fp32 tensors kept in the fp16 graph).
 
-Choices (measured and explained in the README's export section):
+Choices (explained in docs/export.md):
 
 * Opset 18. LayerNormalization needs >= 17; 18 is the lowest opset torch 2.14's exporters write natively
   (the dynamo exporter down-converts from 18 when asked for 17), and GELU stays the Erf form every
@@ -33,6 +33,8 @@ Choices (measured and explained in the README's export section):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -40,22 +42,31 @@ import sys
 import time
 import warnings
 from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from t2t_vit.files import atomic_save_onnx, atomic_write_text
+import t2t_vit
+from t2t_vit.artifacts import default_out, onnx_path
+from t2t_vit.checkpoint import build_model
+from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.data import DataConfig
+from t2t_vit.errors import T2TError, ThresholdMissed
+from t2t_vit.files import OutputLock, atomic_save_onnx, ensure_dir, file_sha256
+from t2t_vit.graphs import fp32_tensors, read_metadata, set_metadata
+from t2t_vit.reports import host_line, report_header, write_report
 
 from . import patterns as P
+from . import validate as V
 
 __all__ = [
     "DEFAULT_OPSET",
     "PRECISIONS",
     "ExportError",
     "export_onnx",
-    "read_metadata",
     "model_metadata",
     "export_model",
     "get_args_parser",
@@ -68,12 +79,10 @@ DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 23
 PRECISIONS = ("fp32", "fp16")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenette2" / "val"
 RANDOM_WEIGHTS_SHA = "none (random weights)"
 
 
-class ExportError(RuntimeError):
+class ExportError(T2TError, RuntimeError):
     """Export failed or cannot start; the message says how to fix it."""
 
 
@@ -90,12 +99,8 @@ class _Fp16WithFp32IO(nn.Module):
 
 def _project_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("t2t-vit-deploy")
-    except Exception:  # not installed (running from a bare checkout)
-        import t2t_vit
-
+    except PackageNotFoundError:  # not installed (running from a bare checkout)
         return t2t_vit.__version__
 
 
@@ -107,9 +112,6 @@ def _model_name(model: nn.Module) -> str:
 def model_metadata(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
     """The metadata every exported graph carries: model, num_classes, checkpoint sha256, project
     version and the model's :class:`t2t_vit.data.DataConfig` (so no later stage guesses preprocessing)."""
-    from t2t_vit.checkpoint import file_sha256
-    from t2t_vit.data import DataConfig
-
     meta = {
         "model": _model_name(model),
         "num_classes": str(int(getattr(model, "num_classes", 0))),
@@ -124,23 +126,9 @@ def model_metadata(model: nn.Module, checkpoint: str | os.PathLike | None = None
 
 
 def _check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create the output folder {path.parent}: {e}; pass --out a writable folder") from e
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"output folder {path.parent} is not writable; pass --out a writable folder")
+    ensure_dir(path.parent, error=ExportError)
     if path.is_dir():
         raise ExportError(f"output path {path} is a folder; pass a file name ending in .onnx")
-
-
-def _atomic_save(model_proto: Any, path: Path) -> None:
-    """Never a half-written file: temporary file beside ``path``, then rename."""
-    atomic_save_onnx(model_proto, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    atomic_write_text(path, text)
 
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -152,11 +140,8 @@ def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, exporter
 
     ``torchscript`` (default) is the legacy tracer: deprecated in torch 2.14 but 5-10x faster, and it
     exports an fp16 model without fp32 islands. ``dynamo`` traces with torch.export; after onnxslim the
-    two graphs differ by a few shape nodes (see the README's export section).
+    two graphs differ by a few shape nodes (see docs/export.md).
     """
-    import contextlib
-    import io
-
     import onnx
 
     kw = dict(opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
@@ -242,27 +227,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
                 exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
                 fp32_islands="performer_core_fp32" if precision == "fp16" and fp32_core else "none",
                 patterns=",".join(P.MODULE_PATTERNS) if patterns else "none")
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, meta)
+    set_metadata(proto, meta)
     proto.producer_name = "t2t-vit-deploy"
     proto.doc_string = f"{meta['model']} {precision} ({meta['patterns']})"
     if check:
         onnx.checker.check_model(proto, full_check=True)
         if patterns:
             P.check_patterns(proto, ref)
-    _atomic_save(proto, path)
+    atomic_save_onnx(proto, path)
     return path
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file not found: {path} (create it with `make onnx`)")
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,7 +275,7 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
 
     name = _model_name(model)
     meta = model_metadata(model, checkpoint)
-    paths = {"fp32": out / f"{name}.fp32.onnx", "fp16": out / f"{name}.fp16.onnx"}
+    paths = {"fp32": onnx_path(out, name, "fp32"), "fp16": onnx_path(out, name, "fp16")}
     graphs: dict[str, Any] = {}
     for precision, path in paths.items():
         t0 = time.perf_counter()
@@ -310,7 +283,7 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
                     fp16_io=fp16_io and precision == "fp16", exporter=exporter)
         graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
     fp16 = onnx.load(str(paths["fp16"]))
-    kept = P.fp32_tensors(fp16)
+    kept = fp32_tensors(fp16)
     graphs["fp16"]["fp32_tensors"] = [{**t, "reason": P.FP32_ISLAND_REASON} for t in kept]
     # The float32 graph boundary itself, made by explicit Casts (absent with --fp16-io).
     for vi, role in ((fp16.graph.input[0], "graph input"), (fp16.graph.output[0], "graph output")):
@@ -325,21 +298,19 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a T2T-ViT to fp32 and fp16 ONNX and validate them on ONNX Runtime",
                                 add_help=add_help)
-    p.add_argument("--model", required=True, help="registered model name, e.g. t2t_vit_7")
-    p.add_argument("--checkpoint", default=None, help="weights to export (default: none, random weights with a warning)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: checkpoint/registry)")
-    p.add_argument("--out", default=None, help="output folder (default: artifacts/<model>)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
-                   help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; see the README's export section)")
-    p.add_argument("--fp16-io", action="store_true", help="fp16 graph takes and returns float16 (default float32 I/O)")
-    p.add_argument("--data", default=None,
-                   help=f"validation images: an ImageFolder, or a dataset root holding val/ "
-                        f"(default {DEFAULT_DATA} when present)")
-    p.add_argument("--val-images", type=int, default=500,
+    add_stage_args(p, checkpoint_help="weights to export (default: none, random weights with a warning)")
+    add_run_args(p, batch_size=50, workers=None, progress=False)
+    g = p.add_argument_group("export")
+    g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    g.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
+                   help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; see docs/export.md)")
+    g.add_argument("--fp16-io", action="store_true", help="fp16 graph takes and returns float16 (default float32 I/O)")
+    g.add_argument("--data", default=None,
+                   help="validation images: an ImageFolder, or a dataset root holding val/ (default: the "
+                        "development data's Imagenette val when present)")
+    g.add_argument("--val-images", type=int, default=500,
                    help="class-balanced validation images (default 500; 0 skips validation)")
-    p.add_argument("--batch-size", type=int, default=50, help="validation batch size (default 50)")
-    p.add_argument("--no-fail", action="store_true", help="exit 0 even when validation misses a threshold")
+    g.add_argument("--no-fail", action="store_true", help="exit 0 even when validation misses a threshold")
     return p
 
 
@@ -351,44 +322,43 @@ def _warn_random_weights(name: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Everything ``main`` does, raising instead of exiting."""
-    from t2t_vit.checkpoint import build_model
-
-    from . import validate as V
-
-    model = build_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size).eval()
+    threads = apply_threads(getattr(args, "threads", None))
+    model = build_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size,
+                        weights=getattr(args, "weights", None)).eval()
     if args.checkpoint is None:
         _warn_random_weights(args.model)
-    out = Path(args.out or f"artifacts/{args.model}")
+    out = Path(args.out) if args.out else default_out(args.model)
     t0 = time.perf_counter()
-    graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
-                          exporter=args.exporter)
-    report: dict[str, Any] = {
-        "model": args.model,
-        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "weights": "checkpoint" if args.checkpoint else "random",
-        "metadata": read_metadata(graphs["fp32"]["path"]),
-        "opset": args.opset,
-        "graphs": graphs,
-        "export_s": round(time.perf_counter() - t0, 2),
-    }
-    if args.val_images > 0:
-        images, labels, source = V.validation_images(model, args.data, args.val_images)
-        report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"], images,
-                                                 labels, batch_size=args.batch_size, source=source)
-    else:
-        report["validation"] = None
-    report["environment"] = V.environment()
-    name = report["metadata"]["model"]
-    _atomic_write_text(json.dumps(report, indent=2) + "\n", out / f"{name}.export.json")
-    _atomic_write_text(render_markdown(report), out / f"{name}.export.md")
+    with OutputLock(out):
+        graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
+                              exporter=args.exporter)
+        report: dict[str, Any] = {
+            **report_header("export.to_onnx", argv),
+            "model": args.model,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+            "weights": model.pretrained_cfg.get("weights", "random"),
+            "metadata": read_metadata(graphs["fp32"]["path"]),
+            "opset": args.opset,
+            "graphs": graphs,
+            "export_s": round(time.perf_counter() - t0, 2),
+        }
+        if args.val_images > 0:
+            images, labels, source = V.validation_images(model, args.data, args.val_images)
+            report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"], images,
+                                                     labels, batch_size=args.batch_size, source=source,
+                                                     threads=threads)
+        else:
+            report["validation"] = None
+        name = report["metadata"]["model"]
+        write_report(out / f"{name}.export", report, render_markdown(report))
     return report
 
 
 def render_markdown(r: Mapping[str, Any]) -> str:
     g32, g16 = r["graphs"]["fp32"], r["graphs"]["fp16"]
-    lines = [f"# ONNX export: {r['model']} ({r['weights']} weights)", ""]
+    lines = [f"# ONNX export: {r['model']} ({r['weights']} weights)", "", f"`{r['command']}`", ""]
     if r["weights"] == "random":
         lines += ["**Random weights: no checkpoint was given.** The graphs test the pipeline only.", ""]
     meta = r["metadata"]
@@ -422,46 +392,41 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     else:
         lines += [f"{v['n_images']} images from {v['source']}; logit scale (max |logit|, PyTorch) "
                   f"{v['logit_scale']:.4g}.", "",
-                  "| comparison | max abs delta | max delta / logit scale | mean abs delta | top-1 agreement | threshold | pass |",
+                  "| comparison | max abs dlogit | max dlogit / logit scale | mean abs dlogit | top-1 agreement | threshold | pass |",
                   "|---|---:|---:|---:|---:|---|---|"]
         for c in v["comparisons"]:
-            lines.append(f"| {c['name']} | {c['max_abs_delta']:.3g} | {c['max_rel_delta']:.3g} | "
-                         f"{c['mean_abs_delta']:.3g} | {100 * c['top1_agreement']:.2f}% | {c.get('threshold', '')} | "
+            lines.append(f"| {c['name']} | {c['max_abs_dlogit']:.3g} | {c['max_rel_dlogit']:.3g} | "
+                         f"{c['mean_abs_dlogit']:.3g} | {c['top1_agreement']:.2f}% | {c.get('threshold', '')} | "
                          f"{'' if c.get('passed') is None else ('yes' if c['passed'] else '**NO**')} |")
         if v.get("labels_top1"):
             lines += ["", "top-1 accuracy against the folder labels: " + ", ".join(
-                f"{k} {100 * a:.2f}%" for k, a in v["labels_top1"].items())]
+                f"{k} {a:.2f}%" for k, a in v["labels_top1"].items())]
         if v.get("note"):
             lines += ["", v["note"]]
-    env = r["environment"]
-    lines += ["", f"Hardware: {env['cpu']} ({env['cpu_cores']} cores); torch {env['torch']}, onnxruntime "
-              f"{env['onnxruntime']}, onnx {env['onnx']}.", ""]
+    lines += ["", f"Host: {host_line(r['host'])}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from t2t_vit.checkpoint import CheckpointError
 
-    try:
-        report = run(args)
-    except (ExportError, CheckpointError, ValueError, P.PatternError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"artifacts/{args.model}")
-    print(f"wrote {report['graphs']['fp32']['path']}, {report['graphs']['fp16']['path']} and "
-          f"{out / (report['metadata']['model'] + '.export.md')}")
-    v = report.get("validation")
-    if v:
-        for c in v["comparisons"]:
-            print(f"  {c['name']}: max|delta| {c['max_abs_delta']:.3g} (x{c['max_rel_delta']:.2g} of logit scale "
-                  f"{v['logit_scale']:.3g}), top-1 agreement {100 * c['top1_agreement']:.2f}%"
-                  + ("" if c.get("passed") is None else (" PASS" if c["passed"] else " FAIL")))
-        if not v["passed"] and not args.no_fail:
-            print("error: validation missed a threshold (see the report); --no-fail to ignore", file=sys.stderr)
-            return 1
-    return 0
+    def body() -> int:
+        report = run(args, argv)
+        out = Path(args.out) if args.out else default_out(args.model)
+        print(f"wrote {report['graphs']['fp32']['path']}, {report['graphs']['fp16']['path']} and "
+              f"{out / (report['metadata']['model'] + '.export.md')}")
+        v = report.get("validation")
+        if v:
+            for c in v["comparisons"]:
+                print(f"  {c['name']}: max|dlogit| {c['max_abs_dlogit']:.3g} (x{c['max_rel_dlogit']:.2g} of logit "
+                      f"scale {v['logit_scale']:.3g}), top-1 agreement {c['top1_agreement']:.2f}%"
+                      + ("" if c.get("passed") is None else (" PASS" if c["passed"] else " FAIL")))
+            if not v["passed"] and not args.no_fail:
+                raise ThresholdMissed("validation missed a threshold (see the report); --no-fail to ignore")
+        return 0
+
+    return run_command(body, "export.to_onnx")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ Measures, in one run on one machine:
 * fp32 eval forward throughput (img/s) of t2t_vit_7 and t2t_vit_14;
 * on a CUDA GPU also a bf16-autocast training step (img/s, peak memory).
 
-Peak memory on CPU is the growth of the process' peak resident set (``ru_maxrss``) over its size just
-before the measured step, measured in a fresh subprocess per case so cases do not share a high-water
-mark; on GPU it is ``torch.cuda.max_memory_allocated``.
+Peak memory is :class:`t2t_vit.timing.PeakMemory`'s growth over the memory in use just before the
+measured steps (CPU: peak resident set, ``ru_maxrss``; GPU: ``torch.cuda.max_memory_allocated``), each
+case in a fresh subprocess so cases do not share a high-water mark.
 
 Usage: ``python -m t2t_vit.benchmark --out reports`` (``make bench-model``) writes
 ``reports/bench-model-<device>.json`` and ``.md``.
@@ -19,46 +19,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from tqdm import tqdm
 
-from .env import host_info
-from .files import atomic_write_json, atomic_write_text
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _time(fn, warmup: int, iters: int, sync) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
+from .model import ARCHS, ModelConfigError  # importing the model module registers the models with timm
+from .cli import comma_list, run_command
+from .reports import host_line, report_header, write_report
+from .timing import PeakMemory, run_case_in_subprocess, time_calls
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """One measurement; meant to run in its own process (see ``--case``)."""
-    import timm
-
-    import t2t_vit  # noqa: F401  (registers the models)
-
     device = torch.device(case["device"])
     torch.manual_seed(0)
     model = timm.create_model(case["model"], img_size=case["img_size"]).to(device)
@@ -75,7 +52,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad(), autocast:
                 model(x)
 
-        times = _time(fn, case["warmup"], case["iters"], sync)
+        times = time_calls(fn, warmup=case["warmup"], min_iters=case["iters"], min_time_s=0, max_iters=case["iters"],
+                           sync=sync)
         med = statistics.median(times)
         out.update(latency_ms_median=1e3 * med, latency_ms_min=1e3 * min(times),
                    images_per_s=case["batch"] / med)
@@ -92,31 +70,15 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
         fn()  # allocate optimizer state before the memory baseline
         sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = _rss_bytes()
-        times = _time(fn, case["warmup"], case["iters"], sync)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        with PeakMemory(device) as mem:
+            times = time_calls(fn, warmup=case["warmup"], min_iters=case["iters"], min_time_s=0,
+                               max_iters=case["iters"], sync=sync)
         med = statistics.median(times)
-        out.update(step_ms_median=1e3 * med, images_per_s=case["batch"] / med,
-                   peak_mem_mib=max(peak, 0) / 2**20)
+        out.update(step_ms_median=1e3 * med, images_per_s=case["batch"] / med, peak_mem_mib=mem.growth_mib,
+                   peak_mem_kind=f"{mem.kind}, growth over the start of the measured steps")
     else:
         raise ValueError(f"unknown case kind {case['kind']!r}")
     return out
-
-
-def _run_in_subprocess(case: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
-        cmd = [sys.executable, "-m", "t2t_vit.benchmark", "--case", json.dumps(case), "--case-out", f.name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")
-        return json.loads(Path(f.name).read_text())
 
 
 def build_cases(device: str, quick: bool, attn_model: str = "t2t_vit_t_14",
@@ -141,10 +103,8 @@ def build_cases(device: str, quick: bool, attn_model: str = "t2t_vit_t_14",
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    hw = report["hardware"]
-    lines = [f"# Model benchmark ({report['device']})", "",
-             f"Hardware: {(hw['gpu'] or {}).get('name') or hw['cpu']}; {hw['cpu_cores_usable']} CPU cores, "
-             f"{hw['torch_threads']} torch threads; torch {hw['torch']}. Command: `{report['command']}`.", "",
+    lines = [f"# Model benchmark ({report['device']})", "", f"`{report['command']}`", "",
+             f"Host: {host_line(report['host'])}; {report['host']['torch_threads']} torch threads.", "",
              f"## SDPA vs explicit attention ({report['attn_model']}, {report['img_size']} px)", "",
              "| case | batch | attention | median ms | img/s | peak mem MiB |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -189,8 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (for smoke tests)")
     p.add_argument("--attn-model", default="t2t_vit_t_14", help="model for the SDPA vs explicit comparison")
-    p.add_argument("--throughput-models", nargs="+", default=["t2t_vit_7", "t2t_vit_14"],
-                   help="models for the fp32 forward throughput table")
+    p.add_argument("--throughput-models", type=comma_list(str), default=["t2t_vit_7", "t2t_vit_14"],
+                   help="models for the fp32 forward throughput table, comma-separated")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)
@@ -202,30 +162,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         Path(args.case_out).write_text(json.dumps(run_case(json.loads(args.case))))
         return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cases = build_cases(device, args.quick, args.attn_model, tuple(args.throughput_models), args.img_size)
-    from tqdm import tqdm
 
-    results = [_run_in_subprocess(c) for c in tqdm(cases, desc="bench-model", unit="case")]
-    report = {
-        "device": device,
-        "hardware": host_info(),
-        "command": "python -m t2t_vit.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": results,
-        "attn_model": args.attn_model,
-        "throughput_models": list(args.throughput_models),
-        "img_size": args.img_size,
-        "ratios": _ratios(results, args.attn_model),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-model-{device}" if args.img_size == 224 else f"bench-model-{device}-{args.img_size}px"
-    atomic_write_json(out / f"{stem}.json", report)
-    md = to_markdown(report)
-    atomic_write_text(out / f"{stem}.md", md)
-    print(md)
-    return 0
+    def body() -> int:
+        unknown = [m for m in [args.attn_model, *args.throughput_models] if m not in ARCHS]
+        if unknown:
+            raise ModelConfigError(f"unknown models {unknown}; registered: {', '.join(ARCHS)}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cases = build_cases(device, args.quick, args.attn_model, tuple(args.throughput_models), args.img_size)
+        header = report_header("t2t_vit.benchmark", argv)
+        results = [run_case_in_subprocess("t2t_vit.benchmark", c) for c in tqdm(cases, desc="bench-model", unit="case")]
+        report = {
+            **header,
+            "device": device,
+            "results": results,
+            "attn_model": args.attn_model,
+            "throughput_models": list(args.throughput_models),
+            "img_size": args.img_size,
+            "ratios": _ratios(results, args.attn_model),
+        }
+        stem = f"bench-model-{device}" if args.img_size == 224 else f"bench-model-{device}-{args.img_size}px"
+        md = to_markdown(report)
+        write_report(Path(args.out) / stem, report, md)
+        print(md)
+        return 0
+
+    return run_command(body, "t2t_vit.benchmark")
 
 
 if __name__ == "__main__":

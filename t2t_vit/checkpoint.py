@@ -16,7 +16,6 @@ is refused with an explanation rather than executed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 from collections import OrderedDict
@@ -26,6 +25,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .errors import T2TError
+from .model import ARCHS, ModelConfigError, T2TViT
+
 __all__ = [
     "CheckpointError",
     "ALLOWED_GLOBALS",
@@ -34,7 +36,6 @@ __all__ = [
     "load_checkpoint",
     "build_model",
     "suggest_models",
-    "file_sha256",
     "WEIGHTS",
     "preferred_weights",
     "loaded_weights",
@@ -53,16 +54,8 @@ HEAD_KEYS = ("head.weight", "head.bias")
 POS_EMBED_KEY = "pos_embed"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(T2TError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -142,8 +135,6 @@ def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 def suggest_models(sd: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered models whose architecture fits these weights (head and pos_embed sizes ignored)."""
-    from .model import ARCHS, T2TViT
-
     ckpt = {k: s for k, s in _shapes(sd).items() if k not in HEAD_KEYS + (POS_EMBED_KEY,)}
     fits = []
     for name, arch in ARCHS.items():
@@ -249,11 +240,8 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
     """
     import timm
 
-    from . import model as _registered  # noqa: F401  (registers the models with timm)
-
-    if name.split(".")[0] not in _registered.ARCHS:
-        known = ", ".join(_registered.ARCHS)
-        raise ValueError(f"unknown model {name!r}; registered T2T-ViT models: {known}")
+    if name.split(".")[0] not in ARCHS:
+        raise ModelConfigError(f"unknown model {name!r}; registered T2T-ViT models: {', '.join(ARCHS)}")
     obj = None
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)

@@ -6,12 +6,17 @@ and parity (TensorRT samples' ImageBatcher, timm's resolve_data_config).
 * :func:`scan_image_folder` reads ImageFolder-shaped trees (``root/<class>/<image>``) with clear errors.
 * :class:`ImageBatcher` yields ``(images, labels, paths)`` batches of float32 NCHW tensors built with the
   model's eval transform; unreadable images are logged and skipped, never fatal.
+* :class:`SkippingDataset` + :func:`skip_collate`: the one dataset that skips unreadable images (the
+  batcher above and the training loader both use it).
+* :func:`shared_data_root`: where the development data lives (``../shared/data`` beside the checkout, or
+  ``$T2T_SHARED_DATA``), for defaults and tests; user data is always passed explicitly.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -21,6 +26,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import T2TError
+
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -28,6 +35,10 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 __all__ = [
     "DataConfig",
     "DataError",
+    "shared_data_root",
+    "imagenette_root",
+    "SkippingDataset",
+    "skip_collate",
     "Sample",
     "scan_image_folder",
     "class_balanced_subset",
@@ -37,8 +48,20 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(T2TError, ValueError):
     """Bad dataset input (missing/empty folders, wrong layout); the message says how to fix it."""
+
+
+def shared_data_root() -> Path:
+    """The development data: ``$T2T_SHARED_DATA``, else ``../shared/data`` beside the checkout."""
+    env = os.environ.get("T2T_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def imagenette_root() -> Path | None:
+    """``<shared data>/imagenette2`` when it holds ``train/`` and ``val/``, else None."""
+    root = shared_data_root() / "imagenette2"
+    return root if (root / "train").is_dir() and (root / "val").is_dir() else None
 
 
 @dataclass(frozen=True)
@@ -172,14 +195,16 @@ def scan_image_folder(root: str | Path, class_to_idx: Mapping[str, int] | None =
     return samples, classes
 
 
-def class_balanced_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+def class_balanced_subset(samples: Sequence[Sample], n: int, seed: int = 0, what: str = "the subset size",
+                          ) -> list[Sample]:
     """A deterministic subset of ``n`` samples spread as evenly as possible over the labels.
 
     Each class is shuffled with ``seed``; classes then take turns (round robin), so the subset is the
-    same on every machine and every run, and a larger ``n`` extends a smaller one.
+    same on every machine and every run, and a larger ``n`` extends a smaller one. ``what`` names the
+    user's flag or variable in the error message (e.g. ``"--calib-size (CALIB_SIZE=)"``).
     """
     if n <= 0:
-        raise DataError(f"subset size must be positive, got {n}")
+        raise DataError(f"{what} must be a positive number of images, got {n}")
     if n >= len(samples):
         return list(samples)
     by_label: dict[int, list[Sample]] = defaultdict(list)
@@ -221,30 +246,41 @@ def load_image(path: str) -> Image.Image | None:
         return None
 
 
-class _TransformedDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: Sequence[Sample], transform):
+class SkippingDataset(torch.utils.data.Dataset):
+    """``(transform(image), label, path)`` per sample, or None for an unreadable image (logged).
+
+    ``images``: optional in-memory uint8 (N, H, W, 3) array aligned with ``samples`` (a decoded cache),
+    used instead of the files. :func:`skip_collate` drops the None entries and counts them.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform, images: Any = None):
         self.samples = list(samples)
         self.transform = transform
+        self.images = images
+        if images is not None and len(images) != len(self.samples):
+            raise ValueError(f"{len(images)} cached images for {len(self.samples)} samples")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        img = load_image(s.path)
+        img = Image.fromarray(self.images[i]) if self.images is not None else load_image(s.path)
         if img is None:
             return None
         return self.transform(img), s.label, s.path
 
 
-def _collate(items):
+def skip_collate(items) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str], int]:
+    """Stack a batch, dropping unreadable samples: ``(images, labels, paths, number skipped)``; images and
+    labels are None when every sample of the batch was unreadable."""
     kept = [it for it in items if it is not None]
     skipped = len(items) - len(kept)
     if not kept:
-        return None, skipped
+        return None, None, [], skipped
     images = torch.stack([it[0] for it in kept])
     labels = torch.tensor([it[1] for it in kept], dtype=torch.long)
-    return (images, labels, [it[2] for it in kept]), skipped
+    return images, labels, [it[2] for it in kept], skipped
 
 
 @dataclass
@@ -268,19 +304,19 @@ class ImageBatcher:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         self.skipped = []
-        ds = _TransformedDataset(self.samples, self.config.eval_transform())
+        ds = SkippingDataset(self.samples, self.config.eval_transform())
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=_collate,
+            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=skip_collate,
         )
         seen = 0
-        for batch, n_skipped in loader:
+        for images, labels, paths, n_skipped in loader:
             if n_skipped:
                 chunk = self.samples[seen: seen + self.batch_size]
-                kept = set(batch[2]) if batch is not None else set()
+                kept = set(paths)
                 self.skipped.extend(s.path for s in chunk if s.path not in kept)
             seen += self.batch_size
-            if batch is not None:
-                yield batch
+            if images is not None:
+                yield images, labels, paths
 
     def tensor(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """All batches concatenated (for calibration caches and small evaluations)."""

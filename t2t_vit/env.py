@@ -32,8 +32,9 @@ def _version(dist: str) -> str | None:
 
 
 def host_info() -> dict[str, Any]:
-    """CPU model and cores, GPU (name, compute capability, CUDA) or None, and the versions of the
-    libraries that produce the numbers (read from package metadata: nothing heavy is imported)."""
+    """CPU model and cores, GPU (name, compute capability, CUDA) or None, the 1/5/15-minute load average
+    (how busy the machine was), and the versions of the libraries that produce the numbers (read from
+    package metadata: nothing heavy is imported)."""
     import torch
 
     info: dict[str, Any] = {
@@ -49,6 +50,7 @@ def host_info() -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "timm": _version("timm"),
         "gpu": None,
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()

@@ -1,18 +1,46 @@
-"""Atomic result files: written to a temporary file in the destination folder and moved into place
-with :func:`os.replace`, so an interrupted run never leaves a half-written checkpoint, ONNX graph,
-engine, sidecar or report behind (a reader sees the old file or the new one, never a prefix).
-Every stage writes its outputs through these functions.
+"""Files every stage writes and reads: atomic writes, sha256, and one writer per output folder.
+
+* Atomic writes: a temporary file in the destination folder, moved into place with :func:`os.replace`,
+  so an interrupted run never leaves a half-written checkpoint, ONNX graph, engine, sidecar or report
+  behind (a reader sees the old file or the new one, never a prefix). Temporary files carry the
+  writer's pid; one left by a killed writer (SIGKILL skips every cleanup) is removed by
+  :func:`remove_stale_temp_files`, which :class:`OutputLock` runs when it takes a folder.
+* :func:`file_sha256`: the one content hash (checkpoints in ONNX metadata, engines in sidecars, ONNX
+  files in calibration caches).
+* :class:`OutputLock`: two commands writing the same output folder would overwrite each other's
+  reports; the second one is refused with the first one's pid and command.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "atomic_save_onnx"]
+from .errors import T2TError
+
+__all__ = ["ensure_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
+           "atomic_save_onnx", "file_sha256", "remove_stale_temp_files", "OutputLock", "OutputBusyError"]
+
+_TMP = re.compile(r"^\..+\.pid(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def ensure_dir(folder: str | os.PathLike, error: type[T2TError] = T2TError) -> Path:
+    """Create an output folder (and its parents); raises ``error`` (a T2TError) with the fix when impossible."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create the output folder {folder}: {e.strerror or e}; pass a writable folder "
+                    f"(OUT=... / --out)") from e
+    if not os.access(folder, os.W_OK):
+        raise error(f"output folder {folder} is not writable; pass a writable folder (OUT=... / --out)")
+    return folder
 
 
 def _umask() -> int:
@@ -28,7 +56,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -36,6 +64,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno is not None and (e.filename is None or str(e.filename) == tmp):  # name the user's file, not the temp
+            e.filename = str(path)
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -65,3 +98,89 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 def atomic_save_onnx(model_proto: Any, path: str | os.PathLike) -> Path:
     """Serialize an ONNX ModelProto atomically (graphs under protobuf's 2 GiB, i.e. every T2T-ViT variant)."""
     return atomic_write(path, lambda f: f.write(model_proto.SerializeToString()))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of atomic writes whose writer process no longer exists; returns them."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        if m and int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid"))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+class OutputBusyError(T2TError):
+    """Another command is writing to the same output folder."""
+
+
+class OutputLock:
+    """An exclusive, advisory lock on an output folder for the lifetime of one command.
+
+    The lock is ``fcntl.flock`` on the folder itself, which the kernel releases when the process dies, so
+    a killed command never leaves the folder locked. While held, ``<folder>/.t2t-owner`` names the
+    owner's pid and command line for the message a second command gets; it is removed on exit.
+    Entering also removes temporary files left by killed writers.
+    """
+
+    OWNER = ".t2t-owner"
+
+    def __init__(self, folder: str | os.PathLike, what: str = "") -> None:
+        self.folder = Path(folder)
+        self.what = what or " ".join(sys.argv)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        ensure_dir(self.folder)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                owner = (self.folder / self.OWNER).read_text().strip()
+            except OSError:
+                owner = "another process"
+            raise OutputBusyError(
+                f"{self.folder} is in use by {owner or 'another process'}; wait for it to finish, or write "
+                f"elsewhere (OUT=... / --out)") from None
+        self._fd = fd
+        (self.folder / self.OWNER).write_text(f"pid {os.getpid()}: {self.what}\n")
+        remove_stale_temp_files(self.folder)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            (self.folder / self.OWNER).unlink(missing_ok=True)
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None

@@ -12,12 +12,17 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
+from .errors import T2TError
 from .layers import Block, SoftSplit, TokenPerformer, TokenTransformer, sinusoid_table
 
-__all__ = ["T2TModule", "T2TViT", "ARCHS", "list_t2t_models"]
+__all__ = ["T2TModule", "T2TViT", "ARCHS", "list_t2t_models", "ModelConfigError"]
+
+
+class ModelConfigError(T2TError, ValueError):
+    """A model name or size that does not exist; the message lists what does."""
 
 
 class T2TModule(nn.Module):
@@ -41,7 +46,7 @@ class T2TModule(nn.Module):
             self.attention1 = TokenTransformer(dim0, token_dim, mlp_ratio=1.0, fused_attn=fused_attn)
             self.attention2 = TokenTransformer(dim1, token_dim, mlp_ratio=1.0, fused_attn=fused_attn)
         else:
-            raise ValueError(f"tokens_type must be 'performer' or 'transformer', got {tokens_type!r}")
+            raise ModelConfigError(f"tokens_type must be 'performer' or 'transformer', got {tokens_type!r}")
         self.project = nn.Linear(self.soft_split2.out_chans, embed_dim)
         # Grid sizes are fixed here so forward() has no data-dependent shape arithmetic (export-safe).
         self.grid1 = self.soft_split0.out_size(img_size)
@@ -69,7 +74,7 @@ class T2TViT(nn.Module):
                  fused_attn: bool = True):
         super().__init__()
         if img_size <= 0 or img_size % 16:
-            raise ValueError(
+            raise ModelConfigError(
                 f"img_size must be a positive multiple of 16 (the T2T stage downsamples by 16), got {img_size}; "
                 f"try {max(16, round(img_size / 16) * 16)}"
             )
@@ -203,8 +208,6 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     is updated to the size actually built, so ``resolve_data_config`` stays truthful.
     """
     arch = dict(ARCHS[variant.split(".")[0]])
-    from timm.models import resolve_pretrained_cfg  # local: only needed at build time
-
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
     kwargs.pop("cache_dir", None)
     img_size = kwargs.pop("img_size", None)
@@ -212,7 +215,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
         img_size = cfg.input_size[-1]
     if isinstance(img_size, (tuple, list)):
         if len(set(img_size[-2:])) != 1:
-            raise ValueError(f"T2T-ViT takes square inputs only, got img_size={tuple(img_size)}")
+            raise ModelConfigError(f"T2T-ViT takes square inputs only, got img_size={tuple(img_size)}")
         img_size = img_size[-1]
     arch.update(kwargs)
     model = build_model_with_cfg(T2TViT, variant, pretrained, pretrained_cfg=cfg, img_size=img_size, **arch)

@@ -42,3 +42,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs TensorRT and a GPU: {why} (pip install -e '.[tensorrt]')"))
         if "trtexec" in item.keywords and shutil.which("trtexec") is None:
             item.add_marker(pytest.mark.skip(reason="needs the trtexec binary on PATH"))
+
+
+REFERENCE_RUN = REPO / "runs" / "imagenette-t2t_vit_7"
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint() -> Path:
+    """best.pth of the finished reference run (`make train-imagenette-cpu`), or skip: the accuracy claims
+    tested with it hold for a trained network, not for an unfinished or absent run."""
+    import torch
+
+    best, last = REFERENCE_RUN / "best.pth", REFERENCE_RUN / "last.pth"
+    if not (best.is_file() and last.is_file()):
+        pytest.skip(f"needs the reference checkpoint {best} (make train-imagenette-cpu)")
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    done, total = int(ck["epoch"]) + 1, int(ck["meta"]["config"]["total_epochs"])
+    if done < total:
+        pytest.skip(f"the reference run in {REFERENCE_RUN} is unfinished ({done}/{total} epochs)")
+    return best

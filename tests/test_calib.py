@@ -199,7 +199,7 @@ def performer_w() -> list[np.ndarray]:
 def test_structural_core_is_the_exporters_fp32_island(exported, fp32):
     """The structural core search finds, in the fp16 export, exactly the nodes torch wrote in float32, and in
     the fp32 export the nodes of the Performer scopes."""
-    from export.patterns import fp32_tensors
+    from t2t_vit.graphs import fp32_tensors
 
     fp16 = onnx.load(str(exported / "t2t_vit_test.fp16.onnx"))
     torch_fp32 = {t["producer"].split(":", 1)[1] for t in fp32_tensors(fp16) if ":" in t["producer"]}
@@ -468,15 +468,17 @@ def test_rerun_hits_cache_and_threshold_fails(calib_run, monkeypatch, capsys):
     assert all(v["ranges_reused"] for v in again["int8"].values())
 
 
-def test_missing_export_names_the_command(tmp_path, monkeypatch):
+def test_missing_export_is_made_first_in_process(tmp_path, capsys):
     from calibration import calib
+    from t2t_vit.graphs import read_metadata
 
     root = _make_folder(tmp_path / "train", per_class=1)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "export.to_onnx" else object())
     args = calib.get_args_parser().parse_args(["--model", "t2t_vit_test", "--out", str(tmp_path / "o"),
                                                "--calib-data", str(root)])
-    with pytest.raises(calib.CalibrationError, match="python -m export.to_onnx --model t2t_vit_test"):
-        calib.ensure_fp32_onnx(args, tmp_path / "o")
+    path = calib.ensure_fp32_onnx(args, tmp_path / "o")
+    assert path == tmp_path / "o" / "t2t_vit_test.fp32.onnx" and read_metadata(path)["model"] == "t2t_vit_test"
+    assert "exporting it first: python -m export.to_onnx --model t2t_vit_test" in capsys.readouterr().out
+    assert calib.ensure_fp32_onnx(args, tmp_path / "o") == path  # present and current: not exported again
 
 
 def test_strided_max_calibration_covers_every_image(fp32, tmp_path):

@@ -419,4 +419,4 @@ def test_benchmark_smoke(tmp_path):
     for r in report["results"]:
         assert r["images_per_s"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] / (r.get("latency_ms_median") or r["step_ms_median"]) * 1e3)
-    assert report["hardware"]["torch"] == torch.__version__
+    assert report["host"]["torch"] == torch.__version__ and report["tool"] == "t2t_vit.benchmark"

@@ -21,8 +21,9 @@ import torch
 from onnx import helper
 from PIL import Image
 
-from engines import parity
-from engines.parity import ParityStats, Thresholds, parse_backends
+from evaluation import parity
+from evaluation.parity import Thresholds, parity_backends
+from t2t_vit.runners import RunnerError, select_backends
 
 MODEL = "t2t_vit_test"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -32,44 +33,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # ------------------------------------------------------------------------------------------------
 # Unit tests (no data)
 # ------------------------------------------------------------------------------------------------
-def test_stats_match_torch_reference_formulas():
-    rng = np.random.default_rng(1)
-    ref = rng.standard_normal((2, 11, 8)).astype(np.float32)
-    other = ref + 0.3 * rng.standard_normal(ref.shape).astype(np.float32)
-    labels = rng.integers(0, 8, (2, 11))
-    st = ParityStats()
-    for b in range(2):
-        st.update(other[b], labels[b], ref[b], seconds=0.5)
-    r_all, o_all, y_all = (torch.from_numpy(a.reshape(22, *a.shape[2:])) for a in (ref, other, labels))
-    top1 = (o_all.argmax(1) == y_all).double().mean().item() * 100
-    top5 = (o_all.topk(5, 1).indices == y_all[:, None]).any(1).double().mean().item() * 100
-    kl = torch.nn.functional.kl_div(o_all.double().log_softmax(1), r_all.double().log_softmax(1),
-                                    log_target=True, reduction="batchmean").item()
-    ref_top1 = (r_all.argmax(1) == y_all).double().mean().item() * 100
-    s = st.summary(None)
-    ref_st = ParityStats()
-    ref_st.update(ref.reshape(22, 8), labels.reshape(22), None)
-    s = st.summary(ref_st)
-    assert s["images"] == 22
-    assert s["top1"] == pytest.approx(top1) and s["top5"] == pytest.approx(top5)
-    assert s["delta_top1"] == pytest.approx(top1 - ref_top1)
-    assert s["agreement"] == pytest.approx((o_all.argmax(1) == r_all.argmax(1)).double().mean().item() * 100)
-    assert s["mean_abs_logit_delta"] == pytest.approx((o_all - r_all).abs().double().mean().item(), rel=1e-6)
-    assert s["max_abs_logit_delta"] == pytest.approx((o_all - r_all).abs().max().item(), rel=1e-6)
-    assert s["mean_kl"] == pytest.approx(kl, rel=1e-6)
-    assert s["images_per_s"] == pytest.approx(22 / 1.0)
-
-
-def test_stats_count_nonfinite_and_few_classes():
-    st = ParityStats()
-    logits = np.array([[np.nan, 1.0, 0.0], [0.0, 2.0, 1.0]], np.float32)
-    st.update(logits, np.array([0, 1]), None)
-    s = st.summary(None)
-    assert s["nonfinite_images"] == 1
-    assert s["top5"] == 100.0  # k = min(5, classes): every label is in the top-3 of 3 classes
-    assert s["correct_top1"] == 1  # the NaN row never counts as the argmax of a NaN
-
-
 def test_thresholds_defaults_and_overrides():
     th = Thresholds()
     assert th.check("fp32", 0.0, 100.0) == []
@@ -81,12 +44,16 @@ def test_thresholds_defaults_and_overrides():
     assert th.check("int8", 1.1, 100.0) == []
 
 
-def test_parse_backends():
-    assert parse_backends(None) == list(parity.BACKEND_KEYS)
-    assert parse_backends("ort") == ["pytorch-fp32", "ort-fp32", "ort-fp16", "ort-int8"]
-    assert parse_backends("ort-int8,trt-fp16") == ["pytorch-fp32", "ort-int8", "trt-fp16"]
-    with pytest.raises(parity.ParityError, match="unknown backend"):
-        parse_backends("tensorflow")
+def test_backend_vocabulary_is_the_runner_names():
+    names = parity_backends("cpu", "cpu")
+    assert names[:2] == ["pytorch-cpu-fp32", "pytorch-cpu-bf16-autocast"]
+    assert select_backends("onnxruntime", names) == [f"onnxruntime-cpu-{p}" for p in ("fp32", "fp16", "int8", "int8-cpu")]
+    assert select_backends("onnxruntime-cpu-int8,tensorrt-fp16", names) == ["onnxruntime-cpu-int8", "tensorrt-fp16"]
+    # the old spellings still select the same backends (with a deprecation warning)
+    assert select_backends("ort-int8,trt-fp16", names) == ["onnxruntime-cpu-int8", "tensorrt-fp16"]
+    assert select_backends("pytorch-autocast", names) == ["pytorch-cpu-bf16-autocast"]
+    with pytest.raises(RunnerError, match="unknown backend"):
+        select_backends("tensorflow", names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,7 +88,8 @@ def setup(shared_data, tmp_path_factory):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from t2t_vit.checkpoint import build_model, file_sha256
+    from t2t_vit.checkpoint import build_model
+    from t2t_vit.files import file_sha256
     from t2t_vit.data import DataConfig
 
     val = shared_data / "imagenette2" / "val"
@@ -188,7 +156,7 @@ def test_report_matches_independent_onnxruntime(setup):
 
     out = setup["out"]
     rc = _run(["--checkpoint", str(setup["ckpt"]), "--out", str(out), "--data", str(setup["val"]),
-               "--limit", "30", "--batch-size", "8", "--backends", "pytorch,ort", "--save-predictions"])
+               "--limit", "30", "--batch-size", "8", "--backends", "pytorch,onnxruntime", "--save-predictions"])
     report = json.loads((out / f"parity-{MODEL}.json").read_text())
     assert rc == (0 if report["passed"] else 1)
     assert report["data"]["images_evaluated"] == 30
@@ -207,14 +175,14 @@ def test_report_matches_independent_onnxruntime(setup):
     labels = np.array([setup["wnids"].index(Path(r["path"]).parent.name) for r in rows])
     with torch.no_grad():
         ref = setup["model"](torch.from_numpy(x)).numpy()
-    backends = {b["key"]: b for b in report["backends"]}
-    ref_b = backends["pytorch-fp32"]
+    backends = {b["name"]: b for b in report["backends"]}
+    ref_b = backends["pytorch-cpu-fp32"]
     assert ref_b["status"] == "reference"
     assert [int(r["reference"]) for r in rows] == ref.argmax(1).tolist()
     assert ref_b["top1"] == pytest.approx(100 * np.mean(ref.argmax(1) == labels))
     ref_top1 = 100 * np.mean(ref.argmax(1) == labels)
     for prec in ("fp32", "fp16", "int8"):
-        b = backends[f"ort-{prec}"]
+        b = backends[f"onnxruntime-cpu-{prec}"]
         sess = ort.InferenceSession(str(setup["onnx"][prec]), providers=["CPUExecutionProvider"])
         logits = sess.run(["logits"], {"input": x})[0].astype(np.float64)
         pred = logits.argmax(1)
@@ -223,20 +191,21 @@ def test_report_matches_independent_onnxruntime(setup):
         top5 = np.argsort(-logits, 1)[:, :5]
         assert b["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
         assert b["delta_top1"] == pytest.approx(b["top1"] - ref_top1)
-        assert b["agreement"] == pytest.approx(100 * np.mean(pred == ref.argmax(1)))
-        assert b["mean_abs_logit_delta"] == pytest.approx(np.abs(logits - ref).mean(), rel=0.05, abs=1e-6)
-        assert b["max_abs_logit_delta"] == pytest.approx(np.abs(logits - ref).max(), rel=0.05, abs=1e-6)
+        assert b["top1_agreement"] == pytest.approx(100 * np.mean(pred == ref.argmax(1)))
+        assert b["mean_abs_dlogit"] == pytest.approx(np.abs(logits - ref).mean(), rel=0.05, abs=1e-6)
+        assert b["max_abs_dlogit"] == pytest.approx(np.abs(logits - ref).max(), rel=0.05, abs=1e-6)
         assert b["status"] in ("pass", "fail") and b["images_per_s"] > 0
     # The reference's own predictions vary, so agreement is a real check, not a constant.
     assert len(set(ref.argmax(1).tolist())) >= 3
     # The disagreement list holds exactly the images where some backend's top-1 differs.
     with open(out / f"parity-{MODEL}-disagreements.csv") as f:
         dis = {r["path"] for r in csv.DictReader(f)}
-    names = [backends[k]["name"] for k in ("pytorch-autocast", "ort-fp32", "ort-fp16", "ort-int8")]
+    names = ["pytorch-cpu-bf16-autocast", "onnxruntime-cpu-fp32", "onnxruntime-cpu-fp16", "onnxruntime-cpu-int8"]
     assert dis == {r["path"] for r in rows if any(r[n] != r["reference"] for n in names)}
-    skipped = [b for b in report["backends"] if b["status"] == "skipped"]
-    assert not skipped  # trt-* were not selected; everything selected ran
-    assert report["hardware"]["cpu_cores"] >= 1
+    skipped = [b["name"] for b in report["backends"] if b["status"] == "skipped"]
+    # tensorrt-* were not selected; of the ONNX graphs only int8-cpu (not made here) is missing
+    assert skipped == ["onnxruntime-cpu-int8-cpu"]
+    assert report["host"]["cpu_cores"] >= 1
 
 
 @pytest.mark.data
@@ -258,26 +227,26 @@ def test_broken_and_stale_artifacts_fail_the_run(setup, tmp_path):
     _set_meta(out / f"{MODEL}.int8.onnx", {**meta, "precision": "int8", "checkpoint_sha256": "0" * 64})
 
     common = ["--checkpoint", str(setup["ckpt"]), "--out", str(out), "--data", str(setup["val"]), "--limit", "20",
-              "--backends", "ort"]
+              "--backends", "onnxruntime-cpu-fp32,onnxruntime-cpu-fp16,onnxruntime-cpu-int8"]
     assert _run(common) == 1
     report = json.loads((out / f"parity-{MODEL}.json").read_text())
-    b = {x["key"]: x for x in report["backends"]}
-    assert b["ort-fp32"]["status"] == "pass" and b["ort-fp32"]["agreement"] == 100.0
-    assert b["ort-fp16"]["status"] == "fail" and "delta top-1" in b["ort-fp16"]["reason"]
-    assert b["ort-fp16"]["agreement"] < 100.0
-    assert b["ort-int8"]["status"] == "error" and "sha256" in b["ort-int8"]["reason"]
-    assert "make onnx" in b["ort-int8"]["reason"]
+    b = {x["name"]: x for x in report["backends"]}
+    assert b["onnxruntime-cpu-fp32"]["status"] == "pass" and b["onnxruntime-cpu-fp32"]["top1_agreement"] == 100.0
+    assert b["onnxruntime-cpu-fp16"]["status"] == "fail" and "delta top-1" in b["onnxruntime-cpu-fp16"]["reason"]
+    assert b["onnxruntime-cpu-fp16"]["top1_agreement"] < 100.0
+    assert b["onnxruntime-cpu-int8"]["status"] == "error" and "sha256" in b["onnxruntime-cpu-int8"]["reason"]
+    assert "make onnx" in b["onnxruntime-cpu-int8"]["reason"]
     assert not report["passed"]
     md = (out / f"parity-{MODEL}.md").read_text()
-    assert "FAIL" in md and "ort-int8 (error)" in md
+    assert "FAIL" in md and "onnxruntime-cpu-int8 (error)" in md
 
     # Thresholds are configurable: a generous fp16 limit and no int8 file make the run pass.
     (out / f"{MODEL}.int8.onnx").unlink()
     assert _run(common + ["--max-delta-top1", "fp16=100"]) == 0
     report = json.loads((out / f"parity-{MODEL}.json").read_text())
-    b = {x["key"]: x for x in report["backends"]}
-    assert b["ort-fp16"]["status"] == "pass"
-    assert b["ort-int8"]["status"] == "skipped" and "make calib" in b["ort-int8"]["reason"]
+    b = {x["name"]: x for x in report["backends"]}
+    assert b["onnxruntime-cpu-fp16"]["status"] == "pass"
+    assert b["onnxruntime-cpu-int8"]["status"] == "skipped" and "make calib" in b["onnxruntime-cpu-int8"]["reason"]
 
 
 @pytest.mark.data
@@ -302,7 +271,7 @@ def test_flat_folder_with_kaggle_labels_and_1000_class_model(shared_data, tmp_pa
     labels = tmp_path / "LOC_val_solution.csv"
     labels.write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    rc = _run(["--out", str(out), "--data", str(flat), "--labels", str(labels), "--backends", "pytorch-fp32",
+    rc = _run(["--out", str(out), "--data", str(flat), "--labels", str(labels), "--backends", "pytorch-cpu-fp32",
                "--save-predictions"])
     assert rc == 0
     with open(out / f"parity-{MODEL}-predictions.csv") as f:
@@ -313,7 +282,7 @@ def test_flat_folder_with_kaggle_labels_and_1000_class_model(shared_data, tmp_pa
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    rc = _run(["--out", str(tmp_path), "--data", str(tmp_path / "nope"), "--backends", "pytorch-fp32"])
+    rc = _run(["--out", str(tmp_path), "--data", str(tmp_path / "nope"), "--backends", "pytorch-cpu-fp32"])
     assert rc == 2
     assert "DATA=" in capsys.readouterr().err
 
@@ -330,8 +299,8 @@ def test_tensorrt_engines_join_the_report(setup, tmp_path):
     subprocess.run([sys.executable, "-m", "engines.build", "--model", MODEL, "--checkpoint", str(setup["ckpt"]),
                     "--out", str(tmp_path), "--precision", "fp32"], check=True)
     rc = _run(["--checkpoint", str(setup["ckpt"]), "--out", str(tmp_path), "--data", str(setup["val"]),
-               "--limit", "20", "--backends", "trt-fp32"])
+               "--limit", "20", "--backends", "tensorrt-fp32"])
     report = json.loads((tmp_path / f"parity-{MODEL}.json").read_text())
-    b = {x["key"]: x for x in report["backends"]}
-    assert b["trt-fp32"]["status"] == "pass", b["trt-fp32"]
+    b = {x["name"]: x for x in report["backends"]}
+    assert b["tensorrt-fp32"]["status"] == "pass", b["tensorrt-fp32"]
     assert rc == 0

@@ -1,4 +1,4 @@
-"""The README as a tested document: its command blocks run, on the tiny model, so it cannot drift.
+"""The README and docs/ as tested documents: their command blocks run, on the tiny model, so they cannot drift.
 
 Rules (also stated in the README's "How the README is tested" note):
 
@@ -27,6 +27,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+DOCUMENTS = [README, *DOCS]
 SHARED = Path(os.environ.get("T2T_SHARED_DATA", REPO.parent / "shared" / "data"))
 IMAGENETTE = SHARED / "imagenette2"
 TINY = "t2t_vit_test"
@@ -86,40 +88,65 @@ def makefile_targets() -> set[str]:
 # ------------------------------------------------------------------------------------------------
 # Fast checks: structure, order, targets, markers
 # ------------------------------------------------------------------------------------------------
+def _name(doc: Path) -> str:
+    return str(doc.relative_to(REPO))
+
+
+def all_blocks() -> list[tuple[Path, Block]]:
+    """Every ```bash block of the README and of docs/*.md, in that order."""
+    return [(doc, b) for doc in DOCUMENTS for b in readme_blocks(doc.read_text())]
+
+
+def test_readme_is_a_front_page():
+    size = len(README.read_bytes())
+    assert size <= 15 * 1024, f"README.md is {size} bytes; keep it a front page (rationale to docs/, numbers to reports/)"
+    text = README.read_text()
+    for doc in DOCS:
+        assert f"docs/{doc.name}" in text, f"README does not link docs/{doc.name}"
+
+
+def test_documents_cite_nothing_outside_the_repository():
+    for doc in DOCUMENTS:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            assert "REFERENCE.md" not in line and "STYLE.md" not in line, f"{_name(doc)}:{n} cites a file outside the repo"
+
+
 def test_readme_markers_are_well_formed():
-    for b in readme_blocks(README.read_text()):
+    for doc, b in all_blocks():
         if b.marker == "skip":
-            assert b.reason, f"README line {b.line}: `readme-test: skip` needs a reason"
+            assert b.reason, f"{_name(doc)} line {b.line}: `readme-test: skip` needs a reason"
         if b.marker == "needs":
-            assert b.reason in ("tensorrt", "gpu", "data"), f"README line {b.line}: needs {b.reason!r}"
-    for n, line in enumerate(README.read_text().splitlines(), 1):
-        if line.strip().startswith("<!--") and "readme-test:" in line:
-            assert MARKER.match(line.strip()), f"README line {n}: malformed marker {line.strip()!r}"
+            assert b.reason in ("tensorrt", "gpu", "data"), f"{_name(doc)} line {b.line}: needs {b.reason!r}"
+    for doc in DOCUMENTS:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            if line.strip().startswith("<!--") and "readme-test:" in line:
+                assert MARKER.match(line.strip()), f"{_name(doc)} line {n}: malformed marker {line.strip()!r}"
 
 
 def test_readme_make_commands_name_existing_targets():
     targets = makefile_targets()
-    for b in readme_blocks(README.read_text()):
+    for doc, b in all_blocks():
         for argv in commands(b.code):
             t = make_target(argv)
             if t is not None:
-                assert t in targets, f"README line {b.line}: `make {t}` is not a Makefile target"
+                assert t in targets, f"{_name(doc)} line {b.line}: `make {t}` is not a Makefile target"
 
 
 def test_readme_blocks_that_run_hold_only_make_commands_the_test_can_shrink(tmp_path):
     table, _ = overrides(tmp_path)
     problems = []
-    for b in readme_blocks(README.read_text()):
+    for doc, b in all_blocks():
         if b.marker == "skip":
             continue
         for argv in commands(b.code):
             target = make_target(argv)
+            where = f"{_name(doc)} line {b.line}"
             if target is None:
-                problems.append(f"line {b.line}: `{shlex.join(argv)[:60]}` is not a make command")
+                problems.append(f"{where}: `{shlex.join(argv)[:60]}` is not a make command")
             elif target in NEVER_RUN:
-                problems.append(f"line {b.line}: `make {target}` must not run in the test suite")
+                problems.append(f"{where}: `make {target}` must not run in the test suite")
             elif target not in table:
-                problems.append(f"line {b.line}: no overrides for `make {target}` in tests/test_readme.py")
+                problems.append(f"{where}: no overrides for `make {target}` in tests/test_readme.py")
     assert not problems, ("README blocks the test would run need <!-- readme-test: skip REASON --> (or "
                           "overrides):\n" + "\n".join(problems))
 
@@ -168,7 +195,7 @@ def overrides(tmp: Path) -> tuple[dict[str, dict[str, str]], dict[str, list[Path
         "calib": {**common, "CALIB_DATA": str(train), "CALIB_SIZE": "16", "CALIB_METHOD": "entropy",
                   "ARGS": f"--val-data {val} --val-size 20 --workers 0 --no-progress --max-drop 100"},
         "bench-baselines": {**common, "PRECISION": "fp16", "BATCHES": "1",
-                            "ARGS": "--min-time 0.05 --min-iters 1 --quiet"},
+                            "ARGS": "--min-time 0.05 --min-iters 1 --no-progress"},
         "bench-onnx": {"ARGS": f"--out {tmp / 'reports'} --models {TINY} --batches 1 --min-seconds 0.1 "
                                f"--no-dynamo-row"},
         "engine": {**common, "ARGS": ""},
@@ -198,7 +225,7 @@ def _needs_ok(what: str) -> tuple[bool, str]:
     if what == "gpu":
         return torch.cuda.is_available(), "no CUDA GPU"
     if what == "tensorrt":
-        from engines.runners import backend_statuses
+        from engines.backends import backend_statuses
 
         st = {s.backend: s for s in backend_statuses()}["tensorrt"]
         return st.available, st.reason
@@ -214,34 +241,36 @@ def test_readme_commands_run_on_the_tiny_model(shared_data, tmp_path):
     table, writes = overrides(tmp_path)
     ran, skipped = [], []
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    plan: list[tuple[Block, list[str], str]] = []
-    for b in readme_blocks(README.read_text()):
+    plan: list[tuple[str, list[str], str]] = []
+    for doc, b in all_blocks():
+        where = f"{_name(doc)} line {b.line}"
         if b.marker == "skip":
-            skipped.append((b.line, b.reason))
+            skipped.append((where, b.reason))
             continue
         if b.marker == "needs":
             ok, why = _needs_ok(b.reason)
             if not ok:
-                skipped.append((b.line, why))
+                skipped.append((where, why))
                 continue
         for argv in commands(b.code):
             target = make_target(argv)
             assert target is not None, (
-                f"README line {b.line}: `{shlex.join(argv)}` is not a make command; blocks the test runs hold "
+                f"{where}: `{shlex.join(argv)}` is not a make command; blocks the test runs hold "
                 f"only make commands. Put it in a block marked <!-- readme-test: skip REASON -->")
             assert target not in NEVER_RUN, (
-                f"README line {b.line}: `make {target}` must not run inside the test suite; mark its block "
+                f"{where}: `make {target}` must not run inside the test suite; mark its block "
                 f"<!-- readme-test: skip REASON -->")
-            assert target in table, (f"README line {b.line}: no test overrides for `make {target}`; add them to "
+            assert target in table, (f"{where}: no test overrides for `make {target}`; add them to "
                                      f"tests/test_readme.py::overrides")
-            plan.append((b, argv, target))
-    # Everything is checked before anything runs, so a bad block never half-runs the pipeline.
-    for b, argv, target in plan:
+            plan.append((where, argv, target))
+    # Everything is checked before anything runs, so a bad block never half-runs the pipeline. The README's
+    # blocks run first (the pipeline in order); docs/ blocks reuse what they made.
+    for where, argv, target in plan:
         cmd = argv + [f"{k}={v}" for k, v in table[target].items()] + [f"PYTHON={sys.executable}"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, (f"README line {b.line}: {shlex.join(argv)} failed ({proc.returncode})\n"
+        assert proc.returncode == 0, (f"{where}: {shlex.join(argv)} failed ({proc.returncode})\n"
                                       f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         for path in writes.get(target, []):
-            assert path.exists(), f"README line {b.line}: `make {target}` did not write {path}"
+            assert path.exists(), f"{where}: `make {target}` did not write {path}"
         ran.append(target)
     assert "parity" in ran and "onnx" in ran, f"ran {ran}; skipped {skipped}"

@@ -10,8 +10,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.runners import (OnnxRuntimeRunner, Runner, RunnerError, TorchRunner, backend_statuses,
-                             onnx_precision)
+from engines.backends import backend_statuses
+from t2t_vit.errors import T2TError
+from t2t_vit.graphs import onnx_precision
+from t2t_vit.runners import OnnxRuntimeRunner, Runner, RunnerError, TorchRunner
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def test_onnx_precision_from_metadata_or_name(tmp_path):
 
 
 def test_missing_onnx_file_says_how_to_make_it(tmp_path):
-    with pytest.raises(RunnerError, match="make onnx"):
+    with pytest.raises(T2TError, match="make onnx"):
         OnnxRuntimeRunner(tmp_path / "nope.onnx")
 
 

@@ -205,7 +205,7 @@ def test_nonfinite_losses_stop_and_keep_last_good(dataset, tmp_path, monkeypatch
     monkeypatch.setattr(train_mod, "build_criterion", poisoned)
     out = tmp_path / "nan"
     rc = train_mod.main(_args(dataset, out, "--max-nonfinite", "2"))
-    assert rc == 1
+    assert rc == 2
     assert "2 non-finite losses in a row" in capsys.readouterr().err
     ck = read_checkpoint(out / "last.pth")
     assert ck["epoch"] == 0
@@ -215,21 +215,21 @@ def test_nonfinite_losses_stop_and_keep_last_good(dataset, tmp_path, monkeypatch
 # --------------------------------------------------------------------------------------- data errors
 
 def test_clear_data_errors(dataset, tmp_path, capsys):
-    assert train_mod.main(_args(tmp_path / "nope", tmp_path / "o1")) == 1
+    assert train_mod.main(_args(tmp_path / "nope", tmp_path / "o1")) == 2
     assert "data folder not found" in capsys.readouterr().err
     (tmp_path / "noval" / "train").mkdir(parents=True)
     shutil.copytree(dataset / "train", tmp_path / "noval" / "train", dirs_exist_ok=True)
-    assert train_mod.main(_args(tmp_path / "noval", tmp_path / "o2")) == 1
+    assert train_mod.main(_args(tmp_path / "noval", tmp_path / "o2")) == 2
     assert "no 'val/' folder" in capsys.readouterr().err
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir(parents=True)
-    assert train_mod.main(_args(tmp_path / "empty", tmp_path / "o3")) == 1
+    assert train_mod.main(_args(tmp_path / "empty", tmp_path / "o3")) == 2
     assert "no images" in capsys.readouterr().err
-    assert train_mod.main(_args(dataset, tmp_path / "o4", "--num-classes", "5")) == 1
+    assert train_mod.main(_args(dataset, tmp_path / "o4", "--num-classes", "5")) == 2
     assert "does not match the 3 class folders" in capsys.readouterr().err
     weights_only = tmp_path / "weights.pth"
     torch.save({"state_dict_ema": {}}, weights_only)
-    assert train_mod.main(_args(dataset, tmp_path / "o5", "--resume", str(weights_only))) == 1
+    assert train_mod.main(_args(dataset, tmp_path / "o5", "--resume", str(weights_only))) == 2
     assert "use --finetune" in capsys.readouterr().err
 
 
@@ -276,13 +276,13 @@ def test_validate_label_mapping(dataset, tmp_path):
 
     _save_ckpt(tmp_path / "in1k.pth", 1000, SPRINGER_IMAGENET_INDEX)
     res = validate(build_model("t2t_vit_test", tmp_path / "in1k.pth", img_size=32), extra, 8, 0)
-    assert res["label_mapping"] == "imagenet-1k wnids"
+    assert res["label_mapping"] == "3 folders -> the model's 1000-class list (ImageNet-1k order)"
     assert res["top1"] == pytest.approx(100.0 * counts[WNIDS[1]] / total)
 
     names = [WNIDS[2], WNIDS[0], WNIDS[1]]  # trained-on order differs from sorted folder order
     _save_ckpt(tmp_path / "subset.pth", 3, 0, names)
     res = validate(build_model("t2t_vit_test", tmp_path / "subset.pth"), extra, 8, 0)
-    assert res["label_mapping"] == "checkpoint class_names"
+    assert res["label_mapping"] == "3 folders -> the model's 3-class list"
     assert res["top1"] == pytest.approx(100.0 * counts[WNIDS[2]] / total)
     assert res["top5"] == pytest.approx(100.0)
 
@@ -361,5 +361,5 @@ def test_benchmark_writes_both_attention_paths(tmp_path):
     rep = json.loads((tmp_path / "bench-train-cpu.json").read_text())
     assert [r["attn"] for r in rep["results"]] == ["sdpa", "explicit"]
     assert all(r["img_per_s"] > 0 and r["peak_mem_mib"] > 0 for r in rep["results"])
-    assert rep["hardware"]["cpu_cores"] and "no GPU" in rep["note"]
+    assert rep["host"]["cpu_cores"] and "no GPU" in rep["note"]
     assert "| t2t_vit_test | explicit |" in (tmp_path / "bench-train-cpu.md").read_text()

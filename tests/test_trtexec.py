@@ -180,9 +180,9 @@ def test_log_cli_prints_json(capsys):
     assert log_main([str(LOGS / "trt10_three_percentiles.log"), "--batch", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["batch"] == 2 and out["images_per_s"] == pytest.approx(1523.77 * 2)
-    assert log_main([str(LOGS / "no_summary.log")]) == 1
+    assert log_main([str(LOGS / "no_summary.log")]) == 2  # bad input: one line, exit 2
     assert "Performance summary" in capsys.readouterr().err
-    assert log_main([str(LOGS / "does_not_exist.log")]) == 1
+    assert log_main([str(LOGS / "does_not_exist.log")]) == 2
 
 
 def test_log_cli_as_module_named_in_readme():

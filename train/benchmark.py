@@ -12,27 +12,37 @@ process's peak RSS, on a GPU ``torch.cuda.max_memory_allocated``. Writes
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import timm
 import torch
+from timm.optim import create_optimizer_v2
+from tqdm import tqdm
+
+import t2t_vit  # registers the models with timm
+from t2t_vit.cli import comma_list, run_command
+from t2t_vit.errors import T2TError
+from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.timing import PeakMemory, load_average, run_case_in_subprocess
+
+from .train import resolve_precision
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Training throughput and peak memory, SDPA vs explicit attention",
                                 add_help=add_help)
-    p.add_argument("--models", nargs="+", default=["t2t_vit_7", "t2t_vit_t_14"])
+    p.add_argument("--models", type=comma_list(str), default=["t2t_vit_7", "t2t_vit_t_14"],
+                   help="models, comma-separated (default t2t_vit_7,t2t_vit_t_14)")
     p.add_argument("--img-size", type=int, default=None,
                    help="input size (default: 112 on CPU, where 224 takes minutes per case on 2 cores; 224 on GPU)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on GPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 30 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--attn", nargs="+", default=["sdpa", "explicit"], choices=["sdpa", "explicit"])
+    p.add_argument("--attn", type=comma_list(str), default=["sdpa", "explicit"],
+                   help="attention paths, comma-separated: sdpa, explicit (default both)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
@@ -40,19 +50,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run every case in this process (faster start; peak memory is then cumulative)")
     p.add_argument("--out", default="reports")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one case, JSON on stdout
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case (JSON) ...
+    p.add_argument("--case-out", default=None, help=argparse.SUPPRESS)  # ... and write its result here
     return p
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Time ``steps`` training steps of one model/attention configuration in this process."""
-    import timm
-
-    import t2t_vit  # noqa: F401
-    from timm.optim import create_optimizer_v2
-
-    from .train import peak_memory_mib, resolve_precision
-
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
@@ -84,33 +88,26 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     for _ in range(case["warmup"]):
         step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(case["steps"]):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
+    with PeakMemory(device) as mem:
+        for _ in range(case["steps"]):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
     return {**case, "img_per_s": round(b / median, 2), "step_ms_median": round(1000 * median, 1),
-            "step_ms_min": round(1000 * times[0], 1), "peak_mem_mib": round(peak_memory_mib(device), 1),
-            "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-            "final_loss": round(loss, 4), "precision_resolved": str(amp_dtype or "fp32")}
+            "step_ms_min": round(1000 * times[0], 1), "peak_mem_mib": round(mem.peak_mib, 1),
+            "peak_mem_kind": mem.kind, "final_loss": round(loss, 4), "precision_resolved": str(amp_dtype or "fp32")}
 
 
 def render_markdown(report: dict[str, Any], tag: str) -> list[str]:
     """The Markdown table of a benchmark report (one row per model x attention path)."""
-    hw = report["hardware"]
-    hw_line = (f"{hw['gpu'] or hw['cpu']} ({hw['cpu_cores']} cores visible, {hw['torch_threads']} torch threads), "
-               f"torch {hw['torch']}, load average {hw['load_average_1_5_15']} at the end of the run")
-    lines = [f"# Training throughput ({tag})", "", f"Hardware: {hw_line}.", "", report["what"] + ".", ""]
+    lines = [f"# Training throughput ({tag})", "", f"`{report['command']}`", "",
+             f"Host: {host_line(report['host'])}; {report['torch_threads']} torch threads; load average at the end "
+             f"{report['load_average_end']}.", "", report["what"] + ".", ""]
     if "note" in report:
         lines += [report["note"], ""]
-    if hw["load_average_1_5_15"][0] > (hw["cpu_cores"] or 1):
-        lines += [f"The machine was shared: a load average above its {hw['cpu_cores']} cores means other jobs took most "
-                  f"of the CPU, so absolute numbers are several times below an idle machine's and differences "
-                  f"between rows of less than ~30% are noise.", ""]
     lines += ["| model | attention | img | batch | precision | img/s | step ms (median) | peak mem MiB |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -124,51 +121,53 @@ def render_markdown(report: dict[str, Any], tag: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_case(json.loads(args.worker))))
+    if args.case:
+        import json
+
+        Path(args.case_out).write_text(json.dumps(run_case(json.loads(args.case))))
         return 0
-    from tqdm import tqdm
 
-    from t2t_vit.files import atomic_write_text
-    from .validate import hardware
+    def body() -> int:
+        bad = [a for a in args.attn if a not in ("sdpa", "explicit")]
+        if bad:
+            raise T2TError(f"--attn takes sdpa and/or explicit, got {bad}")
+        unknown = [m for m in args.models if m not in t2t_vit.ARCHS]
+        if unknown:
+            raise T2TError(f"unknown models {unknown}; registered: {', '.join(t2t_vit.ARCHS)}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        gpu = device.startswith("cuda")
+        img = args.img_size or (224 if gpu else 112)
+        bs = args.batch_size or (64 if gpu else 16)
+        steps = args.steps or (30 if gpu else 5)
+        cases = [dict(model=m, attn=a, device=device, img_size=img, batch_size=bs, steps=steps, warmup=args.warmup,
+                      precision=args.precision, compile=args.compile, threads=args.threads)
+                 for m in args.models for a in args.attn]
+        header = report_header("train.benchmark", argv)
+        results = []
+        for case in tqdm(cases, desc="bench-train", unit="case"):
+            if args.in_process:
+                results.append(run_case(case))
+                continue
+            try:
+                results.append(run_case_in_subprocess("train.benchmark", case))
+            except T2TError as e:
+                print(e, file=sys.stderr)
+                results.append({**case, "error": str(e).strip().splitlines()[-1]})
+        tag = "gpu" if gpu else "cpu"
+        report = {**header, "what": "training step (fwd + loss + bwd + AdamW), random inputs, 1000 classes, "
+                                    "drop_path 0.1", "torch_threads": args.threads or torch.get_num_threads(),
+                  "load_average_end": load_average(), "results": results}
+        if not gpu:
+            report["note"] = (f"CPU only: no GPU was available for this run. img {img} px (224 px would take minutes "
+                              f"per case on this CPU); the same command on a GPU uses 224 px and bf16 autocast.")
+        lines = render_markdown(report, tag)
+        write_report(Path(args.out) / f"bench-train-{tag}", report, "\n".join(lines))
+        print("\n".join(lines))
+        if any("error" in r for r in results):
+            raise T2TError("some benchmark cases failed (see the report)")
+        return 0
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.startswith("cuda")
-    img = args.img_size or (224 if gpu else 112)
-    bs = args.batch_size or (64 if gpu else 16)
-    steps = args.steps or (30 if gpu else 5)
-    cases = [dict(model=m, attn=a, device=device, img_size=img, batch_size=bs, steps=steps, warmup=args.warmup,
-                  precision=args.precision, compile=args.compile, threads=args.threads)
-             for m in args.models for a in args.attn]
-    results = []
-    for case in tqdm(cases, desc="bench-train", unit="case"):
-        if args.in_process:
-            results.append(run_case(case))
-            continue
-        proc = subprocess.run([sys.executable, "-m", "train.benchmark", "--worker", json.dumps(case)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            results.append({**case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
-            continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    hw = hardware()
-    # Other jobs on a shared machine slow every case alike; the load average says how busy it was.
-    hw["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
-    hw["torch_threads"] = args.threads or torch.get_num_threads()
-    tag = "gpu" if gpu else "cpu"
-    report = {"what": "training step (fwd + loss + bwd + AdamW), random inputs, 1000 classes, drop_path 0.1",
-              "hardware": hw, "timm": __import__("timm").__version__, "results": results}
-    if not gpu:
-        report["note"] = (f"CPU only: no GPU was available for this run. img {img} px (224 px would take minutes per "
-                          f"case on this CPU); the same command on a GPU uses 224 px and bf16 autocast.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"bench-train-{tag}.json", json.dumps(report, indent=2) + "\n")
-    lines = render_markdown(report, tag)
-    atomic_write_text(out / f"bench-train-{tag}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0 if all("error" not in r for r in results) else 1
+    return run_command(body, "train.benchmark")
 
 
 if __name__ == "__main__":

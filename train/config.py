@@ -17,10 +17,17 @@ from typing import Any, Sequence
 
 import yaml
 
+from t2t_vit.checkpoint import checkpoint_meta, read_checkpoint
+from t2t_vit.errors import T2TError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["get_args_parser", "parse_config", "recipe_path", "resolve_lr", "resolve_schedule", "resolve_ema_decay",
+__all__ = ["ConfigError", "get_args_parser", "parse_config", "recipe_path", "resolve_lr", "resolve_schedule", "resolve_ema_decay",
            "CONFIG_DIR"]
+
+
+class ConfigError(T2TError, ValueError):
+    """A recipe file or flag value that cannot be used; the message names it."""
 
 
 def _float_pair(s: str) -> list[float]:
@@ -115,15 +122,15 @@ def recipe_path(model: str) -> Path:
 def load_yaml(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path} (recipes live in {CONFIG_DIR})")
+        raise ConfigError(f"config file not found: {path} (recipes live in {CONFIG_DIR})")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     known = {a.dest for a in parser._actions}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; keys are flag names with '_' for '-' "
+        raise ConfigError(f"{path}: unknown keys {unknown}; keys are flag names with '_' for '-' "
                          f"(see python -m train.train --help)")
     return data
 
@@ -135,8 +142,6 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
     sources: dict[str, Any] = {}
     base: dict[str, Any] = {}
     if pre.resume:
-        from t2t_vit.checkpoint import checkpoint_meta, read_checkpoint
-
         meta = checkpoint_meta(read_checkpoint(pre.resume))
         base = dict(meta.get("config") or {})
         if base.get("total_epochs") and base.get("epochs") != base["total_epochs"]:
@@ -160,11 +165,11 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) is None or getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)} "
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)} "
                              f"(make train EPOCHS=... / BATCH_SIZE=...)")
     for flag in ("warmup_epochs", "cooldown_epochs"):
         if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.out is None:
         args.out = str(Path(pre.resume).parent) if pre.resume else os.path.join("runs", args.model)
     return args, sources

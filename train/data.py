@@ -2,7 +2,8 @@
 
 The eval side never re-declares preprocessing: it is :meth:`t2t_vit.data.DataConfig.eval_transform`
 resolved from the model, the same transform ``train.validate``, calibration and parity use.
-Unreadable images are logged and skipped (the batch shrinks), never fatal.
+Unreadable images are logged and skipped (the batch shrinks), never fatal
+(:class:`t2t_vit.data.SkippingDataset`, the dataset every stage uses).
 """
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "resolve_split",
     "build_train_transform",
-    "ImageDataset",
     "ImageCache",
-    "collate_skip",
     "seed_worker",
 ]
 
@@ -119,36 +118,6 @@ class ImageCache:
         return len(self.samples)
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) pairs from files or an :class:`ImageCache`; ``None`` for unreadable files."""
-
-    def __init__(self, samples: Sequence[Sample], transform: Callable, cache: ImageCache | None = None):
-        self.cache = cache
-        self.samples = list(cache.samples if cache is not None else samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        if self.cache is not None:
-            img = Image.fromarray(self.cache.images[i])
-        else:
-            img = load_image(self.samples[i].path)  # logs and returns None when unreadable
-            if img is None:
-                return None
-        return self.transform(img), self.samples[i].label
-
-
-def collate_skip(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """Stack a batch, dropping unreadable samples; returns (images, labels, number skipped)."""
-    kept = [it for it in items if it is not None]
-    skipped = len(items) - len(kept)
-    if not kept:
-        return None, None, skipped
-    return torch.stack([k[0] for k in kept]), torch.tensor([k[1] for k in kept], dtype=torch.long), skipped
-
-
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and ``random`` in a loader worker from its torch seed (which the loader derives
     from the main process RNG we reseed every epoch), so augmentation is reproducible."""
@@ -161,5 +130,5 @@ def scan_split(root: Path, class_to_idx: dict[str, int] | None, limit: int | Non
                ) -> tuple[list[Sample], list[str]]:
     samples, classes = scan_image_folder(root, class_to_idx)
     if limit:
-        samples = class_balanced_subset(samples, limit, seed)
+        samples = class_balanced_subset(samples, limit, seed, what="--limit-train/--limit-val")
     return samples, classes

@@ -26,15 +26,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import timm
+import yaml
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3, NativeScaler
 from torch import nn
+from tqdm import tqdm
 
-from t2t_vit.data import DataConfig, DataError, ImageBatcher
-from t2t_vit.files import atomic_torch_save, atomic_write_text
+import t2t_vit
+from t2t_vit.checkpoint import load_checkpoint, read_checkpoint
+from t2t_vit.cli import run_command
+from t2t_vit.data import DataConfig, DataError, ImageBatcher, SkippingDataset, skip_collate
+from t2t_vit.errors import T2TError
+from t2t_vit.files import atomic_torch_save, atomic_write, atomic_write_text
+from t2t_vit.metrics import topk_correct
 
 from .config import parse_config, resolve_ema_decay, resolve_lr, resolve_schedule
-from .data import ImageCache, ImageDataset, build_train_transform, collate_skip, resolve_split, scan_split, seed_worker
+from .data import ImageCache, build_train_transform, resolve_split, scan_split, seed_worker
 
 _logger = logging.getLogger("train")
 
@@ -42,7 +55,7 @@ CSV_FIELDS = ["epoch", "lr", "train_loss", "top1", "top5", "ema_top1", "ema_top5
               "peak_mem_mib", "epoch_s", "wall_s", "nonfinite_steps", "skipped_images"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(T2TError, RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
@@ -108,6 +121,15 @@ def setup_logging(rank: int, out: Path | None) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def teardown_logging() -> None:
+    """Remove (and close) the handlers :func:`setup_logging` added, so nothing logs into a finished run."""
+    root = logging.getLogger()
+    for h in _HANDLERS:
+        root.removeHandler(h)
+        h.close()
+    _HANDLERS.clear()
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -148,43 +170,53 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss, top-1 (model and EMA) and lr per epoch in one PNG."""
+def learning_curves(rows: list[dict[str, Any]], title: str) -> Any:
+    """The figure of a run: train loss, val top-1 (raw and EMA weights) and top-5, lr, by epoch.
+
+    ``rows`` are summary.csv rows (strings) or parsed ones; epochs without validation are skipped in the
+    accuracy lines, so ``--eval-every N`` still draws connected curves.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def col(name: str) -> list[float]:
-        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+    def col(name: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
-    ep = [int(r["epoch"]) for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    ax[0].plot(ep, col("train_loss"), marker="o")
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax[0].plot(*col("train_loss"), marker=".")
     ax[0].set_title("train loss")
-    ax[1].plot(ep, col("top1"), marker="o", label="model top-1")
-    ax[1].plot(ep, col("ema_top1"), marker="o", label="EMA top-1")
-    ax[1].plot(ep, col("top5"), ls="--", label="model top-5")
+    for name, label, style in (("top1", "raw weights top-1", "-"), ("ema_top1", "EMA top-1", "-"),
+                               ("top5", "raw weights top-5", "--")):
+        xs, ys = col(name)
+        if xs:
+            ax[1].plot(xs, ys, style, marker=".", label=label)
     ax[1].set_title("val accuracy (%)")
     ax[1].legend()
-    ax[2].plot(ep, col("lr"), marker="o")
-    ax[2].set_title("lr")
+    ax[2].plot(*col("lr"), marker=".")
+    ax[2].set_title("learning rate")
     for a in ax:
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    return fig
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Write :func:`learning_curves` to ``path`` (PNG, atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = learning_curves(rows, title)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------- train / eval
 
 def build_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if mixup_active:
         return SoftTargetCrossEntropy()  # mixup/cutmix already folded label smoothing into the targets
     if args.smoothing > 0:
@@ -202,49 +234,42 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
         x, y = batch[0], batch[1]
         if x is None:
             continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(x)
-        k = min(5, logits.shape[1])
-        topk = logits.float().topk(k, dim=1).indices
-        hit = topk.eq(y[:, None])
-        stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+            logits = model(x.to(device, non_blocking=True))
+        logits, labels = logits.float().cpu().numpy(), y.numpy()
+        stats += torch.tensor([topk_correct(logits, labels, 1).sum(), topk_correct(logits, labels, 5).sum(),
+                               len(labels)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(stats)
     n = max(stats[2].item(), 1.0)
     return {"top1": 100.0 * stats[0].item() / n, "top5": 100.0 * stats[1].item() / n, "count": int(stats[2].item())}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from t2t_vit.checkpoint import CheckpointError
+def _log_to_file(message: str) -> None:
+    """Record an error in the run's log.txt only (the console line comes from run_command, once)."""
+    record = logging.LogRecord("train", logging.ERROR, __file__, 0, message, None, None)
+    for h in _HANDLERS:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
-    try:
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
         args, sources = parse_config(argv)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return run(args, sources)
-    except (DataError, NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as e:
-        _logger.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            return run(args, sources)
+        except T2TError as e:
+            _log_to_file(f"error: {e}")
+            raise
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            teardown_logging()
+
+    return run_command(body, "train.train")
 
 
 def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901 (one training loop, read top-down)
-    import timm
-    from timm.data import Mixup
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-    from timm.utils import ModelEmaV3, NativeScaler
-    from tqdm import tqdm
-
-    import t2t_vit  # noqa: F401  (registers the models)
-    from t2t_vit.checkpoint import load_checkpoint, read_checkpoint
-
     rank, local_rank, world, device = init_distributed(args.device)
     out = Path(args.out)
     if rank == 0:
@@ -253,7 +278,7 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
     if args.data is None:
         raise DataError("no dataset: pass --data DIR (DIR/train and DIR/val in ImageFolder layout) or DATA=DIR to make")
     if args.model not in t2t_vit.ARCHS:
-        raise ValueError(f"unknown model {args.model!r}; registered: {', '.join(t2t_vit.ARCHS)}")
+        raise T2TError(f"unknown model {args.model!r}; registered: {', '.join(t2t_vit.ARCHS)}")
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -287,13 +312,14 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
         cache = ImageCache(train_samples, args.cache_images, progress=rank == 0)
         if cache.skipped:
             _logger.warning("%d unreadable train images skipped while caching", cache.skipped)
-    train_ds = ImageDataset(train_samples, build_train_transform(args, data_config), cache)
+    train_ds = SkippingDataset(cache.samples if cache else train_samples, build_train_transform(args, data_config),
+                               images=cache.images if cache else None)
     if args.cache_images:
         # Val is cached after the exact eval transform, so training-time accuracy equals train.validate's.
         x, y, _ = ImageBatcher(val_samples, data_config, batch_size=256).tensor(progress=rank == 0)
         val_ds: torch.utils.data.Dataset = torch.utils.data.TensorDataset(x, y)
     else:
-        val_ds = ImageDataset(val_samples, data_config.eval_transform())
+        val_ds = SkippingDataset(val_samples, data_config.eval_transform())
     val_shard = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))  # disjoint shards: exact sums
     if len(train_ds) < args.batch_size * world:
         raise DataError(f"{len(train_ds)} training images are fewer than one global batch "
@@ -304,9 +330,9 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                      persistent_workers=False)  # fresh workers each epoch pick up the epoch's seed
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,
-                                               drop_last=True, collate_fn=collate_skip, **loader_kw)
+                                               drop_last=True, collate_fn=skip_collate, **loader_kw)
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.batch_size * 2, shuffle=False,
-                                             collate_fn=None if args.cache_images else collate_skip,
+                                             collate_fn=None if args.cache_images else skip_collate,
                                              **{**loader_kw, "num_workers": 0 if args.cache_images else args.workers})
 
     mixup_active = args.mixup > 0 or args.cutmix > 0
@@ -345,7 +371,7 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
     if resume_obj is not None:
         missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch") if k not in resume_obj]
         if missing:
-            raise ValueError(f"{args.resume} is not a checkpoint written by train.train (it lacks {missing}); "
+            raise T2TError(f"{args.resume} is not a checkpoint written by train.train (it lacks {missing}); "
                              f"to start from its weights use --finetune {args.resume}")
         model.load_state_dict(resume_obj["state_dict"])
         if ema is not None and resume_obj.get("state_dict_ema"):
@@ -383,8 +409,6 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
             "class_names": list(class_names), "config": config, "data_config": data_config.as_dict()}
     meta = plain(meta)
     if rank == 0:
-        import yaml
-
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         _logger.info("run folder %s; %d train / %d val images, %d classes, img %d, %s, global batch %d, lr %.3g "
                      "(lr-scale %s), %d epochs (%d warmup, %d cooldown)%s", out, len(train_ds), len(val_ds),
@@ -428,7 +452,7 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
         seen = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", disable=rank != 0,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-        for x, y, n_skipped in bar:
+        for x, y, _, n_skipped in bar:
             skipped_images += n_skipped
             if x is None:
                 continue

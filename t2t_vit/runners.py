@@ -7,37 +7,43 @@ Every runner is a context manager that touches its device only while activated::
 
 Constructors are cheap and device-free (they read files and metadata only), so a caller can build the
 whole list of backends, ask each class for :meth:`Runner.availability`, and activate them one at a time.
-``engines.trt_runtime.TensorRTRunner`` implements the same interface for TensorRT engines.
+``engines.trt_runtime.TensorRTRunner`` implements the same interface for TensorRT engines; it lives with
+the rest of the TensorRT code, and the tools above the engines stage use it from there.
 
-``python -m engines.runners`` prints which backends this machine can run and why the others cannot.
+Backend names are the runner names, one vocabulary for every tool (:func:`select_backends`):
+``pytorch-<cpu|cuda>-fp32``, ``pytorch-<device>-<bf16|fp16>-autocast``, ``pytorch-cuda-fp32-compile``,
+``onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu>``, ``tensorrt-<fp32|fp16|int8>``. A selector picks a
+name exactly, or every name it is a dash-separated prefix of (``onnxruntime``, ``onnxruntime-cpu``).
 """
 from __future__ import annotations
 
-import argparse
-import importlib
+import fnmatch
 import importlib.util
+import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from .data import DataConfig
+from .errors import T2TError
+from .graphs import onnx_precision, ort_session_options, read_metadata
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "Runner",
     "RunnerError",
     "TorchRunner",
     "OnnxRuntimeRunner",
-    "BackendStatus",
-    "backend_statuses",
-    "onnx_precision",
-    "get_args_parser",
-    "main",
+    "select_backends",
+    "DEPRECATED_BACKENDS",
 ]
 
 
-class RunnerError(RuntimeError):
+class RunnerError(T2TError, RuntimeError):
     """A runner that cannot be used as asked; the message says how to fix it."""
 
 
@@ -187,33 +193,6 @@ _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """``metadata_props`` of an ONNX file as a dict (uses ``export.to_onnx.read_metadata`` when present)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunnerError(f"ONNX file not found: {path} (create it with `make onnx` / `make calib`)")
-    try:
-        from export.to_onnx import read_metadata  # the exporter's own reader, when that stage exists
-
-        return dict(read_metadata(path))
-    except ImportError:
-        pass
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def onnx_precision(path: str | os.PathLike, metadata: dict[str, str] | None = None) -> str:
-    """Precision of an exported graph: metadata ``precision``, else the ``<model>.<precision>.onnx`` name."""
-    if metadata and metadata.get("precision"):
-        return metadata["precision"]
-    parts = Path(path).name.split(".")
-    if len(parts) >= 3 and parts[-2] in ("fp32", "fp16", "bf16", "int8"):
-        return parts[-2]
-    return "fp32"
-
-
 class OnnxRuntimeRunner(Runner):
     """An ONNX file on ONNX Runtime's CPU or CUDA execution provider.
 
@@ -236,7 +215,7 @@ class OnnxRuntimeRunner(Runner):
         self.path = Path(onnx_path)
         self.provider = provider
         self.threads = threads
-        self.metadata = read_onnx_metadata(self.path)
+        self.metadata = read_metadata(self.path)
         self.precision = onnx_precision(self.path, self.metadata)
         self.name = name or f"onnxruntime-{provider}-{self.precision}"
         self._session: Any = None
@@ -247,8 +226,6 @@ class OnnxRuntimeRunner(Runner):
     @property
     def data_config(self):
         """The preprocessing recorded in the file's metadata (:class:`t2t_vit.data.DataConfig`)."""
-        from t2t_vit.data import DataConfig
-
         return DataConfig.from_metadata(self.metadata)
 
     @classmethod
@@ -274,9 +251,7 @@ class OnnxRuntimeRunner(Runner):
             raise RunnerError(f"{self.name}: {why}")
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
+        opts = ort_session_options(self.threads)
         providers = [_ORT_PROVIDERS[self.provider]]
         if self.provider != "cpu":
             providers.append("CPUExecutionProvider")
@@ -311,63 +286,62 @@ class OnnxRuntimeRunner(Runner):
 
 
 # ----------------------------------------------------------------------------------------------------
-# What can run here
+# One backend vocabulary
 # ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BackendStatus:
-    """One backend on this machine: whether it runs, and if not, why."""
-
-    backend: str
-    available: bool
-    reason: str = ""
-
-
-def _tensorrt_availability() -> tuple[bool, str]:
-    try:
-        mod = importlib.import_module("engines.trt_runtime")
-    except ImportError as e:
-        return False, f"engines.trt_runtime cannot be imported: {e}"
-    runner_cls = getattr(mod, "TensorRTRunner", None)
-    if runner_cls is None:
-        return False, "engines.trt_runtime has no TensorRTRunner"
-    return runner_cls.availability()
-
-
-def backend_statuses() -> list[BackendStatus]:
-    """Every backend family this project knows, with availability and the reason when unavailable."""
-    out = []
-    for backend, (ok, why) in (
-        ("pytorch-cpu", TorchRunner.availability("cpu")),
-        ("pytorch-cuda", TorchRunner.availability("cuda")),
-        ("onnxruntime-cpu", OnnxRuntimeRunner.availability("cpu")),
-        ("onnxruntime-cuda", OnnxRuntimeRunner.availability("cuda")),
-        ("tensorrt", _tensorrt_availability()),
-    ):
-        out.append(BackendStatus(backend, bool(ok), "" if ok else str(why)))
-    return out
+# Spellings used before the vocabulary was unified -> the runner-name pattern they meant. {dev} is the
+# PyTorch device of the run, {prov} the ONNX Runtime provider.
+DEPRECATED_BACKENDS: dict[str, str] = {
+    "pytorch-fp32": "pytorch-{dev}-fp32",
+    "pytorch-autocast": "pytorch-{dev}-*-autocast",
+    "ort": "onnxruntime",
+    "ort-fp32": "onnxruntime-{prov}-fp32",
+    "ort-fp16": "onnxruntime-{prov}-fp16",
+    "ort-int8": "onnxruntime-{prov}-int8",
+    "ort-cpu": "onnxruntime-cpu",
+    "ort-cuda": "onnxruntime-cuda",
+    "trt": "tensorrt",
+    "trt-fp32": "tensorrt-fp32",
+    "trt-fp16": "tensorrt-fp16",
+    "trt-int8": "tensorrt-int8",
+    "torch-cpu": "pytorch-cpu-fp32",
+    "torch-cuda": "pytorch-cuda-fp32",
+    "torch-cuda-fp16": "pytorch-cuda-fp16-autocast",
+    "torch-cuda-bf16": "pytorch-cuda-bf16-autocast",
+    "torch-cuda-compile": "pytorch-cuda-fp32-compile",
+}
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="List the inference backends available on this machine",
-                                     add_help=add_help)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
+def _matches(pattern: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + "-")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    statuses = backend_statuses()
-    if args.json:
-        import json
-        from dataclasses import asdict
+def select_backends(spec: str | Iterable[str] | None, candidates: Sequence[str], *, device: str = "cpu",
+                    provider: str = "cpu") -> list[str]:
+    """The candidate backend names a selection picks, in candidate order.
 
-        print(json.dumps([asdict(s) for s in statuses], indent=2))
-    else:
-        width = max(len(s.backend) for s in statuses)
-        for s in statuses:
-            print(f"{s.backend:<{width}}  {'available' if s.available else 'skipped: ' + s.reason}")
-    return 0
+    Args:
+        spec: comma-separated selectors (or a list); None, "" or "all" pick every candidate. A selector is
+            a backend name (exact), a dash-separated prefix of names (``onnxruntime-cpu``), or a glob
+            (``onnxruntime-*-int8``); an exact name picks only itself. Old spellings (``ort-fp16``,
+            ``torch-cuda``) are accepted with a deprecation warning.
+        candidates: every backend name the tool knows for this run (available or not).
+        device / provider: fill in the old, device-less spellings.
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    Raises:
+        RunnerError: a selector that matches no candidate (the message lists the names).
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
+        return list(candidates)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    picked: set[str] = set()
+    for raw in (i.strip().lower() for i in items if i and i.strip()):
+        sel = raw
+        if sel not in candidates and sel in DEPRECATED_BACKENDS:
+            sel = DEPRECATED_BACKENDS[sel].format(dev=str(device).split(":")[0], prov=provider)
+            _logger.warning("backend %r is deprecated: use %r (the runner names are the one vocabulary)", raw, sel)
+        hits = [sel] if sel in candidates else [c for c in candidates if _matches(sel, c)]
+        if not hits:
+            raise RunnerError(f"unknown backend {raw!r}; backends here: {', '.join(candidates)} (a prefix such as "
+                              f"'onnxruntime' or 'tensorrt' selects a family; comma-separate several)")
+        picked.update(hits)
+    return [c for c in candidates if c in picked]

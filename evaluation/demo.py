@@ -3,7 +3,7 @@
 ::
 
     make install && make demo                      # everything under artifacts/demo/
-    python -m engines.demo --out /tmp/demo --epochs 1 --train-images 200   # a shorter run
+    python -m evaluation.demo --out /tmp/demo --epochs 1 --train-images 200   # a shorter run
 
 Steps, each through the same command-line tool a user runs (so the demo cannot drift from them), with
 each tool's output kept in ``<out>/logs/<step>.log``:
@@ -17,10 +17,11 @@ each tool's output kept in ``<out>/logs/<step>.log``:
 5. engine (``python -m engines.build``) fp32/fp16/int8 engines when TensorRT and a GPU are present,
    otherwise reported as skipped with the reason;
 6. bench (``python -m engines.bench --tensorrt auto``) -> ``<out>/model/bench-engines-*``;
-7. parity (``python -m engines.parity``) -> ``<out>/model/parity-<model>.*``;
+7. parity (``python -m evaluation.parity``) -> ``<out>/model/parity-<model>.*``;
 
 then prints a one-screen summary and writes it to ``<out>/demo-summary.md`` (+ ``demo.json``).
 A failing step is reported with its log and the demo goes on where later steps do not depend on it.
+Stopping the demo (Ctrl-C, SIGTERM) stops the step that is running, and says so.
 """
 from __future__ import annotations
 
@@ -35,16 +36,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from engines.trt_runtime import TensorRTRunner
+from t2t_vit.cli import run_command
+from t2t_vit.data import IMG_EXTENSIONS, imagenette_root
 from t2t_vit.env import host_info
+from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import atomic_write_json, atomic_write_text
+from t2t_vit.timing import child_process_kwargs
 
-__all__ = ["DemoError", "write_digits_dataset", "find_imagenette", "get_args_parser", "main", "run_demo"]
+__all__ = ["DemoError", "write_digits_dataset", "get_args_parser", "main", "run_demo"]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("data", "train", "onnx", "calib", "engine", "bench", "parity")
 
 
-class DemoError(RuntimeError):
+class DemoError(T2TError, RuntimeError):
     """The demo cannot start (bad folder or options); the message says how to fix it."""
 
 
@@ -57,12 +63,6 @@ class StepResult:
     log: str | None = None
     reason: str = ""
     outputs: list[str] = field(default_factory=list)
-
-
-def find_imagenette() -> Path | None:
-    """``../shared/data/imagenette2`` beside the checkout (or under ``$T2T_SHARED_DATA``), if it holds train/ and val/."""
-    root = Path(os.environ.get("T2T_SHARED_DATA", REPO.parent / "shared" / "data")) / "imagenette2"
-    return root if (root / "train").is_dir() and (root / "val").is_dir() else None
 
 
 def write_digits_dataset(root: str | Path, size: int = 72, val_fraction: float = 0.2, seed: int = 0) -> Path:
@@ -97,21 +97,31 @@ def write_digits_dataset(root: str | Path, size: int = 72, val_fraction: float =
 
 
 def _run_step(step: str, cmd: list[str], logs: Path, verbose: bool, env: dict[str, str]) -> tuple[int, float, Path]:
+    """Run one step's command with its output in ``logs/<step>.log``; the child stops when the demo stops."""
     log = logs / f"{step}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        if verbose:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                    text=True, bufsize=1)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                f.write(line)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if verbose else f, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=env, text=True, bufsize=1, **child_process_kwargs())
+        try:
+            if verbose:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    f.write(line)
             rc = proc.wait()
-        else:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
+        except BaseException:  # Ctrl-C, SIGTERM (t2t_vit.errors.Interrupted): stop the step, then the demo
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            print(f"[demo] stopped the running step `{step}` (pid {proc.pid}); its log: {log}", flush=True)
+            raise
     return rc, time.perf_counter() - t0, log
 
 
@@ -124,17 +134,7 @@ def _tail(log: Path, n: int = 6) -> str:
 
 
 def _count_images(root: Path) -> int:
-    from t2t_vit.data import IMG_EXTENSIONS
-
     return sum(1 for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-
-
-def _tensorrt_status() -> tuple[bool, str]:
-    try:
-        from engines.trt_runtime import TensorRTRunner
-    except ImportError as e:
-        return False, f"engines.trt_runtime is not importable ({e})"
-    return TensorRTRunner.availability()
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise DemoError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
 
     dataset = args.dataset
-    imagenette = find_imagenette()
+    imagenette = imagenette_root()
     if dataset == "auto":
         dataset = "imagenette" if imagenette else "digits"
     if dataset == "imagenette" and imagenette is None:
@@ -267,7 +267,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
          outputs=[model_dir / f"{args.model}.int8.onnx", model_dir / f"{args.model}.calib.md"], soft=True)
 
     # 5. engine ----------------------------------------------------------------------------------------
-    trt_ok, trt_why = _tensorrt_status()
+    trt_ok, trt_why = TensorRTRunner.availability()
     if "engine" not in steps:
         results.append(StepResult("engine", "skipped", reason="not selected (--steps)"))
     elif not trt_ok:
@@ -281,13 +281,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     # 6. bench -----------------------------------------------------------------------------------------
     step("bench", [py, "-m", "engines.bench", *common, *ck_args, "--precision", "fp16", "--tensorrt", "auto",
-                   "--batches", "1", "8", "--min-time", str(args.bench_seconds), "--quiet", *thread_args],
+                   "--batches", "1,8", "--min-time", str(args.bench_seconds), "--no-progress", *thread_args],
          needs=["onnx"], outputs=sorted(model_dir.glob("bench-engines-*")) if model_dir.exists() else [])
     if results[-1].status == "ok":
         results[-1].outputs = [str(p) for p in sorted(model_dir.glob("bench-engines-*.md"))]
 
     # 7. parity ----------------------------------------------------------------------------------------
-    parity_cmd = [py, "-m", "engines.parity", *common, *ck_args, "--data", str(val_split), "--no-progress",
+    parity_cmd = [py, "-m", "evaluation.parity", *common, *ck_args, "--data", str(val_split), "--no-progress",
                   "--workers", str(args.workers), *thread_args]
     if val_images:
         parity_cmd += ["--limit", str(val_images)]
@@ -303,7 +303,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                   model_dir / f"parity-{args.model}-disagreements.csv"], soft=True)
 
     summary = {
-        "tool": "engines.demo",
+        "tool": "evaluation.demo",
         "out": str(out),
         "dataset": dataset,
         "data_root": str(data_root),
@@ -343,9 +343,9 @@ def _collect_metrics(train_dir: Path, model_dir: Path, model: str) -> dict[str, 
     parity = model_dir / f"parity-{model}.json"
     if parity.is_file():
         rep = json.loads(parity.read_text())
-        m["parity"] = {b["name"] if "top1" in b else b["key"]:
+        m["parity"] = {b["name"]:
                        ({"top1": round(b["top1"], 2), "delta": round(b.get("delta_top1", 0.0), 2),
-                         "agreement": round(b.get("agreement", 100.0), 2), "status": b["status"]}
+                         "agreement": round(b.get("top1_agreement", 100.0), 2), "status": b["status"]}
                         if "top1" in b else {"status": b["status"], "reason": b["reason"]})
                        for b in rep["backends"]}
         m["parity_images"] = rep["data"]["images_evaluated"]
@@ -428,20 +428,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    imagenette = args.dataset == "imagenette" or (args.dataset == "auto" and find_imagenette() is not None)
+    imagenette = args.dataset == "imagenette" or (args.dataset == "auto" and imagenette_root() is not None)
     # 8x8 digit scans carry no detail beyond 32 px; 4x fewer tokens than 64 px keeps the demo in minutes.
     if args.img_size is None:
         args.img_size = 64 if imagenette else 32
     if args.epochs is None:
         args.epochs = 4 if imagenette else 8
-    try:
+
+    def body() -> int:
         summary = run_demo(args)
-    except DemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print()
-    print(render_summary(summary))
-    return 0 if summary["ok"] else 1
+        print()
+        print(render_summary(summary))
+        failed = [r["step"] for r in summary["steps"] if r["status"] == "failed"]
+        if failed:
+            raise DemoError(f"steps {', '.join(failed)} failed; their logs are under {summary['out']}/logs/")
+        warned = [r["step"] for r in summary["steps"] if r["status"] == "warn"]
+        if warned:
+            raise ThresholdMissed(f"steps {', '.join(warned)} missed a quality threshold (see their reports)")
+        return 0
+
+    return run_command(body, "evaluation.demo")
 
 
 if __name__ == "__main__":

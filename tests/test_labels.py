@@ -1,4 +1,4 @@
-"""Evaluation-set layouts (t2t_vit.imagenet): label files and folder mapping, on small synthetic trees."""
+"""Evaluation-set layouts (t2t_vit.labels): label files and folder mapping, on small synthetic trees."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from t2t_vit.data import DataError, imagenet_wnids
-from t2t_vit.imagenet import read_labels_file, resolve_eval_set
+from t2t_vit.labels import read_labels_file, resolve_eval_set
 
 
 def _img(path: Path) -> Path:
@@ -79,5 +79,5 @@ def test_synset_folders_map_into_the_model_class_list(tmp_path):
     assert {Path(s.path).parent.name: s.label for s in es.samples} == {"n01440764": 0, "n03888257": 1}
     with pytest.raises(DataError, match="class_names"):
         resolve_eval_set(tmp_path, num_classes=10)
-    with pytest.raises(DataError, match="not in the model's class list"):
+    with pytest.raises(DataError, match="not among the model's"):
         resolve_eval_set(tmp_path, class_names=["n01440764"])

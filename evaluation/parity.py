@@ -2,19 +2,22 @@
 
 ::
 
-    python -m engines.parity --model t2t_vit_14 --checkpoint ckpt.pth --data /imagenet/val [--limit 5000]
+    python -m evaluation.parity --model t2t_vit_14 --checkpoint ckpt.pth --data /imagenet/val [--limit 5000]
     make parity MODEL=t2t_vit_14 CHECKPOINT=ckpt.pth DATA=/imagenet/val LIMIT=5000
 
 One :class:`t2t_vit.data.ImageBatcher` (the model's eval transform, fp32 inputs, last batch not padded)
 feeds every runner batch by batch, so all backends see the same tensors: PyTorch fp32 (the reference),
-PyTorch autocast (bf16 on CPU, fp16 on CUDA), ONNX Runtime on ``<out>/<model>.{fp32,fp16,int8}.onnx``
+PyTorch autocast (bf16 on CPU, fp16 on CUDA), ONNX Runtime on ``<out>/<model>.{fp32,fp16,int8,int8-cpu}.onnx``
 (CUDA provider when present, else CPU) and TensorRT engines ``<out>/<model>.<precision>.engine`` when
 TensorRT and a GPU are present. A backend that cannot run is reported as skipped with the reason.
+Backends are named as their runners (``onnxruntime-cpu-int8``, ``tensorrt-fp16``; ``--backends`` takes
+names or prefixes, :func:`t2t_vit.runners.select_backends`).
 
-Per backend: top-1, top-5, delta top-1 vs the reference (points), top-1 agreement with the reference,
-mean/max |delta logit|, mean KL(reference softmax || backend softmax), images/s (inference calls only,
-first batch excluded as warm-up; a by-product, not a benchmark: use ``make bench`` for timings).
-Per-precision thresholds on |delta top-1| and agreement decide the exit code (0 pass, 1 fail, 2 error).
+Per backend (:mod:`t2t_vit.metrics` keys): top-1, top-5, delta top-1 vs the reference (points), top-1
+agreement with the reference (percent), mean/max |delta logit|, mean KL(reference softmax || backend
+softmax), images/s (inference calls only, first batch excluded as warm-up; a by-product, not a
+benchmark: use ``make bench`` for timings). Per-precision thresholds on |delta top-1| and agreement
+decide the exit code (0 pass, 1 fail, 2 error).
 
 Writes under ``--out``: ``parity-<model>.json`` / ``.md`` / ``.png`` and
 ``parity-<model>-disagreements.csv`` (images where any backend's top-1 differs from the reference).
@@ -26,32 +29,38 @@ import csv
 import io
 import logging
 import math
-import os
-import sys
 import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from engines.runners import OnnxRuntimeRunner, Runner, RunnerError, TorchRunner, read_onnx_metadata
-from t2t_vit.env import host_info
-from t2t_vit.files import atomic_write, atomic_write_json, atomic_write_text
+from engines.sidecar import read_sidecar
+from engines.trt_runtime import TensorRTRunner
+from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, engine_path, make_hint, onnx_path
+from t2t_vit.checkpoint import build_model
+from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset
+from t2t_vit.errors import T2TError, ThresholdMissed
+from t2t_vit.files import atomic_write_text, file_sha256
+from t2t_vit.graphs import read_metadata
+from t2t_vit.labels import model_class_names, resolve_eval_set
+from t2t_vit.metrics import LogitStats
+from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner, select_backends
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "BACKEND_KEYS",
     "ParityError",
     "Thresholds",
     "BackendResult",
-    "ParityStats",
+    "parity_backends",
     "run_parity",
     "get_args_parser",
     "main",
@@ -65,15 +74,13 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, float | None]] = {
     "fp16": (0.1, None),
     "bf16": (0.5, None),
     "int8": (1.0, None),
+    "int8-cpu": (1.0, None),
 }
-BACKEND_KEYS = ("pytorch-fp32", "pytorch-autocast", "ort-fp32", "ort-fp16", "ort-int8",
-                "trt-fp32", "trt-fp16", "trt-int8")
-FAMILIES = {"pytorch": ("pytorch-fp32", "pytorch-autocast"), "ort": ("ort-fp32", "ort-fp16", "ort-int8"),
-            "trt": ("trt-fp32", "trt-fp16", "trt-int8")}
-ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_PRECISIONS = GRAPH_PRECISIONS
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
-class ParityError(RuntimeError):
+class ParityError(T2TError, RuntimeError):
     """A parity run that cannot be set up as asked; the message says how to fix it."""
 
 
@@ -102,89 +109,13 @@ class Thresholds:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Streaming statistics (the full logits of ImageNet val for 8 backends would not fit in memory)
-# ----------------------------------------------------------------------------------------------------
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
-
-
-class ParityStats:
-    """Accumulates one backend's metrics batch by batch."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.correct1 = 0
-        self.correct5 = 0
-        self.agree = 0
-        self.sum_abs = 0.0
-        self.max_abs = 0.0
-        self.n_elems = 0
-        self.sum_kl = 0.0
-        self.nonfinite = 0
-        self.seconds = 0.0
-        self.timed_images = 0
-        self.preds: list[np.ndarray] = []
-
-    def update(self, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray | None,
-               seconds: float | None = None) -> None:
-        k = min(5, logits.shape[1])
-        finite = np.isfinite(logits).all(axis=1)
-        self.nonfinite += int((~finite).sum())
-        safe = np.where(np.isfinite(logits), logits, -np.inf)
-        top1 = safe.argmax(axis=1)
-        topk = np.argsort(-safe, axis=1, kind="stable")[:, :k]
-        self.n += len(labels)
-        self.correct1 += int((top1 == labels).sum())
-        self.correct5 += int((topk == labels[:, None]).any(axis=1).sum())
-        self.preds.append(top1.astype(np.int64))
-        if ref is not None:
-            self.agree += int((top1 == ref.argmax(axis=1)).sum())
-            diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
-            self.sum_abs += float(diff.sum())
-            self.max_abs = max(self.max_abs, float(diff.max()) if diff.size else 0.0)
-            self.n_elems += diff.size
-            lp, lq = _log_softmax(ref), _log_softmax(logits)
-            self.sum_kl += float((np.exp(lp) * (lp - lq)).sum())
-        if seconds is not None:
-            self.seconds += seconds
-            self.timed_images += len(labels)
-
-    @property
-    def predictions(self) -> np.ndarray:
-        return np.concatenate(self.preds) if self.preds else np.zeros(0, np.int64)
-
-    def summary(self, reference: "ParityStats | None") -> dict[str, Any]:
-        n = max(self.n, 1)
-        out: dict[str, Any] = {
-            "images": self.n,
-            "top1": 100.0 * self.correct1 / n,
-            "top5": 100.0 * self.correct5 / n,
-            "correct_top1": self.correct1,
-            "images_per_s": (self.timed_images / self.seconds) if self.seconds > 0 else None,
-            "nonfinite_images": self.nonfinite,
-        }
-        if reference is not None:
-            out.update({
-                "delta_top1": out["top1"] - 100.0 * reference.correct1 / max(reference.n, 1),
-                "agreement": 100.0 * self.agree / n,
-                "disagreements": self.n - self.agree,
-                "mean_abs_logit_delta": self.sum_abs / max(self.n_elems, 1),
-                "max_abs_logit_delta": self.max_abs,
-                "mean_kl": self.sum_kl / n,
-            })
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class BackendSpec:
-    """A backend that may run: how to build its runner (device-free) and whether it can run here."""
+    """A backend that may run: its runner name, how to build the runner (device-free), or why it cannot run."""
 
-    key: str
+    name: str
     family: str
     precision: str
     artifact: str | None
@@ -194,7 +125,6 @@ class BackendSpec:
 
 @dataclass
 class BackendResult:
-    key: str
     name: str
     family: str
     precision: str
@@ -204,41 +134,20 @@ class BackendResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "name": self.name, "family": self.family, "precision": self.precision,
+        return {"name": self.name, "family": self.family, "precision": self.precision,
                 "status": self.status, "reason": self.reason, "artifact": self.artifact, **self.metrics}
 
 
-def parse_backends(value: str | Sequence[str] | None) -> list[str]:
-    """Selection keys from a comma list of keys (``ort-fp16``) or families (``pytorch``, ``ort``, ``trt``)."""
-    if value is None or value == "" or value == "all":
-        return list(BACKEND_KEYS)
-    items = value.split(",") if isinstance(value, str) else list(value)
-    keys: list[str] = []
-    for item in (i.strip().lower() for i in items if i.strip()):
-        if item in FAMILIES:
-            keys.extend(FAMILIES[item])
-        elif item in BACKEND_KEYS:
-            keys.append(item)
-        else:
-            raise ParityError(f"unknown backend {item!r}; choose from {', '.join(BACKEND_KEYS)} "
-                              f"or the families {', '.join(FAMILIES)} (comma separated)")
-    if "pytorch-fp32" not in keys:
-        keys.insert(0, "pytorch-fp32")  # the reference always runs
-    return list(dict.fromkeys(keys))
+def autocast_precision(device: str) -> str:
+    return "bf16" if str(device).startswith("cpu") else "fp16"
 
 
-def engine_path(out: Path, model_name: str, precision: str) -> Path:
-    """Where ``make engine`` puts the TensorRT engine of a precision."""
-    return out / f"{model_name}.{precision}.engine"
-
-
-def _tensorrt_runner_class() -> tuple[Any, str]:
-    try:
-        from engines.trt_runtime import TensorRTRunner
-    except ImportError as e:
-        return None, f"engines.trt_runtime is not importable ({e})"
-    ok, why = TensorRTRunner.availability()
-    return (TensorRTRunner, "") if ok else (None, why)
+def parity_backends(device: str, provider: str) -> list[str]:
+    """Every backend parity knows on this device/provider, reference first (the --backends vocabulary)."""
+    dev = str(device).split(":")[0]
+    return ([f"pytorch-{dev}-fp32", f"pytorch-{dev}-{autocast_precision(dev)}-autocast"]
+            + [f"onnxruntime-{provider}-{p}" for p in ONNX_PRECISIONS]
+            + [f"tensorrt-{p}" for p in ENGINE_PRECISIONS])
 
 
 def _sha_field(meta: dict[str, str]) -> str:
@@ -250,20 +159,16 @@ def _sha_field(meta: dict[str, str]) -> str:
 def _artifact_metadata(spec: BackendSpec) -> dict[str, str]:
     """The export metadata of an ONNX file, or of the ONNX file an engine was built from (its sidecar)."""
     if spec.family == "onnxruntime":
-        return read_onnx_metadata(spec.artifact)
+        return read_metadata(spec.artifact)
     try:
-        from engines.sidecar import read_sidecar
-
         return dict(read_sidecar(spec.artifact).get("onnx_metadata") or {})
-    except Exception as e:  # noqa: BLE001 - the runner reports an unreadable sidecar properly on start
+    except T2TError as e:  # the runner reports an unreadable sidecar properly on start
         _logger.debug("no sidecar metadata for %s: %s", spec.artifact, e)
         return {}
 
 
 def _onnx_mismatch(meta: dict[str, str], model: torch.nn.Module, data_cfg: Any, ckpt_sha: str) -> str:
     """Why an exported file does not belong to this model/checkpoint ('' when it does)."""
-    from t2t_vit.data import DataConfig, DataError
-
     onnx_sha = _sha_field(meta)
     if ckpt_sha and onnx_sha and onnx_sha != ckpt_sha:
         return (f"exported from checkpoint sha256 {onnx_sha[:12]}, not {ckpt_sha[:12]} of --checkpoint; "
@@ -282,47 +187,45 @@ def _onnx_mismatch(meta: dict[str, str], model: torch.nn.Module, data_cfg: Any, 
     return ""
 
 
-def plan_backends(keys: Sequence[str], model: torch.nn.Module, model_name: str, out: Path, device: str,
-                  provider: str, data_cfg: Any, ckpt_sha: str, threads: int | None = None,
-                  ) -> tuple[BackendSpec, list[BackendSpec]]:
-    """The reference and the other backends, each with a runner factory or a skip reason."""
+def plan_backends(names: Sequence[str], model: torch.nn.Module, model_name: str, out: Path, device: str,
+                  provider: str, threads: int | None = None) -> tuple[BackendSpec, list[BackendSpec]]:
+    """The reference and the other selected backends, each with a runner factory or a skip reason."""
     dev = device.split(":")[0]
-    reference = BackendSpec("pytorch-fp32", "pytorch", "fp32", None,
+    reference = BackendSpec(f"pytorch-{dev}-fp32", "pytorch", "fp32", None,
                             lambda: TorchRunner(model, device=device, name=f"pytorch-{dev}-fp32"))
     specs: list[BackendSpec] = []
-    if "pytorch-autocast" in keys:
-        dtype = torch.bfloat16 if dev == "cpu" else torch.float16
-        prec = "bf16" if dtype is torch.bfloat16 else "fp16"
-        specs.append(BackendSpec("pytorch-autocast", "pytorch", prec, None,
-                                 lambda: TorchRunner(model, device=device, autocast_dtype=dtype)))
     ort_ok, ort_why = OnnxRuntimeRunner.availability(provider)
-    for prec in ONNX_PRECISIONS:
-        key = f"ort-{prec}"
-        if key not in keys:
+    trt_ok, trt_why = TensorRTRunner.availability()
+    for name in names:
+        if name == reference.name:
             continue
-        path = out / f"{model_name}.{prec}.onnx"
-        spec = BackendSpec(key, "onnxruntime", prec, str(path), None)
-        make_hint = "make onnx" if prec != "int8" else "make calib"
-        if not ort_ok:
-            spec.skip_reason = ort_why
-        elif not path.is_file():
-            spec.skip_reason = f"{path} not found (create it with `{make_hint}` and the same MODEL/OUT)"
+        family = name.split("-", 1)[0]
+        if family == "pytorch":
+            prec = autocast_precision(dev)
+            dtype = torch.bfloat16 if prec == "bf16" else torch.float16
+            specs.append(BackendSpec(name, "pytorch", prec, None,
+                                     lambda dt=dtype: TorchRunner(model, device=device, autocast_dtype=dt)))
+        elif family == "onnxruntime":
+            prec = name.split("-", 2)[2]
+            path = onnx_path(out, model_name, prec)
+            spec = BackendSpec(name, "onnxruntime", prec, str(path), None)
+            if not ort_ok:
+                spec.skip_reason = ort_why
+            elif not path.is_file():
+                spec.skip_reason = f"{path} not found (create it with {make_hint(prec, model_name)} and the same OUT)"
+            else:
+                spec.make = (lambda p=path: OnnxRuntimeRunner(p, provider=provider, threads=threads))
+            specs.append(spec)
         else:
-            spec.make = (lambda p=path: OnnxRuntimeRunner(p, provider=provider, threads=threads))
-        specs.append(spec)
-    trt_keys = [k for k in keys if k.startswith("trt-")]
-    if trt_keys:
-        trt_cls, trt_why = _tensorrt_runner_class()
-        for key in trt_keys:
-            prec = key.split("-", 1)[1]
+            prec = name.split("-", 1)[1]
             path = engine_path(out, model_name, prec)
-            spec = BackendSpec(key, "tensorrt", prec, str(path), None)
-            if trt_cls is None:
+            spec = BackendSpec(name, "tensorrt", prec, str(path), None)
+            if not trt_ok:
                 spec.skip_reason = trt_why
             elif not path.is_file():
                 spec.skip_reason = f"{path} not found (build it with `make engine PRECISION={prec}`)"
             else:
-                spec.make = (lambda p=path: trt_cls(p))
+                spec.make = (lambda p=path: TensorRTRunner(p))
             specs.append(spec)
     return reference, specs
 
@@ -342,32 +245,27 @@ def _auto_provider(provider: str) -> str:
     return provider
 
 
-def run_parity(args: argparse.Namespace) -> dict[str, Any]:
+def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every selected backend on the same batches and write the report files; returns the report."""
     from tqdm import tqdm
 
-    from t2t_vit.checkpoint import build_model, file_sha256
-    from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset
-    from t2t_vit.imagenet import model_class_names, resolve_eval_set
-
-    keys = parse_backends(args.backends)
+    device, provider = _auto_device(args.device), _auto_provider(args.provider)
+    names = select_backends(args.backends, parity_backends(device, provider), device=device, provider=provider)
     thresholds = Thresholds()
     for prec, val in (args.max_delta_top1 or []):
         thresholds.max_delta_top1[prec] = val
     for prec, val in (args.min_agreement or []):
         thresholds.min_agreement[prec] = val
 
-    out = Path(args.out or f"artifacts/{args.model}")
-    device, provider = _auto_device(args.device), _auto_provider(args.provider)
+    out = Path(args.out) if args.out else default_out(args.model)
     if args.checkpoint is None:
         warnings.warn(
             f"NO --checkpoint: {args.model} gets RANDOM weights (seed {args.seed}); accuracies are meaningless "
             f"and ONNX files exported from other random weights will disagree. Pass CHECKPOINT=...",
             stacklevel=2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = apply_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, args.checkpoint, img_size=args.img_size).eval()
+    model = build_model(args.model, args.checkpoint, img_size=args.img_size, weights=args.weights).eval()
     ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else ""
     data_cfg = DataConfig.from_model(model)
 
@@ -375,41 +273,41 @@ def run_parity(args: argparse.Namespace) -> dict[str, Any]:
                                labels_file=args.labels)
     samples = evalset.samples
     if args.limit:
-        samples = class_balanced_subset(samples, int(args.limit), seed=args.seed)
+        samples = class_balanced_subset(samples, int(args.limit), seed=args.seed, what="--limit (LIMIT=)")
     batcher = ImageBatcher(samples, data_cfg, batch_size=args.batch_size, num_workers=args.workers)
 
-    reference, specs = plan_backends(keys, model, args.model, out, device, provider, data_cfg, ckpt_sha,
-                                     threads=args.threads)
+    reference, specs = plan_backends(names, model, args.model, out, device, provider, threads=threads)
     results: dict[str, BackendResult] = {}
     for spec in specs:
         if spec.make is None:
-            results[spec.key] = BackendResult(spec.key, spec.key, spec.family, spec.precision, "skipped",
-                                              spec.skip_reason, spec.artifact)
+            results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "skipped",
+                                               spec.skip_reason, spec.artifact)
         elif spec.artifact:
             why = _onnx_mismatch(_artifact_metadata(spec), model, data_cfg, ckpt_sha)
             if why:
-                results[spec.key] = BackendResult(spec.key, spec.key, spec.family, spec.precision, "error",
-                                                  f"{spec.artifact}: {why}", spec.artifact)
+                results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "error",
+                                                   f"{spec.artifact}: {why}", spec.artifact)
 
-    stats: dict[str, ParityStats] = {}
+    stats: dict[str, LogitStats] = {}
     runners: dict[str, Runner] = {}
     labels_all: list[np.ndarray] = []
     paths_all: list[str] = []
+    ref_name = reference.name
     with ExitStack() as stack:
         ref_runner = stack.enter_context(reference.make())
-        stats["pytorch-fp32"] = ParityStats()
+        stats[ref_name] = LogitStats()
         for spec in specs:
-            if spec.key in results:
+            if spec.name in results:
                 continue
             try:
                 runner = spec.make()
                 stack.enter_context(runner)
-            except (RunnerError, OSError, RuntimeError, ValueError) as e:
-                results[spec.key] = BackendResult(spec.key, spec.key, spec.family, spec.precision, "error",
-                                                  f"could not start: {e}", spec.artifact)
+            except (T2TError, OSError, RuntimeError, ValueError) as e:
+                results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "error",
+                                                   f"could not start: {e}", spec.artifact)
                 continue
-            runners[spec.key] = runner
-            stats[spec.key] = ParityStats()
+            runners[spec.name] = runner
+            stats[spec.name] = LogitStats()
 
         n_batches = len(batcher)
         bar = tqdm(batcher, total=n_batches, desc=f"parity {args.model}", unit="batch",
@@ -421,59 +319,56 @@ def run_parity(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             ref_logits = ref_runner.infer(images)
             dt = time.perf_counter() - t0
-            stats["pytorch-fp32"].update(ref_logits, y, None, dt if timed else None)
-            for key, runner in runners.items():
+            stats[ref_name].update(ref_logits, y, None, dt if timed else None)
+            for name, runner in runners.items():
                 t0 = time.perf_counter()
                 logits = runner.infer(images)
                 dt = time.perf_counter() - t0
                 if logits.shape != ref_logits.shape:
                     raise ParityError(f"{runner.name} returned logits of shape {logits.shape}, the reference "
                                       f"{ref_logits.shape}; is {getattr(runner, 'path', '')} from this model?")
-                stats[key].update(logits, y, ref_logits, dt if timed else None)
+                stats[name].update(logits, y, ref_logits, dt if timed else None)
             labels_all.append(y)
             paths_all.extend(paths)
-            ref_n = stats["pytorch-fp32"].n
-            bar.set_postfix(top1=f"{100.0 * stats['pytorch-fp32'].correct1 / max(ref_n, 1):.1f}")
+            bar.set_postfix(top1=f"{100.0 * stats[ref_name].correct1 / max(stats[ref_name].n, 1):.1f}")
         bar.close()
-        ref_name = ref_runner.name
-        names = {k: r.name for k, r in runners.items()}
         describes = {k: r.describe() for k, r in runners.items()}
 
     if not labels_all:
         raise ParityError("no readable images in the selection")
-    ref_stats = stats["pytorch-fp32"]
-    results_ordered: list[BackendResult] = [BackendResult("pytorch-fp32", ref_name, "pytorch", "fp32", "reference",
-                                                          metrics=ref_stats.summary(None))]
-    results_ordered[0].metrics.update({"delta_top1": 0.0, "agreement": 100.0})
+    ref_stats = stats[ref_name]
+    results_ordered: list[BackendResult] = [BackendResult(ref_name, "pytorch", "fp32", "reference",
+                                                          metrics=ref_stats.summary())]
+    results_ordered[0].metrics.update({"delta_top1": 0.0, "top1_agreement": 100.0})
     for spec in specs:
-        if spec.key in results:
-            results_ordered.append(results[spec.key])
+        if spec.name in results:
+            results_ordered.append(results[spec.name])
             continue
-        m = stats[spec.key].summary(ref_stats)
-        fails = thresholds.check(spec.precision, m["delta_top1"], m["agreement"])
+        m = stats[spec.name].summary(ref_stats)
+        fails = thresholds.check(spec.precision, m["delta_top1"], m["top1_agreement"])
         if m["nonfinite_images"]:
             fails.append(f"{m['nonfinite_images']} images with non-finite logits")
-        res = BackendResult(spec.key, names[spec.key], spec.family, spec.precision, "fail" if fails else "pass",
+        res = BackendResult(spec.name, spec.family, spec.precision, "fail" if fails else "pass",
                             "; ".join(fails), spec.artifact, m)
-        res.metrics["runner"] = describes[spec.key]
+        res.metrics["runner"] = describes[spec.name]
         results_ordered.append(res)
 
     labels_np = np.concatenate(labels_all)
     ref_pred = ref_stats.predictions
-    preds = {r.key: stats[r.key].predictions for r in results_ordered if r.key in stats and r.key != "pytorch-fp32"}
+    preds = {r.name: stats[r.name].predictions for r in results_ordered if r.name in stats and r.name != ref_name}
     failed = [r for r in results_ordered if r.status in ("fail", "error")]
-    stem = f"parity-{args.model}"
-    outputs = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "chart": out / f"{stem}.png",
-               "disagreements": out / f"{stem}-disagreements.csv"}
+    stem = out / f"parity-{args.model}"
+    outputs = {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png",
+               "disagreements": f"{stem}-disagreements.csv"}
     if args.save_predictions:
-        outputs["predictions"] = out / f"{stem}-predictions.csv"
+        outputs["predictions"] = f"{stem}-predictions.csv"
 
     report: dict[str, Any] = {
-        "tool": "engines.parity",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **report_header("evaluation.parity", argv),
         "model": args.model,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "checkpoint_sha256": ckpt_sha or None,
+        "weights": model.pretrained_cfg.get("weights", "random"),
         "num_classes": int(model.num_classes),
         "data": {"root": str(evalset.root), "labels_file": evalset.labels_file, "layout": evalset.layout,
                  "class_mapping": evalset.mapping, "images_found": len(evalset.samples),
@@ -483,47 +378,32 @@ def run_parity(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "device": device,
         "ort_provider": provider,
-        "hardware": {**host_info(), "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "threads": threads,
         "thresholds": thresholds.as_dict(),
         "reference": ref_name,
         "passed": not failed,
         "backends": [r.as_dict() for r in results_ordered],
-        "outputs": {k: str(v) for k, v in outputs.items()},
+        "outputs": outputs,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_disagreements(outputs["disagreements"], paths_all, labels_np, ref_pred, preds, results_ordered,
+    _write_disagreements(Path(outputs["disagreements"]), paths_all, labels_np, ref_pred, preds,
                          evalset.class_names, only_disagreements=True)
     if "predictions" in outputs:
-        _write_disagreements(outputs["predictions"], paths_all, labels_np, ref_pred, preds, results_ordered,
+        _write_disagreements(Path(outputs["predictions"]), paths_all, labels_np, ref_pred, preds,
                              evalset.class_names, only_disagreements=False)
-    _write_chart(outputs["chart"], report)
-    atomic_write_text(outputs["markdown"], render_markdown(report))
-    atomic_write_json(outputs["json"], _json_safe(report))
+    write_report(stem, report, render_markdown(report), _chart(report))
     return report
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _write_disagreements(path: Path, paths: list[str], labels: np.ndarray, ref_pred: np.ndarray,
-                         preds: dict[str, np.ndarray], results: list[BackendResult], class_names: list[str],
-                         only_disagreements: bool) -> None:
-    names = {r.key: r.name for r in results}
-
+                         preds: dict[str, np.ndarray], class_names: list[str], only_disagreements: bool) -> None:
     def cname(i: int) -> str:
         return class_names[i] if 0 <= i < len(class_names) else str(i)
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "label_name", "reference", "reference_name",
-                *[names[k] for k in preds], *[f"{names[k]}_name" for k in preds]])
+                *preds, *[f"{k}_name" for k in preds]])
     for i, p in enumerate(paths):
         row_preds = [int(v[i]) for v in preds.values()]
         if only_disagreements and all(v == ref_pred[i] for v in row_preds):
@@ -541,19 +421,16 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown page (a table per run, skipped backends with reasons)."""
-    hw = report["hardware"]
-    gpu = f", GPU {hw['gpu']['name']}" if hw.get("gpu") else ""
     d = report["data"]
     lines = [
         f"# Parity: {report['model']}",
         "",
-        f"- checkpoint: `{report['checkpoint'] or 'none (random weights)'}`",
+        f"- command: `{report['command']}`",
+        f"- checkpoint: `{report['checkpoint'] or 'none (random weights)'}` ({report.get('weights')} weights)",
         f"- data: `{d['root']}` ({d['layout']}; {d['class_mapping']}), {d['images_evaluated']} images"
         + (f" (class-balanced subset of {d['images_found']}, LIMIT={d['limit']})" if d["limit"] else ""),
-        f"- reference: {report['reference']}; batch size {report['batch_size']}",
-        f"- hardware: {hw['cpu']} ({hw['cpu_cores']} cores){gpu}; torch {hw['torch']}, onnxruntime {hw.get('onnxruntime')}"
-        + (f"; load average {hw['load_average_1min']:.1f} at the end (images/s shares the CPU with other work)"
-           if (hw.get("load_average_1min") or 0) > (hw.get("cpu_cores") or 1) else ""),
+        f"- reference: {report['reference']}; batch size {report['batch_size']}; {report.get('threads')} threads",
+        f"- host: {host_line(report['host'])}",
         f"- result: **{'PASS' if report['passed'] else 'FAIL'}**",
         "",
         "| backend | precision | top-1 | top-5 | Δ top-1 | agreement | mean \\|Δlogit\\| | max \\|Δlogit\\| | KL "
@@ -567,13 +444,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {b['name']} | {b['precision']} | {_fmt(b.get('top1'))} | {_fmt(b.get('top5'))} | "
-            f"{_fmt(b.get('delta_top1'), '+.2f')} | {_fmt(b.get('agreement'))}% | "
-            f"{_fmt(b.get('mean_abs_logit_delta'), '.2e')} | {_fmt(b.get('max_abs_logit_delta'), '.2e')} | "
+            f"{_fmt(b.get('delta_top1'), '+.2f')} | {_fmt(b.get('top1_agreement'))}% | "
+            f"{_fmt(b.get('mean_abs_dlogit'), '.2e')} | {_fmt(b.get('max_abs_dlogit'), '.2e')} | "
             f"{_fmt(b.get('mean_kl'), '.2e')} | {_fmt(b.get('images_per_s'), '.1f')} | "
             f"{b['status']}{': ' + b['reason'] if b['reason'] else ''} |")
     if skipped:
         lines += ["", "Not evaluated:", ""]
-        lines += [f"- {b['key']} ({b['status']}): {b['reason']}" for b in skipped]
+        lines += [f"- {b['name']} ({b['status']}): {b['reason']}" for b in skipped]
     th = report["thresholds"]
     lines += ["", "Thresholds: |Δ top-1| ≤ " + ", ".join(f"{k} {v:g}" for k, v in th["max_abs_delta_top1_points"].items())
               + " points; agreement ≥ " + ", ".join(f"{k} {v:g}%" for k, v in th["min_agreement_percent"].items())
@@ -581,7 +458,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_chart(path: Path, report: dict[str, Any]) -> None:
+def _chart(report: dict[str, Any]) -> Any:
+    """Bar chart of top-1 per backend, annotated with the delta and the agreement."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -598,14 +476,13 @@ def _write_chart(path: Path, report: dict[str, Any]) -> None:
     ax.set_xlim(0, min(100.0, hi * 1.25 + 1))
     for i, b in enumerate(rows):
         label = f"{b['top1']:.2f}" if b["status"] == "reference" else (
-            f"{b['top1']:.2f} ({b['delta_top1']:+.2f}, agree {b['agreement']:.1f}%)")
+            f"{b['top1']:.2f} ({b['delta_top1']:+.2f}, agree {b['top1_agreement']:.1f}%)")
         ax.text(b["top1"], i, " " + label, va="center", fontsize=9)
     ax.set_xlabel("top-1 (%)  [Δ vs PyTorch fp32 in points]")
     ax.set_title(f"Parity {report['model']}: {report['data']['images_evaluated']} images, "
                  f"{'PASS' if report['passed'] else 'FAIL'}", fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -622,31 +499,27 @@ def _prec_value(text: str) -> tuple[str, float]:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Accuracy parity of every backend against PyTorch fp32",
                                 add_help=add_help)
-    p.add_argument("--model", required=True, help="registered model name, e.g. t2t_vit_14")
-    p.add_argument("--checkpoint", default=None, help="weights (without: random weights and a loud warning)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: registry/checkpoint)")
-    p.add_argument("--out", default=None, help="folder holding the ONNX files/engines and receiving the report "
-                                                "(default artifacts/<model>)")
-    p.add_argument("--data", required=True, help="ImageNet-style val folder: synset folders, or flat with --labels")
-    p.add_argument("--labels", default=None, help="ground truth for a flat folder: LOC_val_solution.csv or "
+    add_stage_args(p, out_help="folder holding the ONNX files/engines and receiving the report "
+                               "(default artifacts/<model>)")
+    add_run_args(p, batch_size=32, workers=2)
+    g = p.add_argument_group("parity")
+    g.add_argument("--data", required=True, help="ImageNet-style val folder: synset folders, or flat with --labels")
+    g.add_argument("--labels", default=None, help="ground truth for a flat folder: LOC_val_solution.csv or "
                                                   "'filename label' lines (0-based)")
-    p.add_argument("--limit", type=int, default=None, help="deterministic class-balanced subset of N images")
-    p.add_argument("--backends", default=None,
-                   help=f"comma list of {', '.join(BACKEND_KEYS)} or families pytorch, ort, trt (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    p.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda")
-    p.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="ONNX Runtime provider")
-    p.add_argument("--threads", type=int, default=None,
-                   help="PyTorch and ONNX Runtime intra-op threads (default: their own choice)")
-    p.add_argument("--max-delta-top1", type=_prec_value, action="append", metavar="PREC=POINTS",
+    g.add_argument("--limit", type=int, default=None, help="deterministic class-balanced subset of N images")
+    g.add_argument("--backends", default=None,
+                   help="comma-separated runner names or prefixes (default: all), e.g. onnxruntime,tensorrt-fp16; "
+                        "names: pytorch-<dev>-fp32, pytorch-<dev>-<bf16|fp16>-autocast, "
+                        "onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu>, tensorrt-<fp32|fp16|int8>")
+    g.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda")
+    g.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="ONNX Runtime provider")
+    g.add_argument("--max-delta-top1", type=_prec_value, action="append", metavar="PREC=POINTS",
                    help="override the |delta top-1| limit of a precision (repeatable), e.g. int8=0.5")
-    p.add_argument("--min-agreement", type=_prec_value, action="append", metavar="PREC=PERCENT",
+    g.add_argument("--min-agreement", type=_prec_value, action="append", metavar="PREC=PERCENT",
                    help="override the minimum top-1 agreement of a precision (repeatable), e.g. fp16=99.5")
-    p.add_argument("--save-predictions", action="store_true",
+    g.add_argument("--save-predictions", action="store_true",
                    help="also write every image's top-1 per backend to parity-<model>-predictions.csv")
-    p.add_argument("--seed", type=int, default=0, help="subset seed (and random-weight seed without a checkpoint)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--seed", type=int, default=0, help="subset seed (and random-weight seed without a checkpoint)")
     return p
 
 
@@ -656,30 +529,29 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for b in report["backends"]:
         if "top1" in b:
             extra = "" if b["status"] == "reference" else (
-                f"  delta {b['delta_top1']:+.2f}  agree {b['agreement']:.2f}%  max|dlogit| {b['max_abs_logit_delta']:.2e}")
+                f"  delta {b['delta_top1']:+.2f}  agree {b['top1_agreement']:.2f}%  max|dlogit| {b['max_abs_dlogit']:.2e}")
             lines.append(f"  {b['name']:<32} top-1 {b['top1']:6.2f}{extra}  [{b['status']}]"
                          + (f" {b['reason']}" if b["reason"] and b["status"] != "pass" else ""))
         else:
-            lines.append(f"  {b['key']:<32} {b['status']}: {b['reason']}")
+            lines.append(f"  {b['name']:<32} {b['status']}: {b['reason']}")
     return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from t2t_vit.checkpoint import CheckpointError
-    from t2t_vit.data import DataError
 
-    try:
-        report = run_parity(args)
-    except (ParityError, RunnerError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"parity {report['model']} on {report['data']['images_evaluated']} images "
-          f"({'PASS' if report['passed'] else 'FAIL'}):")
-    print("\n".join(summary_lines(report)))
-    print(f"report: {report['outputs']['markdown']} (+ .json, .png, disagreements .csv)")
-    return 0 if report["passed"] else 1
+    def body() -> int:
+        report = run_parity(args, argv)
+        print(f"parity {report['model']} on {report['data']['images_evaluated']} images "
+              f"({'PASS' if report['passed'] else 'FAIL'}):")
+        print("\n".join(summary_lines(report)))
+        print(f"report: {report['outputs']['markdown']} (+ .json, .png, disagreements .csv)")
+        if not report["passed"]:
+            raise ThresholdMissed("a backend missed its threshold (see the report)")
+        return 0
+
+    return run_command(body, "evaluation.parity")
 
 
 if __name__ == "__main__":

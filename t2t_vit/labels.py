@@ -1,4 +1,9 @@
-"""Evaluation sets in the layouts ImageNet users have, labelled in the model's own class order.
+"""Label spaces: which class index a folder or a label file means for a given model, in one place.
+
+:func:`label_space` maps class folders onto a model's indices, the one rule every stage uses (training
+checkpoints carry their ``class_names``; a 1000-class model uses the ImageNet-1k order; otherwise the
+sorted folder names, whose count must equal the head size). :func:`resolve_eval_set` finds and labels
+an evaluation set in the layouts ImageNet users have:
 
 * Synset folders (``val/n01440764/ILSVRC2012_val_00000293.JPEG``), the ImageFolder layout.
 * A flat folder of ``ILSVRC2012_val_*.JPEG`` plus a ground-truth file: Kaggle's
@@ -22,7 +27,8 @@ from .data import IMG_EXTENSIONS, DataError, Sample, imagenet_wnids, scan_image_
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["EvalSet", "model_class_names", "read_labels_file", "resolve_eval_set"]
+__all__ = ["EvalSet", "model_class_names", "metadata_class_names", "label_space", "read_labels_file",
+           "resolve_eval_set"]
 
 
 @dataclass
@@ -48,6 +54,51 @@ def model_class_names(model=None, num_classes: int | None = None) -> list[str] |
     if num_classes == 1000:
         return imagenet_wnids()
     return None
+
+
+def metadata_class_names(meta: Mapping[str, str]) -> list[str] | None:
+    """The class list recorded in ONNX metadata / an engine sidecar (``class_names``, else ImageNet-1k
+    for 1000 classes), or None."""
+    import json
+
+    if meta.get("class_names"):
+        return [str(c) for c in json.loads(meta["class_names"])]
+    if str(meta.get("num_classes", "")) == "1000":
+        return imagenet_wnids()
+    return None
+
+
+def label_space(folders: Sequence[str], class_names: Sequence[str] | None, num_classes: int | None,
+                ) -> tuple[dict[str, int], str]:
+    """Class folder name -> the model's class index, and a description of the rule used.
+
+    Args:
+        folders: the class folder names found in the data.
+        class_names: the model's class list (:func:`model_class_names` / :func:`metadata_class_names`),
+            or None when the model records none.
+        num_classes: the model's head size.
+
+    Raises:
+        DataError: a folder that is not one of the model's classes, or (without a class list) a folder
+            count that differs from the head size.
+    """
+    folders = sorted(folders)
+    if class_names:
+        index = {c: i for i, c in enumerate(class_names)}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise DataError(f"class folders {unknown[:5]} are not among the model's {len(index)} classes "
+                            f"(expected names like {list(index)[:3]}); point at data with the model's classes")
+        rule = (f"{len(folders)} folders -> the model's {len(index)}-class list"
+                + (" (ImageNet-1k order)" if len(index) == 1000 and class_names[0] == "n01440764" else ""))
+        return index, rule
+    if num_classes is not None and len(folders) != num_classes:
+        raise DataError(
+            f"class count mismatch: the model has {num_classes} classes but the data has {len(folders)} class "
+            f"folders, and the model records no class names to map them; use the split the model was trained "
+            f"on, a checkpoint whose meta holds class_names (this project's training checkpoints do), or "
+            f"fine-tune: python -m train.train --finetune CKPT --num-classes {len(folders)}")
+    return {c: i for i, c in enumerate(folders)}, f"{len(folders)} folders in sorted order -> indices 0..{len(folders) - 1}"
 
 
 def _stem(name: str) -> str:
@@ -123,20 +174,10 @@ def resolve_eval_set(root: str | Path, class_names: Sequence[str] | None = None,
     has_dirs = any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
 
     if labels_file is None and has_dirs:
-        samples, folders = scan_image_folder(root, class_to_idx)
-        if class_to_idx is None:
-            if num_classes is not None and len(folders) != num_classes:
-                raise DataError(
-                    f"{root} has {len(folders)} class folders but the model has {num_classes} classes and no "
-                    f"class list; use a checkpoint whose meta holds class_names (this project's training "
-                    f"checkpoints do), or a 1000-class ImageNet model"
-                )
-            mapping = f"{len(folders)} folders in sorted order -> indices 0..{len(folders) - 1}"
-            names = list(folders)
-        else:
-            names = list(class_names)
-            mapping = (f"{len(folders)} folders -> the model's {len(names)}-class list"
-                       + (" (ImageNet-1k order)" if len(names) == 1000 else ""))
+        folders = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        index, mapping = label_space(folders, class_names, num_classes)
+        samples, _ = scan_image_folder(root, index)
+        names = list(class_names) if class_names else sorted(folders)
         return EvalSet(samples, names, "folders", mapping, str(root))
 
     if labels_file is None:

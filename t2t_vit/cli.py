@@ -1,0 +1,220 @@
+"""One command-line contract for every stage.
+
+* Shared flags, declared once: stage flags (``--model --checkpoint --weights --img-size --out``,
+  :func:`add_stage_args`) and run flags (``--batch-size --workers --threads --no-progress``,
+  :func:`add_run_args`). "None means default": an unset flag never overrides the registry or the
+  checkpoint.
+* One list syntax: comma-separated (``--batches 1,8,32``, ``--backends onnxruntime-cpu,pytorch``), which
+  passes through ``make`` variables without quoting (:func:`comma_list`).
+* Exit codes (:func:`run_command`): 0 ok; 1 a quality threshold was missed (the reports were written);
+  2 bad input or an error, reported as one line that says what to do: a :class:`~t2t_vit.errors.T2TError`,
+  a full disk, a permission problem, or an interrupt (Ctrl-C, SIGTERM, SIGHUP). Anything else is a bug
+  and keeps its traceback.
+* Thread counts (:func:`resolve_threads`): ``--threads auto`` (the default) uses the cores that are idle
+  when the command starts. OpenMP threads that outnumber the free cores spin against each other: on a
+  2-core machine with one other busy process, two threads ran several times slower than one.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .artifacts import default_out
+from .errors import Interrupted, T2TError, ThresholdMissed
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_THRESHOLD",
+    "EXIT_ERROR",
+    "comma_list",
+    "add_stage_args",
+    "add_run_args",
+    "resolve_out",
+    "resolve_threads",
+    "apply_threads",
+    "idle_cores",
+    "install_signal_handlers",
+    "run_command",
+]
+
+EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
+
+
+def comma_list(item: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
+    """argparse ``type`` for comma-separated lists: ``"1,8, 32"`` -> ``[1, 8, 32]`` (empty items dropped)."""
+
+    def parse(text: str) -> list[Any]:
+        out = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                out.append(item(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not a valid "
+                                                 f"{getattr(item, '__name__', 'value')}") from None
+        return out
+
+    parse.__name__ = f"comma-separated {getattr(item, '__name__', 'value')} list"
+    return parse
+
+
+def add_stage_args(p: argparse.ArgumentParser, *, model_required: bool = True, checkpoint_help: str | None = None,
+                   out_help: str | None = None, img_size_help: str | None = None, weights: bool = True) -> None:
+    """``--model --checkpoint [--weights] --img-size --out``, the flags every stage shares."""
+    g = p.add_argument_group("model and artifacts")
+    g.add_argument("--model", required=model_required, default=None if model_required else "t2t_vit_7",
+                   help="registered model name, e.g. t2t_vit_7 (python -c 'import t2t_vit; print(t2t_vit.ARCHS)')")
+    g.add_argument("--checkpoint", default=None,
+                   help=checkpoint_help or "weights (.pth/.pth.tar/.safetensors); without it: random weights, loudly")
+    if weights:
+        g.add_argument("--weights", choices=("ema", "model"), default=None,
+                       help="EMA or raw weights of a training checkpoint (default: the one the checkpoint records "
+                            "as better, else EMA)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help=img_size_help or "input size (default: the checkpoint's, else the registry's)")
+    g.add_argument("--out", default=None, help=out_help or "artifact folder (default artifacts/<model>)")
+
+
+def add_run_args(p: argparse.ArgumentParser, *, batch_size: int | None = 32, workers: int | None = 2,
+                 threads: bool = True, progress: bool = True) -> None:
+    """``--batch-size --workers --threads --no-progress`` (each only where the stage has it)."""
+    g = p.add_argument_group("run")
+    if batch_size is not None:
+        g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+    if workers is not None:
+        g.add_argument("--workers", type=int, default=workers,
+                       help=f"image decoding processes (default {workers}; 0 decodes in the main process)")
+    if threads:
+        g.add_argument("--threads", default="auto",
+                       help="intra-op threads of PyTorch and ONNX Runtime: a number, or auto (default) = the cores "
+                            "idle at start, so a busy machine does not make OpenMP threads spin")
+    if progress:
+        g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_out(args: argparse.Namespace) -> Path:
+    return Path(args.out) if getattr(args, "out", None) else default_out(args.model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------------------------------
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return idle, sum(fields[:8])
+
+
+def idle_cores(sample_s: float = 0.25) -> float:
+    """How many cores were idle over a short sample (from /proc/stat); all of them where unreadable."""
+    cores = _usable_cores()
+    a = _cpu_times()
+    if a is None:
+        return float(cores)
+    time.sleep(sample_s)
+    b = _cpu_times()
+    if b is None or b[1] <= a[1]:
+        return float(cores)
+    frac = (b[0] - a[0]) / (b[1] - a[1])
+    total = os.cpu_count() or cores  # /proc/stat counts every online CPU
+    return max(0.0, min(float(cores), frac * total))
+
+
+def resolve_threads(spec: int | str | None) -> int:
+    """A thread count from ``--threads``: a positive number, or ``auto``/None = the idle cores (at least 1).
+
+    Raises:
+        T2TError: not a positive number or ``auto``.
+    """
+    if spec is None or str(spec).strip().lower() in ("", "auto"):
+        return max(1, min(_usable_cores(), int(idle_cores() + 0.5)))
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise T2TError(f"--threads must be a positive number or auto, got {spec!r}")
+    return n
+
+
+def apply_threads(spec: int | str | None) -> int:
+    """Resolve ``--threads`` and apply it to PyTorch; returns the count (pass it to ONNX Runtime too)."""
+    import torch
+
+    n = resolve_threads(spec)
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exit codes and signals
+# ----------------------------------------------------------------------------------------------------
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise :class:`~t2t_vit.errors.Interrupted` (like Ctrl-C raises KeyboardInterrupt),
+    so ``finally`` blocks run: child processes are stopped, locks released, temporary files removed."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, _raise_interrupted)
+        except (ValueError, OSError):  # not the main thread (in-process tests): leave the defaults
+            pass
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def run_command(fn: Callable[[], int | None], tool: str = "") -> int:
+    """Run a command's body and turn expected failures into one line on stderr and an exit code.
+
+    ``fn`` returns 0 (or None) on success, or raises :class:`~t2t_vit.errors.ThresholdMissed` (exit 1),
+    :class:`~t2t_vit.errors.T2TError` (exit 2), ``OSError`` for a full disk or a permission problem
+    (exit 2), ``KeyboardInterrupt``/:class:`~t2t_vit.errors.Interrupted` (exit 2). Other exceptions
+    propagate with their traceback: they are bugs.
+    """
+    prefix = f"{tool}: " if tool else ""
+    install_signal_handlers()
+    try:
+        rc = fn()
+    except ThresholdMissed as e:
+        print(f"{prefix}FAIL: {e}", file=sys.stderr)
+        return EXIT_THRESHOLD
+    except T2TError as e:
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (KeyboardInterrupt, Interrupted) as e:
+        what = f"{e}" if isinstance(e, Interrupted) else "Ctrl-C"
+        print(f"{prefix}interrupted ({what}): stopped; files already written are complete, nothing is "
+              f"half-written; run the command again to redo (training: --resume last.pth)", file=sys.stderr)
+        return EXIT_ERROR
+    except FileNotFoundError as e:
+        print(f"{prefix}error: file not found: {e.filename or e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        if e.errno in _DISK_ERRNOS:
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"{prefix}error: {_DISK_ERRNOS[e.errno]}{where} while writing; free space or pick a writable "
+                  f"folder (OUT=... / --out) and run again (no partial file was left)", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+    return int(rc or 0)

@@ -1,0 +1,167 @@
+"""ONNX files as every stage reads them: metadata, structure maps, float32 tensors, ONNX Runtime sessions.
+
+``onnx`` and ``onnxruntime`` are imported inside the functions that need them, so importing this module
+(and :mod:`t2t_vit`) stays light.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import T2TError
+
+__all__ = [
+    "GraphError",
+    "read_metadata",
+    "set_metadata",
+    "producers",
+    "consumers",
+    "default_opset",
+    "value_types",
+    "fp32_tensors",
+    "graph_inputs",
+    "onnx_precision",
+    "ort_session_options",
+    "ort_session",
+    "ONNX_FLOAT",
+    "ONNX_FLOAT16",
+]
+
+ONNX_FLOAT, ONNX_FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
+
+
+class GraphError(T2TError):
+    """An ONNX file that is missing, unreadable or not what the stage expects."""
+
+
+def _load(path: str | os.PathLike, weights: bool = True) -> Any:
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise GraphError(f"ONNX file not found: {path} (create it with `make onnx`, or `make calib` for int8)")
+    try:
+        return onnx.load(str(path), load_external_data=weights)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise GraphError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e}); re-create it") from e
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
+    return {p.key: p.value for p in _load(path, weights=False).metadata_props}
+
+
+def set_metadata(model: Any, meta: Mapping[str, Any]) -> None:
+    """Replace a ModelProto's ``metadata_props`` with ``meta`` (values stringified)."""
+    import onnx
+
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {str(k): str(v) for k, v in meta.items()})
+
+
+def producers(graph: Any) -> dict[str, Any]:
+    """tensor name -> the node that produces it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def consumers(graph: Any) -> dict[str, list[Any]]:
+    """tensor name -> the nodes that read it (in graph order)."""
+    out: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for name in n.input:
+            out.setdefault(name, []).append(n)
+    return out
+
+
+def default_opset(model: Any) -> int:
+    """The model's ai.onnx opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def value_types(model: Any, inferred: Any = None) -> dict[str, int]:
+    """tensor name -> ONNX element type, from shape inference plus the initializers."""
+    import onnx
+
+    inferred = inferred if inferred is not None else onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def fp32_tensors(model: Any) -> list[dict[str, str]]:
+    """Tensors of a reduced-precision graph that are float32 (graph I/O excluded) and float32
+    initializers, each with the node that makes it (``"initializer"`` for constants)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    prod = producers(model.graph)
+    out = []
+    for vi in inferred.graph.value_info:
+        if vi.type.tensor_type.elem_type == ONNX_FLOAT and vi.name not in io:
+            p = prod.get(vi.name)
+            out.append({"tensor": vi.name, "producer": f"{p.op_type}:{p.name}" if p is not None else "?"})
+    out += [{"tensor": i.name, "producer": "initializer"} for i in model.graph.initializer
+            if i.data_type == ONNX_FLOAT]
+    return out
+
+
+def graph_inputs(path: str | os.PathLike) -> dict[str, list[int | str]]:
+    """Graph inputs (initializers excluded) -> dims: an int, or the symbolic name of a dynamic axis."""
+    model = _load(path, weights=False)
+    initializers = {i.name for i in model.graph.initializer}
+    inputs: dict[str, list[int | str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:  # old exporters list weights as inputs
+            continue
+        inputs[value.name] = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                              for d in value.type.tensor_type.shape.dim]
+    return inputs
+
+
+def onnx_precision(path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
+    """Precision of an exported graph: metadata ``precision``, else the ``<model>.<precision>.onnx`` name."""
+    if metadata and metadata.get("precision"):
+        return str(metadata["precision"])
+    parts = Path(path).name.split(".")
+    if len(parts) >= 3:
+        return parts[-2]
+    return "fp32"
+
+
+def ort_session_options(threads: int | None = None, optimize: bool = True, profile_prefix: str | None = None,
+                        optimized_model: str | os.PathLike | None = None) -> Any:
+    """ONNX Runtime session options: ``threads`` intra-op threads (None: ORT's default, all cores) and one
+    inter-op thread; all graph optimizations unless ``optimize`` is False; optional profiling and saving
+    of the optimized graph (ORT's own start-up cache)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
+    if optimized_model:
+        so.optimized_model_filepath = str(optimized_model)
+    so.log_severity_level = 3
+    return so
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True,
+                provider: str = "cpu", **options: Any) -> Any:
+    """An ONNX Runtime inference session on the CPU (or ``provider="cuda"``) provider."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise GraphError(f"ONNX file not found: {path} (create it with `make onnx`, or `make calib` for int8)")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=ort_session_options(threads, optimize, **options),
+                                providers=providers)

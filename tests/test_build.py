@@ -1,0 +1,287 @@
+"""engines.build: the plan from a small ONNX (shapes, data config, errors), the builder wiring against a
+recording stand-in (it produces no engine), and the no-TensorRT failure mode that writes nothing."""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from engines import build as B
+from engines import sidecar as S
+from tests.engine_helpers import (INSTALL, REPO, data_meta, listing, no_trt,
+                                  tiny_out, write_onnx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# build: the plan (no TensorRT needed)
+# ----------------------------------------------------------------------------------------------------
+def test_plan_build_shapes_and_data_config(tmp_path):
+    out = tiny_out(tmp_path)
+    plan = B.plan_build("t2t_vit_test", "fp32", out, B.BuildSettings(min_batch=2, opt_batch=8, max_batch=16))
+    assert plan["onnx"] == str(out / "t2t_vit_test.fp32.onnx")
+    assert plan["engine"] == str(out / "t2t_vit_test.fp32.engine")
+    assert plan["sidecar"] == str(out / "t2t_vit_test.fp32.engine.json")
+    assert plan["profile"] == {"input": {"min": [2, 3, 64, 64], "opt": [8, 3, 64, 64], "max": [16, 3, 64, 64]}}
+    assert plan["data_config"] == data_meta(64)
+    default = B.plan_build("t2t_vit_test", "fp32", out, B.BuildSettings())
+    assert [default["profile"]["input"][k][0] for k in ("min", "opt", "max")] == [1, 32, 128]
+
+
+@pytest.mark.parametrize("precision,hint", [("fp16", "make onnx"), ("int8", "make calib")])
+def test_plan_build_missing_onnx_says_how_to_make_it(tmp_path, precision, hint):
+    with pytest.raises(B.BuildError, match=hint):
+        B.plan_build("t2t_vit_test", precision, tmp_path, B.BuildSettings())
+
+
+def test_plan_build_rejects_disagreeing_graphs(tmp_path):
+    out = tiny_out(tmp_path, precision="fp16")
+    (out / "t2t_vit_test.fp16.onnx").rename(out / "t2t_vit_test.int8.onnx")
+    with pytest.raises(B.BuildError, match="is a fp16 graph"):
+        B.plan_build("t2t_vit_test", "int8", out, B.BuildSettings())
+    write_onnx(tmp_path / "nometa" / "t2t_vit_test.fp32.onnx", metadata={"precision": "fp32"})
+    with pytest.raises(B.BuildError, match="re-export"):
+        B.plan_build("t2t_vit_test", "fp32", tmp_path / "nometa", B.BuildSettings())
+    with pytest.raises(B.BuildError, match="holds t2t_vit_test"):
+        B.plan_build("t2t_vit_7", "fp32", tmp_path / "x", B.BuildSettings(), onnx_file=tiny_out(tmp_path / "y") /
+                     "t2t_vit_test.fp32.onnx")
+
+
+def test_profile_shapes_errors():
+    ok = {"input": ["batch", 3, 64, 64]}
+    with pytest.raises(B.BuildError, match="min <= opt <= max"):
+        B.profile_shapes(ok, B.BuildSettings(min_batch=8, opt_batch=4, max_batch=16))
+    with pytest.raises(B.BuildError, match="0..5"):
+        B.profile_shapes(ok, B.BuildSettings(opt_level=6))
+    with pytest.raises(B.BuildError, match="axis 2 is dynamic"):
+        B.profile_shapes({"input": ["batch", 3, "h", 64]}, B.BuildSettings())
+    with pytest.raises(B.BuildError, match="static batch of 1"):
+        B.profile_shapes({"input": [1, 3, 64, 64]}, B.BuildSettings())
+    assert B.profile_shapes({"input": [4, 3, 64, 64]}, B.BuildSettings(4, 4, 4))["input"]["max"] == [4, 3, 64, 64]
+    with pytest.raises(B.BuildError, match="--img-size is 224"):
+        B.profile_shapes(ok, B.BuildSettings(), img_size=224)
+
+
+def test_plan_build_checks_checkpoint_hash(tmp_path):
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights")
+    import hashlib
+
+    meta = {"model": "t2t_vit_test", "precision": "fp32", **data_meta(64),
+            "checkpoint_sha256": hashlib.sha256(b"weights").hexdigest()}
+    write_onnx(tmp_path / "t2t_vit_test.fp32.onnx", metadata=meta)
+    B.plan_build("t2t_vit_test", "fp32", tmp_path, B.BuildSettings(), checkpoint=ckpt)
+    ckpt.write_bytes(b"other weights")
+    with pytest.raises(B.BuildError, match="another checkpoint"):
+        B.plan_build("t2t_vit_test", "fp32", tmp_path, B.BuildSettings(), checkpoint=ckpt)
+
+
+def test_build_dry_run_needs_no_tensorrt_and_writes_nothing(tmp_path, capsys):
+    out = tiny_out(tmp_path)
+    before = listing(out)
+    assert B.main(["--model", "t2t_vit_test", "--out", str(out), "--precision", "fp32", "--max-batch", "64",
+                   "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["profile"]["input"]["max"] == [64, 3, 64, 64]
+    assert listing(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# build: without TensorRT nothing is written
+# ----------------------------------------------------------------------------------------------------
+@no_trt
+def test_build_without_tensorrt_stops_and_writes_nothing(tmp_path, capsys):
+    out = tiny_out(tmp_path)
+    before = listing(out)
+    rc = B.main(["--model", "t2t_vit_test", "--out", str(out), "--precision", "fp32",
+                 "--timing-cache", str(tmp_path / "cache" / "t.cache")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert INSTALL in err and "nothing was written" in err
+    assert listing(out) == before
+    # stops before looking at its input: a missing ONNX is not even reported
+    rc = B.main(["--model", "t2t_vit_test", "--out", str(tmp_path / "absent"), "--precision", "fp16"])
+    assert rc == 2 and INSTALL in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()
+
+
+@no_trt
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+@pytest.mark.parametrize("target", ["engine", "bench"])
+def test_make_targets_without_tensorrt(tmp_path, target):
+    out = tiny_out(tmp_path / "out")
+    before = listing(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # no trtexec on PATH
+    env.pop("TRTEXEC", None)
+    proc = subprocess.run(["make", "-s", target, "MODEL=t2t_vit_test", f"OUT={out}", "PRECISION=fp32",
+                           f"PYTHON={sys.executable}"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert INSTALL in proc.stderr, proc.stderr
+    assert listing(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# build: the builder wiring, against a recording stand-in for the tensorrt module (no engine is built)
+# ----------------------------------------------------------------------------------------------------
+class _Recorder:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+
+class _Strict:
+    """Raises on any attribute our code is not expected to touch (e.g. set_flag, int8_calibrator)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"unexpected TensorRT API use: {type(self).__name__}.{name}")
+
+
+class _FakeCache(_Strict):
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return self.data
+
+
+def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", serialized=b"FAKE-ENGINE"):
+    class Flag(enum.IntEnum):
+        STRONGLY_TYPED = 3
+
+    class Tensor(_Strict):
+        name = input_name
+
+    class Network(_Strict):
+        num_inputs = 1
+
+        def get_input(self, i):
+            return Tensor()
+
+    class Parser(_Strict):
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            rec.calls.append(("parse_from_file", path))
+            return True
+
+    class Profile(_Strict):
+        def set_shape(self, name, lo, opt, hi):
+            rec.calls.append(("set_shape", name, list(lo), list(opt), list(hi)))
+
+    class Config(_Strict):
+        def __init__(self):
+            self._cache = None
+
+        def set_memory_pool_limit(self, pool, size):
+            rec.calls.append(("set_memory_pool_limit", pool, size))
+
+        def __setattr__(self, name, value):
+            if name == "builder_optimization_level":
+                rec.calls.append(("builder_optimization_level", value))
+            elif name != "_cache":
+                raise AssertionError(f"unexpected config attribute {name}")
+            object.__setattr__(self, name, value)
+
+        def add_optimization_profile(self, profile):
+            rec.calls.append(("add_optimization_profile",))
+
+        def create_timing_cache(self, data):
+            rec.calls.append(("create_timing_cache", bytes(data)))
+            return _FakeCache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            rec.calls.append(("set_timing_cache", ignore_mismatch))
+            self._cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return _FakeCache(self._cache.data + b"+timings")
+
+    class Builder(_Strict):
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            rec.calls.append(("create_network", flags))
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            rec.calls.append(("build_serialized_network",))
+            return serialized
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    return types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=Flag, Logger=Logger,
+                                 Builder=Builder, OnnxParser=Parser,
+                                 MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
+
+
+def test_build_wiring_with_recording_stand_in(tmp_path, monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec))
+    monkeypatch.setattr(B, "gpu_info", lambda: {"name": "Test GPU", "compute_capability": "9.0"})
+    out = tiny_out(tmp_path / "out")
+    cache = tmp_path / "cache" / "timing.cache"
+    settings = B.BuildSettings(min_batch=1, opt_batch=4, max_batch=8, workspace_mib=256, opt_level=5,
+                               timing_cache=str(cache))
+    side = B.build_engine("t2t_vit_test", "fp32", out, settings)
+
+    engine = out / "t2t_vit_test.fp32.engine"
+    assert engine.read_bytes() == b"FAKE-ENGINE"
+    calls = rec.calls
+    assert ("create_network", 1 << 3) in calls  # the enum member's bit, on 10.x
+    assert ("set_memory_pool_limit", "WORKSPACE", 256 * 2**20) in calls
+    assert ("builder_optimization_level", 5) in calls
+    assert ("set_shape", "input", [1, 3, 64, 64], [4, 3, 64, 64], [8, 3, 64, 64]) in calls
+    assert ("set_timing_cache", False) in calls and ("create_timing_cache", b"") in calls
+    assert cache.read_bytes() == b"+timings"
+    # the sidecar describes this build
+    on_disk = S.read_sidecar(engine)
+    assert on_disk == json.loads(json.dumps(side))
+    import hashlib
+
+    assert on_disk["engine_sha256"] == hashlib.sha256(b"FAKE-ENGINE").hexdigest()
+    assert on_disk["onnx_sha256"] == hashlib.sha256((out / "t2t_vit_test.fp32.onnx").read_bytes()).hexdigest()
+    assert on_disk["gpu"] == {"name": "Test GPU", "compute_capability": "9.0"}
+    assert on_disk["tensorrt_version"] == "10.13.3.9"
+    assert on_disk["builder"]["workspace_mib"] == 256 and on_disk["builder"]["network_creation_flags"] == 8
+    assert on_disk["data_config"] == data_meta(64)
+    assert on_disk["profile"]["input"]["opt"] == [4, 3, 64, 64]
+
+    # a second build (here on "11.x": no creation flag) starts from the saved timing cache
+    rec2 = _Recorder()
+    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec2, version="11.4.0.106"))
+    B.build_engine("t2t_vit_test", "fp32", out, settings)
+    assert ("create_timing_cache", b"+timings") in rec2.calls
+    assert ("create_network", 0) in rec2.calls
+    assert cache.read_bytes() == b"+timings+timings"
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_failed_build_writes_nothing(tmp_path, monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec, serialized=None))
+    monkeypatch.setattr(B, "gpu_info", lambda: {"name": "Test GPU", "compute_capability": "9.0"})
+    out = tiny_out(tmp_path / "out")
+    before = listing(tmp_path)
+    with pytest.raises(B.BuildError, match="failed to build"):
+        B.build_engine("t2t_vit_test", "fp32", out, B.BuildSettings(timing_cache=str(tmp_path / "c" / "t.cache")))
+    assert listing(tmp_path) == before
