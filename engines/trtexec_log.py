@@ -1,10 +1,13 @@
 """Parse trtexec's performance summary into plain data (``python -m engines.trtexec_log LOG``).
 
-Accepts the summaries of TensorRT 8.4 through 11 (REFERENCE.md section 4): lines after
-``=== Performance summary ===`` with or without the ``[MM/DD/YYYY-HH:MM:SS] [I] `` prefix, one
-(``percentile(99%)``, 8.2-8.4) or three (90/95/99) percentiles, 8.2's extra ``End-to-End Host Latency``
-line, numbers in scientific notation, and ``[W]`` advice lines (kept as warnings). A log without a
-summary (trtexec failed before timing) raises :class:`TrtexecLogError` quoting its error lines.
+Accepts the summaries of TensorRT 8.2 through 11 (the format of the trtexec documentation, "trtexec" in
+NVIDIA's TensorRT developer guide): lines after ``=== Performance summary ===`` with or without the
+``[MM/DD/YYYY-HH:MM:SS] [I] `` prefix, one (``percentile(99%)``, 8.2-8.4) or three (90/95/99) percentiles,
+8.2's extra ``End-to-End Host Latency`` line, numbers in scientific notation, and ``[W]`` advice lines
+(kept as warnings). Whatever metrics a summary holds are parsed and every absent one is None (some 8.x
+logs have ``Throughput`` and ``GPU Compute Time`` but no ``Latency`` line); a statistics line that cannot
+be read is skipped with a warning. Only a log without a summary, or a summary without any metric,
+raises :class:`TrtexecLogError` (quoting trtexec's own error lines).
 
 One trtexec "query" is one inference of the whole ``--shapes`` batch, so images/s = qps x batch.
 """
@@ -67,7 +70,8 @@ def _pct_key(pct: str) -> str:
     return f"p{int(value)}" if value.is_integer() else f"p{value:g}"
 
 
-def _parse_stats(name: str, body: str) -> dict[str, float | None]:
+def _parse_stats(name: str, body: str) -> dict[str, float | None] | None:
+    """The statistics of one line (each one trtexec did not print is None), or None when none can be read."""
     stats: dict[str, float | None] = {"min": None, "max": None, "mean": None, "median": None,
                                       "p90": None, "p95": None, "p99": None}
     found = 0
@@ -75,10 +79,7 @@ def _parse_stats(name: str, body: str) -> dict[str, float | None]:
         key = _pct_key(m.group("pct")) if m.group("pct") else m.group("key")
         stats[key] = float(m.group("val")) * _SCALE_MS[m.group("unit")]
         found += 1
-    missing = [k for k in ("min", "max", "mean", "median") if stats[k] is None]
-    if not found or missing:
-        raise TrtexecLogError(f"cannot read the {name!r} statistics (missing {missing or 'all'}) in: {body!r}")
-    return stats
+    return stats if found else None
 
 
 def batch_from_command(command: str, input_name: str | None = None) -> int | None:
@@ -131,7 +132,7 @@ def parse_summary(text: str, batch: int | None = None) -> dict[str, Any]:
         ``tensorrt_version``, ``command``, ``batch``, ``percentiles`` (those printed).
 
     Raises:
-        TrtexecLogError: no summary, or a summary without throughput or latency.
+        TrtexecLogError: no summary, or a summary without any metric.
     """
     lines = text.splitlines()
     start = None
@@ -184,14 +185,22 @@ def parse_summary(text: str, batch: int | None = None) -> dict[str, Any]:
         elif m := _STATS_LINE.match(line):
             name = m.group("name").strip()
             key = _STAT_KEYS.get(name.lower(), _snake(name) + "_ms")
-            result[key] = _parse_stats(name, m.group("body"))
-            if key == "latency_ms":
-                result["percentiles"] = sorted(
-                    (k for k, v in result[key].items() if k.startswith("p") and v is not None),
-                    key=lambda k: float(k[1:]))
-    if result["throughput_qps"] is None or result["latency_ms"] is None:
-        raise TrtexecLogError("the performance summary has no Throughput or Latency line; is the log truncated?")
-    if batch is not None:
+            stats = _parse_stats(name, m.group("body"))
+            if stats is None:
+                result["warnings"].append(f"unreadable {name!r} statistics line skipped: {m.group('body')!r}")
+                continue
+            result[key] = stats
+    metrics = [k for k, v in result.items() if v is not None and (k.endswith(("_ms", "_s")) or k == "throughput_qps")]
+    if not metrics:
+        raise TrtexecLogError("the performance summary holds no metric (no Throughput, statistics or Total line); "
+                              "is the log truncated?")
+    # The percentiles trtexec printed (the same on every statistics line): from Latency, else the first one.
+    first = result["latency_ms"] or next((v for k, v in result.items() if k.endswith("_ms") and isinstance(v, dict)),
+                                         None)
+    if first:
+        result["percentiles"] = sorted((k for k, v in first.items() if k.startswith("p") and v is not None),
+                                       key=lambda k: float(k[1:]))
+    if batch is not None and result["throughput_qps"] is not None:
         result["images_per_s"] = result["throughput_qps"] * batch
     return result
 
