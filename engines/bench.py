@@ -32,6 +32,7 @@ from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, make_hint, onnx_pat
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
+from t2t_vit.files import file_sha256
 from t2t_vit.graphs import graph_inputs, read_metadata
 from t2t_vit.reports import host_line, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
@@ -122,7 +123,7 @@ def plan_tensorrt(mode: str, engine: Path, trtexec: str | None = None,
             built = plan.sidecar["tensorrt_version"]
             check_sidecar(plan.sidecar, tensorrt_version=built if _same_release(built, plan.version) else plan.version,
                           gpu_name=running_gpu["name"], compute_capability=running_gpu["compute_capability"],
-                          engine_path=engine)
+                          engine_sha256=file_sha256(engine), engine_path=engine)
         except (SidecarError, EngineMismatchError) as e:
             problems.append(str(e))
     if not problems:
@@ -320,10 +321,10 @@ def render_markdown(report: dict[str, Any]) -> str:
               "| backend | precision | device | batch | median ms | mean ms | p90 ms | p99 ms | GPU compute ms | images/s | iters |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lat = r["latency_ms"]
+        lat = r["latency_ms"] or {}  # a trtexec summary may lack the Latency line
         gpu_ms = (r.get("gpu_compute_ms") or {}).get("median")
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['device']} | {r['batch']} | {_fmt(lat['median'])} | "
-                     f"{_fmt(lat['mean'])} | {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(gpu_ms)} | "
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['device']} | {r['batch']} | {_fmt(lat.get('median'))} | "
+                     f"{_fmt(lat.get('mean'))} | {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(gpu_ms)} | "
                      f"{_fmt(r['images_per_s'], 1)} | {_fmt(r.get('iterations'))} |")
     if not report["rows"]:
         lines.append("| (nothing ran) | | | | | | | | | | |")
@@ -346,7 +347,8 @@ def plot_report(report: dict[str, Any]) -> Any:
     for name, rows in series.items():
         rows = sorted(rows, key=lambda r: r["batch"])
         xs = [r["batch"] for r in rows]
-        ax1.plot(xs, [r["latency_ms"]["median"] for r in rows], marker="o", label=name)
+        lat = [(r["batch"], (r["latency_ms"] or r.get("gpu_compute_ms") or {}).get("median")) for r in rows]
+        ax1.plot([b for b, v in lat if v is not None], [v for b, v in lat if v is not None], marker="o", label=name)
         ax2.plot(xs, [r["images_per_s"] for r in rows], marker="o", label=name)
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -488,8 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as e:
             raise BenchError(f"{e}\n(nothing was written)") from e
         for r in report["rows"]:
-            print(f"{r['backend']:<28} b{r['batch']:<4} median {r['latency_ms']['median']:9.2f} ms  "
-                  f"{r['images_per_s']:10.1f} images/s")
+            median = (r["latency_ms"] or {}).get("median")
+            print(f"{r['backend']:<28} b{r['batch']:<4} median {'-' if median is None else f'{median:9.2f}'} ms  "
+                  f"{r['images_per_s'] or float('nan'):10.1f} images/s")
         if not report["tensorrt"]["ran"]:
             print(f"TensorRT part did not run: {report['tensorrt']['reason']}")
         print("wrote " + ", ".join(report["written"]))

@@ -6,9 +6,17 @@ plus its sidecar ``<model>.<precision>.engine.json`` (see :mod:`engines.sidecar`
 Precision is a property of the ONNX graph: fp16 by fp16-typed tensors, int8 by Q/DQ nodes. The network
 is strongly typed (the creation flag on TensorRT 10.x, the only mode on 11.x) and no precision builder
 flag or calibrator is ever set, so the engine computes in the types the graph declares on both major
-versions. One optimization profile covers the batch axis (min/opt/max, default 1/32/128); the timing
-cache file is read before and written after every build, so later builds on the same GPU and TensorRT
-version skip most tactic timing.
+versions. TF32 is the one precision TensorRT enables by itself (``BuilderFlag.TF32`` is on by default in
+10.x and 11.x, strongly typed networks included): it rounds the inputs of fp32 MatMul/Conv to a 10-bit
+mantissa, in the fp32 engine and in the fp32 Performer island of the fp16/int8 engines. The build clears
+it, so fp32 in the graph means fp32 in the engine; ``--tf32`` keeps TensorRT's default (recorded in the
+sidecar). What TF32 costs in accuracy is measured by ``make precision`` (reports/precision-tf32-*).
+
+One optimization profile covers the batch axis (min/opt/max, default 1/32/128). The timing cache file is
+read before every build and merged into (``ITimingCache.combine``, under a file lock) after it, so builds
+that share it, one after another or at the same time, keep each other's entries and later builds on the
+same GPU and TensorRT version skip most tactic timing. Builder optimization level 0 does not use the
+timing cache (TensorRT: "this will also not respect a timing cache").
 
 Usage::
 
@@ -72,6 +80,7 @@ class BuildSettings:
     workspace_mib: int = 4096
     opt_level: int = 3
     timing_cache: str | None = None
+    tf32: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -179,7 +188,8 @@ def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
 
 def _build_serialized(trt: Any, onnx_file: Path, shapes: dict[str, dict[str, list[int]]], settings: BuildSettings,
                       cache_bytes: bytes) -> tuple[Any, Any]:
-    """The TensorRT part: parse, configure, build. Returns (serialized engine, serialized timing cache)."""
+    """The TensorRT part: parse, configure, build. Returns (serialized engine, the builder config, whose
+    timing cache now holds this build's tactic timings too)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(network_creation_flags(trt))
@@ -192,6 +202,10 @@ def _build_serialized(trt: Any, onnx_file: Path, shapes: dict[str, dict[str, lis
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mib) << 20)
     config.builder_optimization_level = int(settings.opt_level)
+    if not settings.tf32:
+        # On by default in TensorRT (strongly typed networks too): fp32 MatMul/Conv inputs would be rounded
+        # to 10 mantissa bits. Cleared, so the graph's fp32 (the fp32 engine, the Performer island) is fp32.
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -212,8 +226,24 @@ def _build_serialized(trt: Any, onnx_file: Path, shapes: dict[str, dict[str, lis
     if serialized is None:
         raise BuildError(f"TensorRT failed to build an engine from {onnx_file}; the builder's errors are above "
                          f"(try a larger --workspace-mib, or check the graph with `polygraphy inspect model`)")
-    timing_cache = config.get_timing_cache()  # now holds this build's tactic timings too
-    return serialized, timing_cache.serialize()
+    return serialized, config
+
+
+def _merge_timing_cache(config: Any, cache_file: Path, timing_cache: Any) -> None:
+    """Merge this build's timing cache into the file: re-read it under an exclusive lock (another build may
+    have written it meanwhile), combine, write. A file from another TensorRT version or GPU is replaced."""
+    import fcntl
+
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_file.with_name(cache_file.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = cache_file.read_bytes() if cache_file.is_file() else b""
+        disk_cache = config.create_timing_cache(on_disk)
+        if on_disk and disk_cache is not None and disk_cache.combine(timing_cache, False):
+            merged = disk_cache.serialize()
+        else:
+            merged = timing_cache.serialize()
+        atomic_write_bytes(cache_file, merged)
 
 
 def build_engine(model: str, precision: str, out: str | os.PathLike, settings: BuildSettings = BuildSettings(),
@@ -233,13 +263,15 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
     gpu = gpu_info()
     cache_file = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu["name"])
     cache_in = cache_file.read_bytes() if cache_file.is_file() else b""
+    if settings.opt_level == 0:
+        _logger.warning("--opt-level 0 does not use the timing cache (TensorRT picks the first tactic that runs)")
 
     t0 = time.perf_counter()
-    serialized, cache_out = _build_serialized(trt, onnx_file, plan["profile"], settings, cache_in)
+    serialized, config = _build_serialized(trt, onnx_file, plan["profile"], settings, cache_in)
     build_time = time.perf_counter() - t0
 
     atomic_write_bytes(engine_file, serialized)
-    atomic_write_bytes(cache_file, cache_out)
+    _merge_timing_cache(config, cache_file, config.get_timing_cache())
     sidecar = make_sidecar(
         model=model, precision=precision, profile=plan["profile"], onnx_path=onnx_file,
         onnx_sha256=file_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
@@ -247,6 +279,7 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
         built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         onnx_metadata=plan["onnx_metadata"], data_config=plan["data_config"],
         builder={**asdict(settings), "timing_cache": str(cache_file), "strongly_typed": True,
+                 "tf32": "allowed (--tf32)" if settings.tf32 else "cleared: fp32 tensors compute in fp32",
                  "network_creation_flags": network_creation_flags(trt)},
     )
     # The sidecar goes last: an engine without one (or with a stale one, by engine_sha256) is refused.
@@ -276,6 +309,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help=f"builder optimization level 0-5 (default {d.opt_level}, TensorRT's default)")
     g.add_argument("--timing-cache", default=None,
                    help="timing cache file, read and updated (default .cache/tensorrt/timing-<trt>-<gpu>.cache)")
+    g.add_argument("--tf32", action="store_true",
+                   help="let TensorRT round fp32 MatMul/Conv inputs to TF32 (its own default; off here so fp32 means "
+                        "fp32: see docs/tensorrt.md and reports/precision-tf32-*)")
     g.add_argument("--dry-run", action="store_true", help="print the build plan as JSON; needs no TensorRT")
     return p
 
@@ -285,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out) if args.out else default_out(args.model)
     settings = BuildSettings(args.min_batch, args.opt_batch, args.max_batch, args.workspace_mib, args.opt_level,
-                             args.timing_cache)
+                             args.timing_cache, args.tf32)
 
     def body() -> int:
         if args.dry_run:

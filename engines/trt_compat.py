@@ -7,7 +7,8 @@ every name in :data:`TRT_NAMES_USED` exists in both, and that the source uses no
 that list. Names that exist in one major version only are used behind a version check and listed in
 :data:`TRT_NAMES_VERSION_GATED`.
 
-How the variants differ (REFERENCE.md section 3):
+How the variants differ (NVIDIA TensorRT developer guide, "Strongly Typed Networks"; TensorRT 10.x release
+notes on the deprecated precision flags and calibrators; TensorRT 11 migration notes):
 
 * 10.x: a strongly typed network needs ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` at creation.
   The enum's integer value differs between releases, so the bit is always computed from the enum.
@@ -55,9 +56,10 @@ TRT_NAMES_USED: frozenset[str] = frozenset({
     # builder, network, parser
     "create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network",
     "num_inputs", "get_input", "name", "parse_from_file", "num_errors", "get_error",
-    # builder config, optimization profile, timing cache
-    "set_memory_pool_limit", "builder_optimization_level", "set_shape", "add_optimization_profile",
-    "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize",
+    # builder config (the one builder flag: TF32 is cleared), optimization profile, timing cache
+    "set_memory_pool_limit", "builder_optimization_level", "BuilderFlag", "TF32", "clear_flag", "set_shape",
+    "add_optimization_profile", "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize",
+    "combine",
     # runtime, engine, execution context
     "deserialize_cuda_engine", "create_execution_context", "num_io_tensors", "get_tensor_name",
     "get_tensor_mode", "get_tensor_dtype", "get_tensor_profile_shape", "set_input_shape",
@@ -68,22 +70,22 @@ TRT_NAMES_USED: frozenset[str] = frozenset({
 # STRONGLY_TYPED is read only when major == 10 (on 11 it is deprecated and ignored).
 TRT_NAMES_VERSION_GATED: dict[str, tuple[int, ...]] = {"STRONGLY_TYPED": (10,)}
 
-# Removed in TensorRT 11 (REFERENCE.md section 3: precision flags, implicit calibration, implicit batch).
+# Removed in TensorRT 11 (precision flags, implicit calibration, implicit batch; deprecated since 10.1-10.12).
 TRT_NAMES_REMOVED_IN_11: frozenset[str] = frozenset({
     "FP16", "INT8", "int8_calibrator", "IInt8EntropyCalibrator2", "IInt8Calibrator", "EXPLICIT_BATCH",
     "platform_has_fast_fp16", "platform_has_fast_int8",
 })
 
-# Never used anywhere in engines/: the removed names, plus builder flags altogether (precision is a
-# property of the ONNX graph, so nothing here sets a builder flag).
-TRT_NAMES_FORBIDDEN: frozenset[str] = TRT_NAMES_REMOVED_IN_11 | {"BuilderFlag", "set_flag", "clear_flag"}
+# Never used anywhere in engines/: the removed names, and setting any builder flag (precision is a property
+# of the ONNX graph; the only flag touched is TF32, which is cleared).
+TRT_NAMES_FORBIDDEN: frozenset[str] = TRT_NAMES_REMOVED_IN_11 | {"set_flag"}
 
 # Variables (or ``self._<name>`` attributes) that hold TensorRT objects in TRT_MODULES. The names
 # test treats attribute access on these, and on the `trt` module, as TensorRT API use; other objects
 # in those modules must not use these variable names.
 TRT_OBJECT_NAMES: frozenset[str] = frozenset({
     "logger", "builder", "network", "parser", "config", "profile", "tensor", "serialized", "timing_cache",
-    "runtime", "engine", "context", "trt_dtype",
+    "disk_cache", "runtime", "engine", "context", "trt_dtype",
 })
 
 # The modules that touch TensorRT (relative to the repository root).

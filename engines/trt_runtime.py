@@ -140,19 +140,26 @@ class TensorRTRunner(Runner):
             if not context.set_input_shape(self._input_name, tuple(x.shape)):
                 raise RunnerError(f"{self.name}: TensorRT rejected input shape {tuple(x.shape)}; the engine profile "
                                   f"is {self.sidecar['profile']}")
-            context.set_tensor_address(self._input_name, int(x.data_ptr()))
+            self._bind(context, self._input_name, x)
             buffers = {}
             for tname, dtype in self._dtypes.items():
                 if tname == self._input_name:
                     continue
                 shape = tuple(int(d) for d in context.get_tensor_shape(tname))
                 buffers[tname] = torch.empty(shape, dtype=dtype, device="cuda")
-                context.set_tensor_address(tname, int(buffers[tname].data_ptr()))
+                self._bind(context, tname, buffers[tname])
             if not context.execute_async_v3(stream.cuda_stream):
                 raise RunnerError(f"{self.name}: execute_async_v3 failed (see TensorRT's log above)")
             y = buffers[self._output_name].float().cpu()
         stream.synchronize()
         return y.numpy()
+
+    def _bind(self, context: Any, tname: str, tensor: torch.Tensor) -> None:
+        """``set_tensor_address``, checked: TensorRT returns False for a name or address it rejects."""
+        if not context.set_tensor_address(tname, int(tensor.data_ptr())):
+            raise RunnerError(f"{self.name}: TensorRT rejected the buffer of tensor {tname!r} (shape "
+                              f"{tuple(tensor.shape)}, {tensor.dtype}); is {self.path} the engine its sidecar "
+                              f"describes?")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "path": str(self.path), "tensorrt": self.sidecar["tensorrt_version"],

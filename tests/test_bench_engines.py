@@ -72,7 +72,7 @@ print(text)
 
 def test_trtexec_sweep_plumbing_with_a_stand_in(tmp_path, monkeypatch):
     """A script replays the 10.x fixture log: checks commands, logs, rows; it measures nothing."""
-    from engines.bench import get_args_parser, plan_tensorrt, run_tensorrt
+    from engines.bench import BenchError, get_args_parser, plan_tensorrt, run_tensorrt
 
     fake = tmp_path / "bin" / "trtexec"
     fake.parent.mkdir()
@@ -81,7 +81,10 @@ def test_trtexec_sweep_plumbing_with_a_stand_in(tmp_path, monkeypatch):
     engine = tmp_path / "out" / "m.fp16.engine"
     engine.parent.mkdir()
     engine.write_bytes(b"x")
+    import hashlib
+
     S.write_sidecar(engine, make_test_sidecar(tensorrt_version="10.13.3.9",
+                                              engine_sha256=hashlib.sha256(b"x").hexdigest(),
                                               profile={"input": {"min": [1, 3, 224, 224], "opt": [8, 3, 224, 224],
                                                                  "max": [32, 3, 224, 224]}}))
     gpu = lambda: {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}  # noqa: E731
@@ -100,6 +103,10 @@ def test_trtexec_sweep_plumbing_with_a_stand_in(tmp_path, monkeypatch):
     # another GPU: refused with the rebuild hint, in auto mode as a reason
     other = plan_tensorrt("auto", engine, str(fake), gpu=lambda: {"name": "NVIDIA L4", "compute_capability": "8.9"})
     assert not other.run and "make engine" in other.reason
+    # an engine whose bytes changed after the build: refused before trtexec runs
+    engine.write_bytes(b"y")
+    with pytest.raises(BenchError, match="does not match its sidecar"):
+        plan_tensorrt("require", engine, str(fake), gpu=gpu)
 
 
 def _report(rows, ran=False):

@@ -142,16 +142,27 @@ class _Strict:
 
 
 class _FakeCache(_Strict):
+    """A timing cache as a set of entries; serialized as sorted entries joined by '+'."""
+
     def __init__(self, data: bytes):
-        self.data = data
+        self.entries = set(data.decode().split("+")) - {""}
 
     def serialize(self):
-        return self.data
+        return "+".join(sorted(self.entries)).encode()
+
+    def combine(self, other, ignore_mismatch):
+        assert ignore_mismatch is False
+        self.entries |= other.entries
+        return True
 
 
-def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", serialized=b"FAKE-ENGINE"):
+def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", serialized=b"FAKE-ENGINE",
+                       timings="T1", during_build=None):
     class Flag(enum.IntEnum):
         STRONGLY_TYPED = 3
+
+    class BuilderFlag(enum.IntEnum):
+        TF32 = 7
 
     class Tensor(_Strict):
         name = input_name
@@ -193,6 +204,9 @@ def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", 
         def add_optimization_profile(self, profile):
             rec.calls.append(("add_optimization_profile",))
 
+        def clear_flag(self, flag):
+            rec.calls.append(("clear_flag", flag.name))
+
         def create_timing_cache(self, data):
             rec.calls.append(("create_timing_cache", bytes(data)))
             return _FakeCache(bytes(data))
@@ -203,7 +217,7 @@ def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", 
             return True
 
         def get_timing_cache(self):
-            return _FakeCache(self._cache.data + b"+timings")
+            return _FakeCache(self._cache.serialize() + b"+" + timings.encode())
 
     class Builder(_Strict):
         def __init__(self, logger):
@@ -221,6 +235,8 @@ def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", 
 
         def build_serialized_network(self, network, config):
             rec.calls.append(("build_serialized_network",))
+            if during_build:
+                during_build()
             return serialized
 
     class Logger:
@@ -230,7 +246,7 @@ def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", 
             pass
 
     return types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=Flag, Logger=Logger,
-                                 Builder=Builder, OnnxParser=Parser,
+                                 Builder=Builder, OnnxParser=Parser, BuilderFlag=BuilderFlag,
                                  MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
 
 
@@ -252,7 +268,8 @@ def test_build_wiring_with_recording_stand_in(tmp_path, monkeypatch):
     assert ("builder_optimization_level", 5) in calls
     assert ("set_shape", "input", [1, 3, 64, 64], [4, 3, 64, 64], [8, 3, 64, 64]) in calls
     assert ("set_timing_cache", False) in calls and ("create_timing_cache", b"") in calls
-    assert cache.read_bytes() == b"+timings"
+    assert ("clear_flag", "TF32") in calls  # fp32 means fp32 unless --tf32
+    assert cache.read_bytes() == b"T1"
     # the sidecar describes this build
     on_disk = S.read_sidecar(engine)
     assert on_disk == json.loads(json.dumps(side))
@@ -265,14 +282,22 @@ def test_build_wiring_with_recording_stand_in(tmp_path, monkeypatch):
     assert on_disk["builder"]["workspace_mib"] == 256 and on_disk["builder"]["network_creation_flags"] == 8
     assert on_disk["data_config"] == data_meta(64)
     assert on_disk["profile"]["input"]["opt"] == [4, 3, 64, 64]
+    assert on_disk["builder"]["tf32"].startswith("cleared") and on_disk["builder"]["tf32"] is not True
 
-    # a second build (here on "11.x": no creation flag) starts from the saved timing cache
+    # A second build (here on "11.x": no creation flag, TF32 allowed) starts from the saved timing cache, and
+    # a third build that wrote the file meanwhile keeps its entries: the caches are merged, not overwritten.
     rec2 = _Recorder()
-    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec2, version="11.4.0.106"))
-    B.build_engine("t2t_vit_test", "fp32", out, settings)
-    assert ("create_timing_cache", b"+timings") in rec2.calls
+
+    def concurrent_build():
+        cache.write_bytes(b"T1+T3")
+
+    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec2, version="11.4.0.106", timings="T2",
+                                                                         during_build=concurrent_build))
+    side2 = B.build_engine("t2t_vit_test", "fp32", out, B.BuildSettings(**{**settings.__dict__, "tf32": True}))
+    assert ("create_timing_cache", b"T1") in rec2.calls
     assert ("create_network", 0) in rec2.calls
-    assert cache.read_bytes() == b"+timings+timings"
+    assert not [c for c in rec2.calls if c[0] == "clear_flag"] and side2["builder"]["tf32"].startswith("allowed")
+    assert cache.read_bytes() == b"T1+T2+T3"
     assert not [p for p in out.rglob("*.tmp")]
 
 

@@ -169,6 +169,20 @@ def test_forbidden_names_never_used_in_engines():
     assert not (TRT_NAMES_USED & TRT_NAMES_FORBIDDEN)
 
 
+def test_the_only_builder_flag_is_tf32_and_it_is_cleared():
+    """Precision belongs to the ONNX graph: the one builder flag the code touches is TF32, cleared."""
+    seen = []
+    for path in TRT_PATHS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "BuilderFlag":
+                seen.append(node.lineno)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_flag"):
+                assert node.func.attr == "clear_flag", f"{path.name}:{node.lineno}: {node.func.attr}"
+                (arg,) = node.args
+                assert ast.unparse(arg) == "trt.BuilderFlag.TF32", f"{path.name}:{node.lineno}: {ast.unparse(arg)}"
+    assert len(seen) == 1
+
+
 def test_no_hardcoded_network_flag_bit():
     # 1 << 0, 1 << 1, ... as a create_network argument would encode an enum value that changes between
     # releases; the flag must come from the enum.

@@ -53,6 +53,30 @@ def test_tensorrt_runner_reads_sidecar_without_touching_a_device(tmp_path):
         assert not runner.is_active
 
 
+def test_rejected_tensor_address_is_an_error_not_silence(tmp_path):
+    import torch
+
+    from engines.trt_runtime import TensorRTRunner
+    from t2t_vit.runners import RunnerError
+
+    engine = tmp_path / "m.fp16.engine"
+    engine.write_bytes(b"x")
+    S.write_sidecar(engine, make_test_sidecar())
+    runner = TensorRTRunner(engine)
+    bound = []
+
+    class Context:
+        def set_tensor_address(self, name, address):
+            bound.append((name, address))
+            return name != "logits"  # TensorRT returns False for a tensor it does not know
+
+    x = torch.zeros(2, 3)
+    runner._bind(Context(), "input", x)
+    assert bound == [("input", x.data_ptr())]
+    with pytest.raises(RunnerError, match="rejected the buffer of tensor 'logits'"):
+        runner._bind(Context(), "logits", x)
+
+
 def test_tensorrt_runner_batches_stay_inside_the_profile(tmp_path):
     # No device: _run is replaced by a stand-in that enforces the profile like set_input_shape would.
     import torch
