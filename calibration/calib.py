@@ -32,12 +32,14 @@ from typing import Any, Sequence
 import onnx
 
 from export import to_onnx
+from export.patterns import LAYERNORM_PRECISIONS
+from export.to_onnx import DEFAULT_LAYERNORM
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, ImageBatcher
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_save_onnx, file_sha256
-from t2t_vit.graphs import read_metadata, set_metadata
+from t2t_vit.graphs import check_graph, describe_graph, read_metadata, set_metadata
 from t2t_vit.metrics import accuracy, compare_logits
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 
@@ -76,6 +78,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                    help=f"placement policy (default {DEFAULT_POLICY}; see calibration/policy.py)")
     g.add_argument("--exclude-t2t", action="store_true", help="keep the whole T2T stage in fp16")
+    g.add_argument("--layernorm-precision", choices=LAYERNORM_PRECISIONS, default=DEFAULT_LAYERNORM,
+                   help=f"LayerNorms of the int8 graph: fp16, or fp32 behind Casts (default {DEFAULT_LAYERNORM}, as "
+                        f"the fp16 export)")
     g.add_argument("--val-data", default=None,
                    help="labeled ImageFolder tree for accuracy (default: the 'val' folder beside --calib-data)")
     g.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the validation images (default all)")
@@ -140,18 +145,20 @@ def _int8_metadata(meta: dict[str, str], **extra: Any) -> dict[str, str]:
 
 
 def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, percentile: float,
-               meta: dict[str, str], path: Path) -> dict[str, Any]:
-    """Quantize, convert to the mixed fp16 graph, check the Q/DQ pattern, write ``path``."""
+               meta: dict[str, str], path: Path, layernorm: str = DEFAULT_LAYERNORM) -> dict[str, Any]:
+    """Quantize, convert to the mixed fp16 graph, check the Q/DQ pattern and the ONNX checker, write ``path``."""
     t0 = time.perf_counter()
     cache.parent.mkdir(parents=True, exist_ok=True)
     reused = cache.is_file()
     qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=cache,
                          percentile=percentile)
-    mixed = to_mixed_fp16(qdq)  # the Performer cores stay fp32, as in the fp16 export
-    check = check_qdq(mixed, nodes)
+    mixed = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
+    check = check_qdq(mixed, nodes, layernorm=layernorm)
     island = fp32_island(mixed)
-    # Same key and value as the fp16 export's metadata, so a reader of either graph sees the same island.
-    set_metadata(mixed, {**meta, "fp32_islands": island["pattern"]})
+    # What the graph is (opset, precision, islands, LayerNorm type) is read from the graph itself, with the
+    # same keys and values as the fp16 export's metadata.
+    set_metadata(mixed, {**meta, **describe_graph(mixed)})
+    check_graph(mixed)
     atomic_save_onnx(mixed, path)
     return {"path": str(path), "qdq_check": check, "fp32_island": island, "ranges_cache": str(cache),
             "ranges_reused": reused, "seconds": round(time.perf_counter() - t0, 2)}
@@ -210,7 +217,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
                               calib_percentile=str(args.percentile) if method == "percentile" else "",
                               quantized_nodes=str(len(nodes)), float_dtype="float16")
         print(f"[{method}] calibrating and quantizing {len(nodes)} nodes -> {path}", flush=True)
-        int8[method] = build_int8(fp32_model, nodes, method, reader, cache, args.percentile, info, path)
+        int8[method] = build_int8(fp32_model, nodes, method, reader, cache, args.percentile, info, path,
+                                  layernorm=args.layernorm_precision)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)
@@ -223,7 +231,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         for g, cands in groups.items():
             path = out / "sensitivity" / f"{args.model}.int8-{method}-only-{g}.onnx"
             build_int8(fp32_model, [c.name for c in cands], method, reader, cache, args.percentile,
-                       _int8_metadata(meta, calib_method=method, sensitivity_group=g), path)
+                       _int8_metadata(meta, calib_method=method, sensitivity_group=g), path,
+                       layernorm=args.layernorm_precision)
             sens_graphs[g] = path
 
     report: dict[str, Any] = {

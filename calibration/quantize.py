@@ -31,7 +31,7 @@ from onnx import TensorProto, numpy_helper
 
 from export.patterns import FP32_ISLAND_REASON
 from t2t_vit.errors import T2TError
-from t2t_vit.graphs import default_opset, fp32_tensors, producers
+from t2t_vit.graphs import default_opset, fp32_tensors, producers, toposort
 
 from .policy import NEVER_QUANTIZED_OPS, performer_core_nodes
 
@@ -188,16 +188,20 @@ def quantize_model(fp32_model: onnx.ModelProto, nodes: Sequence[str], method: st
         return onnx.load(dst)
 
 
-def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None = None) -> onnx.ModelProto:
+def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None = None,
+                  layernorm: str = "fp16") -> onnx.ModelProto:
     """Convert the float tensors of a Q/DQ graph to fp16, graph input/output and the fp32 island staying fp32.
 
-    Scales become fp16 (valid for opset >= 19 Q/DQ); int8 weights and zero points are untouched.
+    Scales become fp16 (valid for opset >= 19 Q/DQ); int8 weights and zero points are untouched. The result
+    is topologically sorted (the converter appends its input Cast at the end of the node list).
 
     Args:
         qdq_model: the output of :func:`quantize_model` (modified in place, then converted).
         fp32_nodes: names of the nodes kept float32, with Casts at the island's boundary. ``None`` (the
             default): the Performer cores (:func:`calibration.policy.performer_core_nodes`), the island the
             fp16 export keeps. ``[]``: everything fp16 (for comparison only: measurably wrong).
+        layernorm: "fp16", or "fp32": every LayerNormalization computes in fp32 behind the converter's
+            Casts, as the fp16 export's ``--layernorm-precision fp32`` does.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -217,9 +221,16 @@ def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None =
     keep = [vi for vi in model.graph.value_info if vi.name not in produced]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
-    # op_block_list=[]: only the island stays fp32 (the converter's default list names ML ops absent here).
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
-                                    op_block_list=[], node_block_list=sorted(island))
+    # op_block_list=[]: only the island (and, when asked, the LayerNorms) stays fp32; the converter's default
+    # list names ML ops absent here.
+    blocked = set(island) | (set(layernorm_nodes(model)) if layernorm == "fp32" else set())
+    mixed = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=[], node_block_list=sorted(blocked))
+    return toposort(mixed)
+
+
+def layernorm_nodes(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "LayerNormalization"]
 
 
 def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
@@ -321,7 +332,7 @@ def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
 
 
 def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16: bool = True,
-              fp32_island: bool = True) -> dict:
+              fp32_island: bool = True, layernorm: str = "fp16") -> dict:
     """Assert the Q/DQ pattern TensorRT accepts; return a summary.
 
     * every expected node takes ALL its MatMul/Gemm data inputs from DequantizeLinear;
@@ -412,15 +423,17 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
     island: set[str] = set()
     if mixed_fp16:
         island = set(performer_core_nodes(model)) if fp32_island else set()
+        # With fp32 LayerNorms, the LayerNormalization nodes (and the converter's Casts around them) are fp32 too.
+        ln = _layernorm_fp32_nodes(model) if layernorm == "fp32" else set()
         readers: dict[str, list[str]] = {}
         for n in graph.node:
             for t in n.input:
                 readers.setdefault(t, []).append(n.name)
         for i in graph.initializer:
-            if i.data_type == TensorProto.FLOAT and not (readers.get(i.name) and set(readers[i.name]) <= island):
+            if i.data_type == TensorProto.FLOAT and not (readers.get(i.name) and set(readers[i.name]) <= island | ln):
                 problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph outside the fp32 island")
         if fp32_island:
-            problems += _island_problems(model, island)
+            problems += _island_problems(model, island, ln)
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -431,8 +444,23 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
             "fp32_island_nodes": len(island)}
 
 
-def _island_problems(model: onnx.ModelProto, island: set[str]) -> list[str]:
-    """Float tensors typed against the island: core outputs not fp32, fp32 tensors outside it."""
+def _layernorm_fp32_nodes(model: onnx.ModelProto) -> set[str]:
+    """LayerNormalization nodes and the Casts to fp32 that feed them."""
+    prod = producers(model.graph)
+    nodes = set()
+    for n in model.graph.node:
+        if n.op_type == "LayerNormalization":
+            nodes.add(n.name)
+            for t in n.input:
+                p = prod.get(t)
+                if p is not None and p.op_type == "Cast":
+                    nodes.add(p.name)
+    return nodes
+
+
+def _island_problems(model: onnx.ModelProto, island: set[str], fp32_ok: set[str] = frozenset()) -> list[str]:
+    """Float tensors typed against the island: core outputs not fp32, fp32 tensors outside it (and outside
+    ``fp32_ok``, the LayerNorms kept fp32)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
@@ -451,7 +479,7 @@ def _island_problems(model: onnx.ModelProto, island: set[str]) -> list[str]:
             if n.name in island and t != TensorProto.FLOAT:
                 problems.append(f"{n.name} ({n.op_type}) is in the Performer core but outputs "
                                 f"{TensorProto.DataType.Name(t)}: the fp32 island was dropped")
-            elif n.name not in island and t == TensorProto.FLOAT:
+            elif n.name not in island and n.name not in fp32_ok and t == TensorProto.FLOAT:
                 problems.append(f"{n.name} ({n.op_type}) outputs FLOAT outside the fp32 island")
             elif n.name not in island and n.op_type == "Cast" and any(c in island for c in consumers.get(o, [])):
                 problems.append(f"{n.name} rounds a tensor of the fp32 island to fp16 between two of its nodes")

@@ -18,6 +18,10 @@ what it computes. Each pattern is a function named after what it makes, applied 
 * :func:`performer_core_fp32` - fp16 graphs only: the Performer's linear-attention core (between
   the ``kqv`` and ``proj`` Linears) runs in float32 behind explicit Casts, the one fp32 island, measured
   to be needed (see its docstring); everything else is fp16.
+* :func:`layernorm_fp32` - fp16 graphs, when chosen (``--layernorm-precision fp32``): every LayerNorm computes
+  in float32 behind explicit Casts. Under strong typing TensorRT computes LayerNormalization in its input
+  type, so an fp16 LayerNorm squares and sums in fp16 (see docs/export.md and the measured headroom in
+  reports/precision-layernorm-*).
 * :func:`simplify` - constant folding and graph simplification with onnxslim.
 
 The Performer (``t2t_vit.layers.TokenPerformer``) already exports as plain MatMul/ReduceSum/Exp
@@ -30,6 +34,7 @@ import copy
 from collections import Counter
 from typing import Any
 
+import torch.nn.functional as F
 from torch import nn
 
 from t2t_vit.errors import T2TError
@@ -43,6 +48,9 @@ __all__ = [
     "explicit_attention",
     "remove_reduction_upcasts",
     "performer_core_fp32",
+    "layernorm_fp32",
+    "Fp32LayerNorm",
+    "LAYERNORM_PRECISIONS",
     "simplify",
     "op_census",
     "count_layernorms",
@@ -86,6 +94,34 @@ def performer_core_fp32(model: nn.Module, enable: bool = True) -> nn.Module:
     needed: see its docstring); this pattern only selects it for export. Changes nothing for a float32
     model and nothing at all for token transformers (t2t_vit_t_*)."""
     model.set_performer_fp32_core(enable)
+    return model
+
+
+LAYERNORM_PRECISIONS = ("fp16", "fp32")
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """A LayerNorm that computes in float32 whatever its input type, and returns the input type.
+
+    In a half model it exports as Cast(fp16 -> fp32) -> LayerNormalization (fp32 weights) -> Cast(fp32 -> fp16).
+    """
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def layernorm_fp32(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Swap every ``nn.LayerNorm`` for :class:`Fp32LayerNorm` (in place; same parameters, same numbers in fp32)."""
+    if not enable:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                swapped = Fp32LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=True)
+                swapped.load_state_dict(child.state_dict())
+                swapped.to(child.weight.dtype)
+                setattr(parent, name, swapped)
     return model
 
 

@@ -56,7 +56,7 @@ from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_save_onnx, ensure_dir, file_sha256
-from t2t_vit.graphs import fp32_tensors, read_metadata, set_metadata
+from t2t_vit.graphs import check_graph, describe_graph, fp32_tensors, read_metadata, set_metadata
 from t2t_vit.reports import host_line, report_header, write_report
 
 from . import patterns as P
@@ -76,6 +76,9 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+# LayerNorm precision in the fp16 graph; chosen from the measured headroom (docs/export.md,
+# reports/precision-layernorm-*).
+DEFAULT_LAYERNORM = "fp16"
 MIN_OPSET, MAX_OPSET = 17, 23
 PRECISIONS = ("fp32", "fp16")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -165,7 +168,8 @@ def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, exporter
 def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp32",
                 metadata: Mapping[str, Any] | None = None, opset: int = DEFAULT_OPSET, *,
                 fp16_io: bool = False, patterns: bool = True, simplify: bool = True,
-                check: bool = True, exporter: str = DEFAULT_EXPORTER, fp32_core: bool = True) -> Path:
+                check: bool = True, exporter: str = DEFAULT_EXPORTER, fp32_core: bool = True,
+                layernorm: str = None) -> Path:
     """Export ``model`` to one precision-typed ONNX graph at ``path`` (written atomically).
 
     Args:
@@ -185,11 +189,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
         exporter: "torchscript" (default) or "dynamo" (torch.export-based); see :func:`_torch_export`.
         fp32_core: fp16 only: keep the Performer's linear-attention core in float32
             (:func:`export.patterns.performer_core_fp32`; False gives a pure fp16 graph).
+        layernorm: fp16 only: "fp16" (LayerNorm computes in fp16 under strong typing) or "fp32" (Casts
+            around every LayerNormalization, :func:`export.patterns.layernorm_fp32`); None: the default,
+            :data:`DEFAULT_LAYERNORM`.
 
     Returns:
         The path written.
     """
-    import onnx
 
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r} (int8 graphs come from "
@@ -200,6 +206,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if fp16_io and precision != "fp16":
         raise ExportError("fp16_io applies to precision='fp16' only")
+    layernorm = layernorm or DEFAULT_LAYERNORM
+    if layernorm not in P.LAYERNORM_PRECISIONS:
+        raise ExportError(f"--layernorm-precision must be one of {P.LAYERNORM_PRECISIONS}, got {layernorm!r}")
     path = Path(path)
     _check_writable(path)
 
@@ -210,6 +219,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
     if precision == "fp16":
         # The Performer core runs in fp32 inside the fp16 graph (measured to be needed: see patterns).
         ref = P.performer_core_fp32(ref.half(), enable=fp32_core)
+        ref = P.layernorm_fp32(ref, enable=layernorm == "fp32")
         module = ref
         if fp16_io:
             example = example.half()
@@ -223,15 +233,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
     if simplify:
         proto = P.simplify(proto)
     meta = {**model_metadata(model), **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    meta.update(precision=precision, io_dtype="float16" if fp16_io else "float32", opset=str(int(opset)),
-                exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
-                fp32_islands="performer_core_fp32" if precision == "fp16" and fp32_core else "none",
+    meta.update(exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
                 patterns=",".join(P.MODULE_PATTERNS) if patterns else "none")
+    # What the graph is (opset, precision, I/O type, fp32 islands, LayerNorm type) is read from the graph
+    # itself, so the metadata cannot contradict it.
+    meta.update(describe_graph(proto))
     set_metadata(proto, meta)
     proto.producer_name = "t2t-vit-deploy"
     proto.doc_string = f"{meta['model']} {precision} ({meta['patterns']})"
     if check:
-        onnx.checker.check_model(proto, full_check=True)
+        check_graph(proto)
         if patterns:
             P.check_patterns(proto, ref)
     atomic_save_onnx(proto, path)
@@ -256,6 +267,8 @@ def graph_summary(path: Path) -> dict[str, Any]:
         "op_census": P.op_census(proto),
         "input": _io_desc(proto.graph.input[0]),
         "output": _io_desc(proto.graph.output[0]),
+        **{k: v for k, v in {p.key: p.value for p in proto.metadata_props}.items()
+           if k in ("precision", "fp32_islands", "layernorm_precision", "opset")},
     }
 
 
@@ -268,7 +281,8 @@ def _io_desc(vi: Any) -> dict[str, Any]:
 
 
 def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | None = None,
-                 opset: int = DEFAULT_OPSET, fp16_io: bool = False, exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
+                 opset: int = DEFAULT_OPSET, fp16_io: bool = False, exporter: str = DEFAULT_EXPORTER,
+                 layernorm: str | None = None) -> dict[str, Any]:
     """Write ``<out>/<model>.fp32.onnx`` and ``<out>/<model>.fp16.onnx``; returns the graph part of the
     report (sizes, census, fp32 tensors kept in the fp16 graph with reasons)."""
     import onnx
@@ -280,7 +294,7 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
     for precision, path in paths.items():
         t0 = time.perf_counter()
         export_onnx(model, path, precision=precision, metadata=meta, opset=opset,
-                    fp16_io=fp16_io and precision == "fp16", exporter=exporter)
+                    fp16_io=fp16_io and precision == "fp16", exporter=exporter, layernorm=layernorm)
         graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
     fp16 = onnx.load(str(paths["fp16"]))
     kept = fp32_tensors(fp16)
@@ -305,6 +319,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; see docs/export.md)")
     g.add_argument("--fp16-io", action="store_true", help="fp16 graph takes and returns float16 (default float32 I/O)")
+    g.add_argument("--layernorm-precision", choices=P.LAYERNORM_PRECISIONS, default=None,
+                   help=f"the fp16 graph's LayerNorms: fp16, or fp32 behind Casts (default {DEFAULT_LAYERNORM}, "
+                        f"chosen from the measured fp16 headroom: docs/export.md)")
     g.add_argument("--data", default=None,
                    help="validation images: an ImageFolder, or a dataset root holding val/ (default: the "
                         "development data's Imagenette val when present)")
@@ -333,7 +350,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     t0 = time.perf_counter()
     with OutputLock(out):
         graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
-                              exporter=args.exporter)
+                              exporter=args.exporter, layernorm=args.layernorm_precision)
         report: dict[str, Any] = {
             **report_header("export.to_onnx", argv),
             "model": args.model,
@@ -364,7 +381,9 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     meta = r["metadata"]
     lines += [f"opset {r['opset']}, exporter `{meta.get('exporter')}`, patterns `{meta.get('patterns')}`, "
               f"img_size {meta.get('img_size')}, {meta.get('num_classes')} classes, checkpoint sha256 "
-              f"`{meta.get('checkpoint_sha256')}`", ""]
+              f"`{meta.get('checkpoint_sha256')}`. fp16 graph: LayerNorm in "
+              f"{r['graphs']['fp16'].get('layernorm_precision', '?')}, fp32 islands "
+              f"`{r['graphs']['fp16'].get('fp32_islands', '?')}`.", ""]
     lines += ["| graph | file (MiB) | nodes | input | output |", "|---|---:|---:|---|---|"]
     for k, g in (("fp32", g32), ("fp16", g16)):
         lines.append(f"| `{Path(g['path']).name}` | {g['file_mib']:.2f} | {g['nodes']} | "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import T2TError
-from .model import ARCHS, ModelConfigError, T2TViT
+from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT
 
 __all__ = [
     "CheckpointError",
@@ -139,7 +139,7 @@ def suggest_models(sd: Mapping[str, torch.Tensor]) -> list[str]:
     fits = []
     for name, arch in ARCHS.items():
         with torch.device("meta"):
-            ref = T2TViT(img_size=32 if name == "t2t_vit_test" else 224, num_classes=10, **arch).state_dict()
+            ref = T2TViT(img_size=32 if name in TEST_MODELS else 224, num_classes=10, **arch).state_dict()
         ref_shapes = {k: s for k, s in _shapes(ref).items() if k not in HEAD_KEYS + (POS_EMBED_KEY,)}
         if ref_shapes == ckpt:
             fits.append(name)

@@ -24,6 +24,9 @@ __all__ = [
     "onnx_precision",
     "ort_session_options",
     "ort_session",
+    "toposort",
+    "check_graph",
+    "describe_graph",
     "ONNX_FLOAT",
     "ONNX_FLOAT16",
 ]
@@ -165,3 +168,81 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, optimize: b
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), sess_options=ort_session_options(threads, optimize, **options),
                                 providers=providers)
+
+
+def toposort(model: Any) -> Any:
+    """Reorder the main graph's nodes topologically (in place; stable: a node keeps its relative order
+    among the nodes that are ready). Graph rewrites that append nodes (fp16 converters) leave a node
+    before its producer; ONNX requires producers first.
+
+    Raises:
+        GraphError: the graph has a cycle or reads a tensor nothing produces.
+    """
+    graph = model.graph
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(t in available for t in n.input)]
+        if not ready:
+            missing = sorted({t for n in pending for t in n.input if t not in available})[:5]
+            raise GraphError(f"the graph cannot be ordered: {len(pending)} nodes wait for {missing}")
+        ready_ids = {id(n) for n in ready}
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
+        copies = [type(n)() for n in ordered]
+        for c, n in zip(copies, ordered):
+            c.CopyFrom(n)
+        del graph.node[:]
+        graph.node.extend(copies)
+    return model
+
+
+def check_graph(model: Any) -> None:
+    """``onnx.checker.check_model(full_check=True)``: topological order, types, opset, shape inference."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise GraphError(f"the graph is not a valid ONNX model: {e}") from e
+
+
+def describe_graph(model: Any) -> dict[str, str]:
+    """Facts read from a graph itself, for its metadata (so the metadata cannot contradict the graph).
+
+    * ``opset``: the ai.onnx opset;
+    * ``precision``: ``int8`` when it holds QuantizeLinear/DequantizeLinear, ``fp16`` when any tensor is
+      float16, else ``fp32``;
+    * ``io_dtype``: the input's element type (``float32``/``float16``);
+    * ``fp32_islands``: in an fp16/int8 graph, ``performer_core_fp32`` when float32 tensors other than
+      the graph I/O and the LayerNorms' are computed inside (the Performer core), else ``none``;
+    * ``layernorm_precision``: the type LayerNormalization nodes compute in (``fp32``/``fp16``/``mixed``).
+    """
+    types = value_types(model)
+    prod = producers(model.graph)
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    ops = {n.op_type for n in model.graph.node}
+    has_fp16 = any(t == ONNX_FLOAT16 for t in types.values())
+    precision = "int8" if {"QuantizeLinear", "DequantizeLinear"} & ops else ("fp16" if has_fp16 else "fp32")
+    ln_types = {types.get(n.input[0]) for n in model.graph.node if n.op_type == "LayerNormalization"}
+    ln = ("fp32" if ln_types == {ONNX_FLOAT} else "fp16" if ln_types == {ONNX_FLOAT16} else
+          "mixed" if ln_types else "none")
+    island = "none"
+    if precision != "fp32":
+        ln_tensors = {t for n in model.graph.node if n.op_type == "LayerNormalization" for t in (*n.input, *n.output)}
+        for name, t in types.items():
+            if t != ONNX_FLOAT or name in io or name in ln_tensors or name not in prod:
+                continue
+            p = prod[name]
+            if p.op_type == "Cast" and p.output[0] in ln_tensors:
+                continue
+            island = "performer_core_fp32"
+            break
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    return {"opset": str(default_opset(model)), "precision": precision,
+            "io_dtype": {ONNX_FLOAT: "float32", ONNX_FLOAT16: "float16"}.get(elem, str(elem)),
+            "fp32_islands": island, "layernorm_precision": ln}

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import T2TError
 from .layers import Block, SoftSplit, TokenPerformer, TokenTransformer, sinusoid_table
 
-__all__ = ["T2TModule", "T2TViT", "ARCHS", "list_t2t_models", "ModelConfigError"]
+__all__ = ["T2TModule", "T2TViT", "ARCHS", "TEST_MODELS", "list_t2t_models", "ModelConfigError"]
 
 
 class ModelConfigError(T2TError, ValueError):
@@ -156,7 +156,8 @@ class T2TViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# name -> architecture. Parameter counts (REFERENCE.md) are checked by the tests.
+# name -> architecture (the authors' models/t2t_vit.py); the tests check the parameter counts and every
+# state-dict key and shape against the authors' released checkpoints.
 ARCHS: dict[str, dict[str, Any]] = {
     "t2t_vit_7": dict(tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0),
     "t2t_vit_10": dict(tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0),
@@ -169,9 +170,13 @@ ARCHS: dict[str, dict[str, Any]] = {
     "t2t_vit_t_24": dict(tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
     "t2t_vit_14_resnext": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0),
     "t2t_vit_14_wide": dict(tokens_type="performer", embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0),
-    # Tiny variant for seconds-long CPU paths in tests and demos (not an ImageNet model).
+    # Tiny variants for seconds-long CPU paths in tests and demos (not ImageNet models): a Performer T2T
+    # stage, and a token-transformer one (the t2t_vit_t_* family).
     "t2t_vit_test": dict(tokens_type="performer", embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, token_dim=16),
+    "t2t_vit_t_test": dict(tokens_type="transformer", embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
+                           token_dim=16),
 }
+TEST_MODELS = ("t2t_vit_test", "t2t_vit_t_test")
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -194,10 +199,11 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg() for name in ARCHS if name != "t2t_vit_test"},
+    **{name: _cfg() for name in ARCHS if name not in TEST_MODELS},
     # The authors' 384-px t2t_vit_14 checkpoint: timm.create_model("t2t_vit_14.in1k_384").
     "t2t_vit_14.in1k_384": _cfg(input_size=(3, 384, 384)),
     "t2t_vit_test": _cfg(input_size=(3, 64, 64)),
+    "t2t_vit_t_test": _cfg(input_size=(3, 64, 64)),
 })
 
 
@@ -241,4 +247,4 @@ for _name in ARCHS:
 
 def list_t2t_models(include_test: bool = True) -> list[str]:
     """Registered T2T-ViT model names, in ``ARCHS`` order."""
-    return [n for n in ARCHS if include_test or n != "t2t_vit_test"]
+    return [n for n in ARCHS if include_test or n not in TEST_MODELS]

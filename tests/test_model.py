@@ -16,17 +16,18 @@ from timm.data import resolve_data_config
 import t2t_vit
 from t2t_vit.checkpoint import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from t2t_vit.layers import SoftSplit, TokenPerformer, sinusoid_table
-from t2t_vit.model import ARCHS
+from t2t_vit.model import ARCHS, TEST_MODELS
 
 from .authors_reference import authors_forward, numpy_sinusoid
 
 pytestmark = pytest.mark.timeout(300)
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official_state_dict"
-IMAGENET_MODELS = [n for n in ARCHS if n != "t2t_vit_test"]
+IMAGENET_MODELS = [n for n in ARCHS if n not in TEST_MODELS]
 ALL_MODELS = list(ARCHS)
 
-# Parameter counts typed from REFERENCE.md section 1 (all parameters, frozen included).
+# Parameter counts of the authors' models (all parameters, frozen included), typed from their released
+# checkpoints' state dicts (github.com/yitu-opensource/T2T-ViT).
 REFERENCE_PARAMS = {
     "t2t_vit_7": 4_310_222, "t2t_vit_10": 5_889_230, "t2t_vit_12": 6_941_902, "t2t_vit_14": 21_545_550,
     "t2t_vit_19": 39_177_422, "t2t_vit_24": 64_105_934, "t2t_vit_t_14": 21_541_070, "t2t_vit_t_19": 39_172_942,
