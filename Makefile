@@ -146,3 +146,15 @@ parity:
 ## demo         the whole pipeline on a small real dataset in a few minutes on a CPU -> artifacts/demo/ (DEMO_DIR=...; Imagenette when ../shared/data exists, else scikit-learn digits)
 demo:
 	$(PYTHON) -m evaluation.demo --out $(DEMO_DIR) $(ARGS)
+
+.PHONY: layers precision
+REPORT_DIR  ?= reports
+
+## layers       which layer diverges first: every tensor of <OUT>/<MODEL>.<PRECISION>.onnx vs the fp32 graph on real images (Polygraphy; TensorRT too where present) -> <OUT>/layers-<MODEL>-<PRECISION>.{json,md,png}
+layers:
+	$(PYTHON) -m evaluation.layerwise $(ENGINE_ARGS) --precision $(PRECISION) $(call opt,--data,$(DATA)) $(ARGS)
+
+## precision    TensorRT precision evidence emulated on the CPU: TF32, fp16 LayerNorm, activation statistics -> $(REPORT_DIR)/precision-{tf32,layernorm}-<MODEL>.*, activations-<MODEL>.*
+precision:
+	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) \
+		$(call opt,--weights,$(WEIGHTS)) --out $(REPORT_DIR) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)

@@ -1,7 +1,8 @@
 """Assemble and run trtexec so that TensorRT 10.x and 11.x measure the same thing.
 
 TensorRT 11's trtexec defaults to CUDA graphs, no host<->device transfers and spin wait; 10.x needs
-``--useCudaGraph --noDataTransfers --useSpinWait`` for the same measurement (REFERENCE.md section 4).
+``--useCudaGraph --noDataTransfers --useSpinWait`` for the same measurement (the trtexec section of NVIDIA's
+TensorRT documentation lists the defaults of each version).
 Both get the engine (``--loadEngine``), one explicit shape per run (``--shapes=input:Nx3xHxW``), the
 same warmup/duration/iteration budget, and ``--exportTimes`` for per-query records.
 """

@@ -1,6 +1,6 @@
 """An independent, literal re-statement of the authors' T2T-ViT forward pass, for parity tests.
 
-Written from the published description (REFERENCE.md section 1), deliberately in the authors' own
+Written from the published description (arXiv 2101.11986 and the authors' models/t2t_vit.py), deliberately in the authors' own
 style and NOT sharing any code with ``t2t_vit``: ``nn.Unfold``, ``torch.einsum`` for the Performer,
 the unscaled feature map ``exp(w.x - |x|^2/2) / sqrt(m)`` with epsilon 1e-8, explicit softmax
 attention with the scale applied after q @ k^T, and a numpy sinusoid table. It is a pure function

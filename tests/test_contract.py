@@ -141,6 +141,8 @@ COMMANDS_BAD_INPUT = {
     "engines.trtexec_log": ["{tmp}/missing.log"],
     "evaluation.parity": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "evaluation.demo": ["--out", "{tmp}/demo", "--steps", "data,fly"],
+    "evaluation.layerwise": ["--model", "t2t_vit_test", "--out", "{tmp}", "--precision", "fp16"],
+    "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
 }
 

@@ -105,10 +105,14 @@ def test_readme_is_a_front_page():
         assert f"docs/{doc.name}" in text, f"README does not link docs/{doc.name}"
 
 
-def test_documents_cite_nothing_outside_the_repository():
-    for doc in DOCUMENTS:
-        for n, line in enumerate(doc.read_text().splitlines(), 1):
-            assert "REFERENCE.md" not in line and "STYLE.md" not in line, f"{_name(doc)}:{n} cites a file outside the repo"
+def test_the_repository_cites_nothing_outside_itself():
+    """Code, docs, recipes and tests cite primary sources, never the development notes beside the checkout."""
+    outside = ("REFERENCE" + ".md", "STYLE" + ".md", "../shared/" + "REFERENCE")
+    files = [p for pattern in ("*.md", "*.py", "*.yaml", "*.toml", "Makefile")
+             for p in REPO.rglob(pattern) if not set(p.relative_to(REPO).parts) & {".venv", ".cache", "artifacts", "runs"}]
+    hits = [f"{p.relative_to(REPO)}:{n}" for p in files for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+            if any(o in line for o in outside)]
+    assert not hits, f"cite the primary source instead of a file outside the repository: {hits}"
 
 
 def test_readme_markers_are_well_formed():

@@ -1,0 +1,468 @@
+"""Precision evidence for the TensorRT path, measured with PyTorch on a CPU before any engine exists.
+
+``make precision CHECKPOINT=... DATA=...`` (``python -m evaluation.precision``) writes three reports:
+
+* ``precision-tf32-<model>``: TensorRT enables TF32 by default (``BuilderFlag.TF32``: MatMul/Conv inputs of
+  float32 tensors rounded to a 10-bit mantissa, products accumulated in fp32). Emulated here by rounding
+  the inputs of every ``torch.matmul``/``F.linear``/``F.conv2d`` to TF32 (round to nearest even) for
+  (a) the whole fp32 model, (b) only the fp32 Performer island of an fp32 model, and (c) the island of
+  the fp16 model (what an fp16/int8 engine built with TF32 on computes there).
+* ``precision-layernorm-<model>``: under strong typing TensorRT computes LayerNormalization in its input
+  type. Per LayerNorm of the model: max |x - mean|, max variance, max sum of squares, and their headroom to
+  fp16's limits (squares overflow past |x - mean| = 256, sums past 65504); and the effect on top-1 and
+  logits of a LayerNorm computed in fp16 (``fp16-math``: mean, squares and sums in fp16, tree-reduced as
+  GPU kernels do) or with fp16 input/output and fp32 math (``fp16-io``), inside the fp16 model.
+* ``activations-<model>``: what a quantization engineer asks for first: per LayerNorm input and per
+  MatMul/Linear input, max |x|, the 99.99th percentile of |x| (estimated from a uniform sample) and the
+  channels with the largest magnitude.
+
+Every comparison runs on the same preprocessed images (the model's eval transform) against the fp32
+model with plain fp32 arithmetic (no TF32: PyTorch's CPU matmuls are fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.patterns import apply_export_patterns
+from t2t_vit.checkpoint import build_model
+from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagenette_root, scan_image_folder
+from t2t_vit.errors import T2TError
+from t2t_vit.files import OutputLock, file_sha256
+from t2t_vit.labels import label_space, model_class_names
+from t2t_vit.layers import TokenPerformer
+from t2t_vit.metrics import LogitStats
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["round_tf32", "tf32_matmuls", "fp16_layernorm", "layernorm_stats", "activation_stats", "main"]
+
+FP16_MAX = 65504.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# TF32
+# ----------------------------------------------------------------------------------------------------
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest TF32 value (10 explicit mantissa bits, round to nearest even), as float32.
+
+    inf and NaN pass through; a value whose rounding overflows becomes inf, as in hardware.
+    """
+    if x.dtype != torch.float32:
+        return x
+    bits = x.contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    lsb = (bits >> 13) & 1
+    rounded = (bits + 0x0FFF + lsb) & ~0x1FFF
+    return torch.where(finite, rounded, bits).view(torch.float32)
+
+
+_TF32 = threading.local()
+
+
+@contextlib.contextmanager
+def tf32_matmuls(scope: str = "all") -> Iterator[None]:
+    """Within the block, ``torch.matmul``/``F.linear``/``F.conv2d`` round their float32 inputs to TF32.
+
+    ``scope="all"``: every such op; ``"performer"``: only inside ``TokenPerformer.linear_attention`` (the
+    fp32 island); ``"none"``: nothing (the plain fp32 reference).
+    """
+    if scope not in ("all", "performer", "none"):
+        raise ValueError(f"scope must be all, performer or none, got {scope!r}")
+    matmul, linear, conv2d, island = torch.matmul, F.linear, F.conv2d, TokenPerformer.linear_attention
+
+    def active() -> bool:
+        return scope == "all" or (scope == "performer" and getattr(_TF32, "in_island", False))
+
+    def r(t: Any) -> Any:
+        return round_tf32(t) if isinstance(t, torch.Tensor) and active() else t
+
+    def island_wrapper(self, k, q, v):
+        _TF32.in_island = True
+        try:
+            return island(self, k, q, v)
+        finally:
+            _TF32.in_island = False
+
+    patches: list[tuple[Any, str, Any]] = [
+        (torch, "matmul", lambda a, b, **kw: matmul(r(a), r(b), **kw)),
+        (F, "linear", lambda x, w, b=None: linear(r(x), r(w), b)),
+        (F, "conv2d", lambda x, w, *a, **kw: conv2d(r(x), r(w), *a, **kw)),
+        (TokenPerformer, "linear_attention", island_wrapper),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        if scope != "none":
+            for obj, name, fn in patches:
+                setattr(obj, name, fn)
+        yield
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LayerNorm in fp16
+# ----------------------------------------------------------------------------------------------------
+def _tree_sum_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis with every partial sum rounded to fp16 (a pairwise reduction, as GPU
+    kernels reduce across threads): overflows to inf when a partial sum passes 65504."""
+    x = x.to(torch.float16)
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        half = n // 2
+        head = (x[..., :half].float() + x[..., half:2 * half].float()).to(torch.float16)
+        x = torch.cat([head, x[..., 2 * half:]], dim=-1) if n % 2 else head
+    return x[..., 0:1]
+
+
+def fp16_layernorm(mode: str) -> Callable[..., torch.Tensor]:
+    """A ``F.layer_norm`` replacement: ``"fp16-math"`` (every step in fp16) or ``"fp16-io"`` (fp16 input
+    and output, fp32 math)."""
+    def fp16_math(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        n = x.shape[-1]
+        x16 = x.to(torch.float16)
+        mean = (_tree_sum_fp16(x16).float() / n).to(torch.float16)
+        d = (x16.float() - mean.float()).to(torch.float16)
+        sq = (d.float() * d.float()).to(torch.float16)
+        var = (_tree_sum_fp16(sq).float() / n).to(torch.float16)
+        rstd = (1.0 / torch.sqrt(var.float() + eps)).to(torch.float16)
+        y = (d.float() * rstd.float()).to(torch.float16)
+        if weight is not None:
+            y = (y.float() * weight.to(torch.float16).float()).to(torch.float16)
+        if bias is not None:
+            y = (y.float() + bias.to(torch.float16).float()).to(torch.float16)
+        return y.to(x.dtype)
+
+    def fp16_io(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        y = _LAYER_NORM(x.to(torch.float16).float(), normalized_shape, None if weight is None else weight.float(),
+                        None if bias is None else bias.float(), eps)
+        return y.to(torch.float16).to(x.dtype)
+
+    return {"fp16-math": fp16_math, "fp16-io": fp16_io}[mode]
+
+
+_LAYER_NORM = F.layer_norm
+
+
+@contextlib.contextmanager
+def layernorm_mode(mode: str) -> Iterator[None]:
+    """Every ``nn.LayerNorm`` computes as ``mode`` inside the block (``"fp32"``: unchanged)."""
+    if mode == "fp32":
+        yield
+        return
+    fn = fp16_layernorm(mode)
+    F.layer_norm = fn
+    try:
+        yield
+    finally:
+        F.layer_norm = _LAYER_NORM
+
+
+def layernorm_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """Per ``nn.LayerNorm`` (module order): max |x - mean|, max variance, max sum of squares over the
+    normalized axis, and the headroom to fp16 (``fp16_headroom``: how many times larger the worst value
+    could get before a square or a sum of squares passes 65504)."""
+    stats: dict[str, dict[str, Any]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.LayerNorm):
+            def hook(m, inp, out, name=name):
+                x = inp[0].detach().double()
+                d = x - x.mean(dim=-1, keepdim=True)
+                s = stats.setdefault(name, {"module": name, "width": int(x.shape[-1]), "max_abs_x": 0.0,
+                                            "max_abs_dev": 0.0, "max_var": 0.0, "max_sum_sq": 0.0})
+                s["max_abs_x"] = max(s["max_abs_x"], float(x.abs().max()))
+                s["max_abs_dev"] = max(s["max_abs_dev"], float(d.abs().max()))
+                s["max_var"] = max(s["max_var"], float((d * d).mean(-1).max()))
+                s["max_sum_sq"] = max(s["max_sum_sq"], float((d * d).sum(-1).max()))
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for s in stats.values():
+        worst_square = s["max_abs_dev"] ** 2
+        s["fp16_headroom_square"] = FP16_MAX / worst_square if worst_square > 0 else float("inf")
+        s["fp16_headroom_sum_sq"] = FP16_MAX / s["max_sum_sq"] if s["max_sum_sq"] > 0 else float("inf")
+        s["fp16_headroom"] = min(s["fp16_headroom_square"], s["fp16_headroom_sum_sq"])
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation statistics
+# ----------------------------------------------------------------------------------------------------
+def activation_stats(model: nn.Module, batches: Sequence[torch.Tensor], sample: int = 20000, top: int = 5,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """Per LayerNorm input and per Linear input (module order): max |x|, the 99.99th percentile of |x|
+    (from a uniform sample of ``sample`` values per batch), the ratio between them, and the ``top``
+    channels (last axis) with the largest max |x| over tokens and images."""
+    gen = torch.Generator().manual_seed(seed)
+    acc: dict[str, dict[str, Any]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.LayerNorm, nn.Linear)):
+            kind = "LayerNorm input" if isinstance(mod, nn.LayerNorm) else "Linear (MatMul) input"
+
+            def hook(m, inp, out, name=name, kind=kind):
+                x = inp[0].detach().float().abs()
+                a = acc.setdefault(name, {"module": name, "kind": kind, "channels": int(x.shape[-1]),
+                                          "max_abs": 0.0, "samples": [], "channel_max": None})
+                a["max_abs"] = max(a["max_abs"], float(x.max()))
+                flat = x.reshape(-1)
+                idx = torch.randint(0, flat.numel(), (min(sample, flat.numel()),), generator=gen)
+                a["samples"].append(flat[idx])
+                cmax = x.reshape(-1, x.shape[-1]).amax(0)
+                a["channel_max"] = cmax if a["channel_max"] is None else torch.maximum(a["channel_max"], cmax)
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for a in acc.values():
+        s = torch.cat(a.pop("samples")).double()
+        p9999 = float(torch.quantile(s, 0.9999)) if s.numel() > 1 else float(s.max())
+        cmax = a.pop("channel_max")
+        values, idx = cmax.topk(min(top, cmax.numel()))
+        median_channel = float(cmax.median())
+        a.update(p9999_abs=p9999, max_over_p9999=a["max_abs"] / p9999 if p9999 > 0 else float("inf"),
+                 median_channel_max=median_channel,
+                 top_channels=[{"channel": int(i), "max_abs": float(v),
+                                "x_median_channel": float(v) / median_channel if median_channel > 0 else None}
+                               for v, i in zip(values, idx)])
+        out.append(a)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------
+def _half(model: nn.Module) -> nn.Module:
+    """The fp16 export's numerics: a half copy, the Performer core in fp32 (the model's default)."""
+    import copy
+
+    return copy.deepcopy(model).half().eval()
+
+
+def _logits(model: nn.Module, batches: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(x.to(dtype)).float().numpy() for x in batches])
+
+
+def _compare(name: str, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    r, c = LogitStats(), LogitStats()
+    r.update(ref, labels)
+    c.update(cand, labels, ref)
+    s = c.summary(r)
+    return {"variant": name, **{k: s[k] for k in ("top1", "delta_top1", "top1_agreement", "disagreements",
+                                                  "max_abs_dlogit", "mean_abs_dlogit", "nonfinite_images")}}
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, list[torch.Tensor], np.ndarray, str]:
+    # The exported forms (one-hot Conv soft splits, explicit MatMul attention): the ops TensorRT runs.
+    model = apply_export_patterns(build_model(args.model, args.checkpoint, img_size=args.img_size,
+                                              weights=args.weights))
+    root = Path(args.data) if args.data else ((imagenette_root() or Path("(none)")) / "val")
+    if (root / "val").is_dir():
+        root = root / "val"
+    if not root.is_dir():
+        raise T2TError(f"no image folder: pass DATA=/path/to/val (--data); {root} does not exist")
+    folders = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    index, _ = label_space(folders, model_class_names(model), int(model.num_classes))
+    samples, _ = scan_image_folder(root, index)
+    if args.limit:
+        samples = class_balanced_subset(samples, args.limit, seed=0, what="--limit (LIMIT=)")
+    batcher = ImageBatcher(samples, DataConfig.from_model(model), batch_size=args.batch_size,
+                           num_workers=args.workers)
+    xs, ys = [], []
+    for x, y, _ in batcher:
+        xs.append(x)
+        ys.append(y.numpy())
+    if not xs:
+        raise T2TError(f"no readable images in {root}")
+    return model, xs, np.concatenate(ys), str(root)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    threads = apply_threads(args.threads)
+    model, xs, labels, root = _load(args)
+    header = {**report_header("evaluation.precision", argv), "model": args.model, "checkpoint": args.checkpoint,
+              "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None,
+              "weights": model.pretrained_cfg.get("weights", "random"), "data": root, "images": int(len(labels)),
+              "img_size": int(model.img_size), "threads": threads}
+    out = Path(args.out)
+    steps = [s for s in ("tf32", "layernorm", "activations") if s in args.what]
+    bar = tqdm(total=8 if "tf32" in steps else 0, desc="precision", disable=args.no_progress)
+    ref = _logits(model, xs)
+    written = []
+    with OutputLock(out):
+        if "tf32" in steps:
+            rows = [_compare("fp32 (reference, no TF32)", ref, ref, labels)]
+            for scope, what in (("all", "fp32 model, TF32 on every MatMul/Linear/Conv"),
+                                ("performer", "fp32 model, TF32 in the Performer island only")):
+                with tf32_matmuls(scope):
+                    rows.append(_compare(what, ref, _logits(model, xs), labels))
+                bar.update(1)
+            half = _half(model)
+            half16 = _logits(half, xs, torch.float16)
+            rows.append(_compare("fp16 model, fp32 island (the fp16 engine without TF32)", ref, half16, labels))
+            with tf32_matmuls("performer"):
+                rows.append(_compare("fp16 model, TF32 island (the fp16 engine with TF32 on)", ref,
+                                     _logits(half, xs, torch.float16), labels))
+            bar.update(2)
+            tf32 = {**header, "rows": rows}
+            md = ["# TF32 in the TensorRT path, emulated", "", f"`{tf32['command']}`", "",
+                  f"{args.model}, checkpoint `{args.checkpoint}` ({header['weights']} weights), {len(labels)} images "
+                  f"from `{root}`; against the fp32 model with plain fp32 arithmetic. TF32 = MatMul/Linear/Conv "
+                  f"inputs rounded to 10 mantissa bits (round to nearest even), fp32 accumulation. Host: "
+                  f"{host_line(header['host'])}.", "",
+                  markdown_table(["variant", "top-1 %", "delta top-1", "top-1 agreement %", "disagreements",
+                                  "max abs dlogit", "mean abs dlogit"],
+                                 [[r["variant"], r["top1"], r["delta_top1"], r["top1_agreement"], r["disagreements"],
+                                   r["max_abs_dlogit"], r["mean_abs_dlogit"]] for r in rows]), ""]
+            written += write_report(out / f"precision-tf32-{args.model}", tf32, "\n".join(md))
+        if "layernorm" in steps:
+            stats = layernorm_stats(model, xs)
+            half = _half(model)
+            rows = []
+            for mode in ("fp32", "fp16-io", "fp16-math"):
+                with layernorm_mode(mode):
+                    rows.append(_compare(f"fp16 model, LayerNorm {mode}", ref, _logits(half, xs, torch.float16),
+                                         labels))
+                bar.update(1)
+            ln = {**header, "layernorms": stats, "rows": rows,
+                  "min_fp16_headroom": min(s["fp16_headroom"] for s in stats)}
+            worst = min(stats, key=lambda s: s["fp16_headroom"])
+            md = ["# LayerNorm in fp16 (TensorRT strong typing computes it in its input type)", "",
+                  f"`{ln['command']}`", "",
+                  f"{args.model}, checkpoint `{args.checkpoint}` ({header['weights']} weights), {len(labels)} images "
+                  f"from `{root}`. Host: {host_line(header['host'])}.", "",
+                  "## Effect on the fp16 model", "",
+                  "fp16 model = the fp16 export's numerics (`.half()`, Performer island in fp32), LayerNorm computed "
+                  "as stated; compared with the fp32 model. `fp16-io`: fp16 input/output, fp32 mean/variance. "
+                  "`fp16-math`: mean, squares and sums in fp16 (pairwise), the worst case.", "",
+                  markdown_table(["variant", "top-1 %", "delta top-1", "top-1 agreement %", "disagreements",
+                                  "max abs dlogit", "mean abs dlogit", "non-finite images"],
+                                 [[r["variant"], r["top1"], r["delta_top1"], r["top1_agreement"], r["disagreements"],
+                                   r["max_abs_dlogit"], r["mean_abs_dlogit"], r["nonfinite_images"]] for r in rows]), "",
+                  "## Per LayerNorm", "",
+                  f"fp16 overflows when a square (|x - mean| > 256) or a sum of squares passes {FP16_MAX:g}. "
+                  f"Headroom = how many times larger the worst value could grow first. Smallest headroom: "
+                  f"**{worst['fp16_headroom']:.3g}x** at `{worst['module']}`.", "",
+                  markdown_table(["LayerNorm", "width", "max abs x", "max abs (x - mean)", "max variance",
+                                  "max sum of squares", "fp16 headroom"],
+                                 [[s["module"], s["width"], s["max_abs_x"], s["max_abs_dev"], s["max_var"],
+                                   s["max_sum_sq"], s["fp16_headroom"]] for s in stats]), ""]
+            written += write_report(out / f"precision-layernorm-{args.model}", ln, "\n".join(md), _ln_figure(stats))
+        if "activations" in steps:
+            acts = activation_stats(model, xs)
+            rep = {**header, "activations": acts}
+            md = ["# Activation statistics (what INT8 ranges and fp16 see)", "", f"`{rep['command']}`", "",
+                  f"{args.model}, checkpoint `{args.checkpoint}`, {len(labels)} images from `{root}`. Per LayerNorm "
+                  f"input and per Linear (MatMul) input: max |x|, the 99.99th percentile of |x| (estimated from a "
+                  f"uniform sample of 20,000 values per batch), their ratio (how far the outliers sit beyond the "
+                  f"bulk: per-tensor int8 scales are set by them), and the largest channels (max |x| over tokens and "
+                  f"images, and how many times the median channel's). Host: {host_line(header['host'])}.", "",
+                  markdown_table(["module", "input of", "channels", "max abs", "p99.99 abs", "max / p99.99",
+                                  "largest channels (x median)"],
+                                 [[a["module"], a["kind"], a["channels"], a["max_abs"], a["p9999_abs"],
+                                   a["max_over_p9999"],
+                                   ", ".join(f"{c['channel']} ({c['x_median_channel']:.1f}x)" for c in a["top_channels"][:3])]
+                                  for a in acts]), ""]
+            written += write_report(out / f"activations-{args.model}", rep, "\n".join(md), _act_figure(acts))
+    bar.close()
+    return {"written": [str(p) for p in written]}
+
+
+def _ln_figure(stats: list[dict[str, Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(len(stats))
+    ax.semilogy(x, [s["max_abs_dev"] for s in stats], marker="o", label="max |x - mean|")
+    ax.semilogy(x, [s["max_sum_sq"] for s in stats], marker="s", label="max sum of squares")
+    ax.axhline(256, color="#c44e52", ls=":", label="|x - mean| = 256 (square overflows fp16)")
+    ax.axhline(FP16_MAX, color="#c44e52", ls="--", label="65504 (fp16 max)")
+    ax.set_xticks(x, [s["module"] for s in stats], rotation=70, ha="right", fontsize=7)
+    ax.set_title("LayerNorm inputs against fp16's limits")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _act_figure(acts: list[dict[str, Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4))
+    x = np.arange(len(acts))
+    ax.semilogy(x, [a["max_abs"] for a in acts], marker=".", label="max |x|")
+    ax.semilogy(x, [a["p9999_abs"] for a in acts], marker=".", label="99.99th percentile |x|")
+    ax.set_xticks(x, [a["module"] for a in acts], rotation=80, ha="right", fontsize=6)
+    ax.set_title("LayerNorm and Linear inputs by depth")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="TF32, fp16 LayerNorm and activation statistics of a checkpoint, "
+                                            "emulated with PyTorch on a CPU", add_help=add_help)
+    add_stage_args(p, out_help="report folder (default reports)")
+    add_run_args(p, batch_size=64, workers=2)
+    g = p.add_argument_group("evidence")
+    g.add_argument("--data", default=None, help="labelled ImageFolder (default: the development data's Imagenette val)")
+    g.add_argument("--limit", type=int, default=None, help="class-balanced subset of N images (default: all)")
+    g.add_argument("--what", default="tf32,layernorm,activations",
+                   help="which reports, comma-separated: tf32, layernorm, activations (default all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.out is None:
+        args.out = "reports"
+    args.what = [w.strip() for w in args.what.split(",") if w.strip()]
+    bad = [w for w in args.what if w not in ("tf32", "layernorm", "activations")]
+
+    def body() -> int:
+        if bad:
+            raise T2TError(f"--what takes tf32, layernorm, activations; got {bad}")
+        res = run(args, argv)
+        print("wrote " + ", ".join(res["written"]))
+        return 0
+
+    return run_command(body, "evaluation.precision")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

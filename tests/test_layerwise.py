@@ -1,0 +1,103 @@
+"""evaluation.layerwise: Polygraphy's ONNX Runtime runner and comparator over every shared tensor, and the
+first layer past the tolerance, named on a deliberately broken graph."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from evaluation import layerwise as L
+from export.to_onnx import export_model
+from t2t_vit.checkpoint import build_model
+
+MODEL = "t2t_vit_test"
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> Path:
+    """fp32 and fp16 graphs of the tiny model, and a small ImageFolder of varied images."""
+    out = tmp_path_factory.mktemp("layers")
+    import torch
+
+    torch.manual_seed(0)
+    export_model(build_model(MODEL).eval(), out)
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        d = out / "images" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return out
+
+
+def _break(src: Path, dst: Path, node_scope: str, factor: float) -> str:
+    """Scale the weight of the MatMul in ``node_scope`` (a conversion bug in one layer); returns the node name."""
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            users[t] = users.get(t, 0) + 1
+    node = next(n for n in model.graph.node if n.op_type == "MatMul" and node_scope in n.name
+                and any(t in inits for t in n.input))
+    w = next(t for t in node.input if t in inits)
+    assert users[w] == 1, "the weight must be this layer's own"
+    arr = numpy_helper.to_array(inits[w]) * np.asarray(factor, dtype=numpy_helper.to_array(inits[w]).dtype)
+    inits[w].CopyFrom(numpy_helper.from_array(arr, w))
+    onnx.save(model, str(dst))
+    return node.name
+
+
+def test_names_map_to_modules():
+    assert L.tensor_module("/model/blocks.3/attn/qkv/MatMul_output_0") == "blocks.3.attn.qkv"
+    assert L.tensor_module("/tokens_to_token/attention1/Exp_output_0") == "tokens_to_token.attention1"
+    assert L.tensor_module("logits") == "(graph)"
+    assert L.canonical("/model/norm/LayerNormalization_output_0") == "/norm/LayerNormalization_output_0"
+
+
+def test_fp16_graph_stays_within_tolerance(graphs, capsys):
+    rc = L.main(["--model", MODEL, "--out", str(graphs), "--precision", "fp16", "--data", str(graphs / "images"),
+                 "--images", "6", "--threads", "1"])
+    report = json.loads((graphs / f"layers-{MODEL}-fp16.json").read_text())
+    res = report["result"]
+    assert rc == 0, capsys.readouterr().err
+    assert report["tool"] == "evaluation.layerwise" and report["images"] == 6
+    assert res["runners"][:2] == ["onnxruntime-cpu-fp32", "onnxruntime-cpu-fp16"]
+    assert res["compared"] > 100  # nearly every tensor of the graph, not just the logits
+    modules = {r["module"] for r in res["tensors"]}
+    assert {"tokens_to_token.attention1", "blocks.0.attn", "blocks.1.mlp.fc1", "norm"} <= modules
+    errs = [r["by_runner"]["onnxruntime-cpu-fp16"]["relative"] for r in res["tensors"]]
+    assert 0 < max(errs) < L.DEFAULT_TOLERANCE["fp16"] and res["first_bad"]["onnxruntime-cpu-fp16"] is None
+    # Polygraphy's comparator saw the same tensors: its max |diff| equals ours.
+    r0 = next(r for r in res["tensors"] if r["by_runner"]["onnxruntime-cpu-fp16"]["max_abs"] > 0)
+    m = r0["by_runner"]["onnxruntime-cpu-fp16"]
+    assert m["polygraphy_max_absdiff"] == pytest.approx(m["max_abs"], rel=1e-3)
+    assert (graphs / f"layers-{MODEL}-fp16.png").read_bytes()[:4] == b"\x89PNG"
+    assert "No tensor passes the tolerance" in (graphs / f"layers-{MODEL}-fp16.md").read_text()
+
+
+def test_broken_layer_is_named_first(graphs, capsys):
+    broken = graphs / "broken.fp16.onnx"
+    node = _break(graphs / f"{MODEL}.fp16.onnx", broken, "blocks.1/mlp/fc1", 1.25)
+    rc = L.main(["--model", MODEL, "--out", str(graphs), "--precision", "fp16", "--candidate", str(broken),
+                 "--data", str(graphs / "images"), "--images", "6", "--threads", "1"])
+    assert rc == 1  # a layer passes the tolerance
+    out = capsys.readouterr()
+    report = json.loads((graphs / f"layers-{MODEL}-fp16.json").read_text())
+    first = report["result"]["first_bad"]["onnxruntime-cpu-fp16"]
+    assert first["module"] == "blocks.1.mlp.fc1" and node.endswith("MatMul")
+    assert first["relative"] > 0.1
+    # every tensor before it is still within the tolerance
+    before = [r for r in report["result"]["tensors"] if r["depth"] < first["depth"]]
+    assert before and all(r["by_runner"]["onnxruntime-cpu-fp16"]["relative"] <= L.DEFAULT_TOLERANCE["fp16"] for r in before)
+    assert "blocks.1.mlp.fc1" in out.out and "blocks.1.mlp.fc1" in (graphs / f"layers-{MODEL}-fp16.md").read_text()
+
+
+def test_missing_graph_says_how_to_make_it(tmp_path, capsys):
+    assert L.main(["--model", MODEL, "--out", str(tmp_path), "--precision", "int8"]) == 2
+    assert "make onnx" in capsys.readouterr().err
