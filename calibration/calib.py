@@ -36,7 +36,7 @@ from export.patterns import LAYERNORM_PRECISIONS
 from export.to_onnx import DEFAULT_LAYERNORM
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
-from t2t_vit.data import DataConfig, ImageBatcher
+from t2t_vit.data import DataConfig, DataError, ImageBatcher
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_save_onnx, file_sha256
 from t2t_vit.graphs import check_graph, describe_graph, read_metadata, set_metadata
@@ -176,12 +176,19 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     threads = apply_threads(args.threads)
     methods = _methods(args.method)
     calib_root = Path(args.calib_data)
+    # The calibration images first: a missing or empty CALIB_DATA is that, not a missing val folder.
+    if not calib_root.is_dir():
+        raise CalibrationError(f"CALIB_DATA (--calib-data) {calib_root} is not a folder; point it at an ImageFolder "
+                               f"tree of calibration images, e.g. CALIB_DATA=../shared/data/imagenette2/train")
+    try:
+        samples = select_samples(calib_root, args.calib_size, args.seed, what="CALIB_SIZE (--calib-size)")
+    except DataError as e:
+        raise DataError(f"CALIB_DATA (--calib-data): {e}") from e
     val_root = Path(args.val_data) if args.val_data else _default_val(calib_root)
     if not args.no_eval and val_root is None:
         raise CalibrationError(
-            f"no labeled validation folder: pass --val-data (no 'val' folder beside {calib_root}), "
-            f"or --no-eval to quantize without the accuracy check"
-        )
+            f"no labeled validation folder for the accuracy check: pass --val-data (ARGS=\"--val-data DIR\"; there "
+            f"is no 'val' folder beside CALIB_DATA {calib_root}), or --no-eval to quantize without it")
     if not args.checkpoint:
         _logger.warning("no --checkpoint: a missing fp32 ONNX will be exported with RANDOM weights")
 
@@ -191,7 +198,6 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     fp32_sha = file_sha256(fp32_path)
 
     # 1. calibration images (cached)
-    samples = select_samples(calib_root, args.calib_size, args.seed, what="--calib-size (CALIB_SIZE=)")
     cached = load_or_preprocess(samples, config, out / "calib-cache", prefix=f"calib-{args.model}",
                                 batch_size=args.batch_size, num_workers=args.workers,
                                 progress=not args.no_progress)

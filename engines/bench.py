@@ -32,7 +32,7 @@ from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, make_hint, onnx_pat
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
-from t2t_vit.files import file_sha256
+from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.graphs import graph_inputs, read_metadata
 from t2t_vit.reports import host_line, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
@@ -435,7 +435,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
     }
     stem = report_stem(args.model, img_size, report["host"], args.precision if plan.run else None)
     md = render_markdown(report)
-    paths = write_report(out / stem, report, md, plot_report(report))
+    with OutputLock(out):
+        paths = write_report(out / stem, report, md, plot_report(report))
     if args.report:
         paths += write_report(_report_stem(args.report, stem), report, md, plot_report(report))
     report["written"] = [str(p) for p in paths]

@@ -41,7 +41,7 @@ from t2t_vit.artifacts import ENGINE_PRECISIONS, default_out, engine_path, make_
 from t2t_vit.cli import add_stage_args, run_command
 from t2t_vit.data import DataConfig, DataError
 from t2t_vit.errors import T2TError
-from t2t_vit.files import atomic_write_bytes, file_sha256
+from t2t_vit.files import OutputLock, atomic_write_bytes, file_sha256
 from t2t_vit.graphs import graph_inputs, read_metadata
 
 from .sidecar import make_sidecar, sidecar_path, write_sidecar
@@ -266,24 +266,24 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
     if settings.opt_level == 0:
         _logger.warning("--opt-level 0 does not use the timing cache (TensorRT picks the first tactic that runs)")
 
-    t0 = time.perf_counter()
-    serialized, config = _build_serialized(trt, onnx_file, plan["profile"], settings, cache_in)
-    build_time = time.perf_counter() - t0
-
-    atomic_write_bytes(engine_file, serialized)
-    _merge_timing_cache(config, cache_file, config.get_timing_cache())
-    sidecar = make_sidecar(
-        model=model, precision=precision, profile=plan["profile"], onnx_path=onnx_file,
-        onnx_sha256=file_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
-        tensorrt_version=trt.__version__, gpu=gpu, build_time_s=build_time,
-        built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        onnx_metadata=plan["onnx_metadata"], data_config=plan["data_config"],
-        builder={**asdict(settings), "timing_cache": str(cache_file), "strongly_typed": True,
-                 "tf32": "allowed (--tf32)" if settings.tf32 else "cleared: fp32 tensors compute in fp32",
-                 "network_creation_flags": network_creation_flags(trt)},
-    )
-    # The sidecar goes last: an engine without one (or with a stale one, by engine_sha256) is refused.
-    write_sidecar(engine_file, sidecar)
+    with OutputLock(engine_file.parent):  # a second build into the same folder is refused, not interleaved
+        t0 = time.perf_counter()
+        serialized, config = _build_serialized(trt, onnx_file, plan["profile"], settings, cache_in)
+        build_time = time.perf_counter() - t0
+        atomic_write_bytes(engine_file, serialized)
+        _merge_timing_cache(config, cache_file, config.get_timing_cache())
+        sidecar = make_sidecar(
+            model=model, precision=precision, profile=plan["profile"], onnx_path=onnx_file,
+            onnx_sha256=file_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
+            tensorrt_version=trt.__version__, gpu=gpu, build_time_s=build_time,
+            built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            onnx_metadata=plan["onnx_metadata"], data_config=plan["data_config"],
+            builder={**asdict(settings), "timing_cache": str(cache_file), "strongly_typed": True,
+                     "tf32": "allowed (--tf32)" if settings.tf32 else "cleared: fp32 tensors compute in fp32",
+                     "network_creation_flags": network_creation_flags(trt)},
+        )
+        # The sidecar goes last: an engine without one (or with a stale one, by engine_sha256) is refused.
+        write_sidecar(engine_file, sidecar)
     return sidecar
 
 

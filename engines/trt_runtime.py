@@ -154,11 +154,11 @@ class TensorRTRunner(Runner):
         stream.synchronize()
         return y.numpy()
 
-    def _bind(self, context: Any, tname: str, tensor: torch.Tensor) -> None:
+    def _bind(self, context: Any, tname: str, buf: torch.Tensor) -> None:
         """``set_tensor_address``, checked: TensorRT returns False for a name or address it rejects."""
-        if not context.set_tensor_address(tname, int(tensor.data_ptr())):
+        if not context.set_tensor_address(tname, int(buf.data_ptr())):
             raise RunnerError(f"{self.name}: TensorRT rejected the buffer of tensor {tname!r} (shape "
-                              f"{tuple(tensor.shape)}, {tensor.dtype}); is {self.path} the engine its sidecar "
+                              f"{tuple(buf.shape)}, {buf.dtype}); is {self.path} the engine its sidecar "
                               f"describes?")
 
     def describe(self) -> dict[str, Any]:

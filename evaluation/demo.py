@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import os
 import shlex
 import subprocess
@@ -41,7 +42,7 @@ from t2t_vit.cli import run_command
 from t2t_vit.data import IMG_EXTENSIONS, imagenette_root
 from t2t_vit.env import host_info
 from t2t_vit.errors import T2TError, ThresholdMissed
-from t2t_vit.files import atomic_write_json, atomic_write_text
+from t2t_vit.files import OutputLock, atomic_write_json, atomic_write_text
 from t2t_vit.timing import child_process_kwargs
 
 __all__ = ["DemoError", "write_digits_dataset", "get_args_parser", "main", "run_demo"]
@@ -140,6 +141,11 @@ def _count_images(root: Path) -> int:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected steps; returns the summary (also written to ``<out>/demo.json``)."""
     out = Path(args.out).resolve()
+    with OutputLock(out):
+        return _run_demo(args, out)
+
+
+def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
@@ -150,9 +156,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
         thread_args = ["--threads", str(args.threads)]
-    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):
-        print(f"[demo] note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; if steps crawl, "
-              f"rerun with --threads 1 (make demo ARGS='--threads 1')", flush=True)
+    # Otherwise every step picks its threads itself (--threads auto: the cores idle when it starts).
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else list(STEPS)
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -370,9 +374,9 @@ def render_summary(s: dict[str, Any]) -> str:
         head = f"- {r['step']:<7} {r['status']:<7}"
         if r["seconds"]:
             head += f" {r['seconds']:5.0f} s"
-        if r["reason"]:
-            head += f"  ({r['reason'][:110]})"
         lines.append(head)
+        if r["reason"]:  # wrapped at word boundaries, never cut mid-word
+            lines += textwrap.wrap(f"({r['reason']})", width=100, initial_indent="    ", subsequent_indent="     ")
         for o in r["outputs"][:4]:
             lines.append(f"    {_show(o)}")
         if r["status"] == "failed" and r["log"]:
@@ -389,8 +393,9 @@ def render_summary(s: dict[str, Any]) -> str:
                              f"agree {p['agreement']:6.2f}%  {p['status']}")
             else:
                 skipped.setdefault(f"{p['status']}: {p['reason']}", []).append(name)
-        for reason, names in skipped.items():  # one line per reason: TensorRT's is the same for 3 engines
-            lines.append(f"    {', '.join(names)}  {reason[:110]}")
+        for reason, names in skipped.items():  # one entry per reason: TensorRT's is the same for 3 engines
+            lines += textwrap.wrap(f"{', '.join(names)}: {reason}", width=100, initial_indent="    ",
+                                   subsequent_indent="      ")
     lines += ["", f"everything is under {_show(s['out'])}/ (logs/ holds each step's output); "
                   f"this summary: {_show(s['out'])}/demo-summary.md", ""]
     return "\n".join(lines)

@@ -46,9 +46,9 @@ from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset
 from t2t_vit.errors import T2TError, ThresholdMissed
-from t2t_vit.files import atomic_write_text, file_sha256
+from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
 from t2t_vit.graphs import read_metadata
-from t2t_vit.labels import model_class_names, resolve_eval_set
+from t2t_vit.labels import model_class_names, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner, select_backends
@@ -355,6 +355,15 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
 
     labels_np = np.concatenate(labels_all)
     ref_pred = ref_stats.predictions
+    label_warnings = list(evalset.warnings)
+    shift = shifted_label_check(ref_pred, labels_np) if evalset.layout == "flat+labels" else None
+    if shift and shift["looks_one_based"]:
+        label_warnings.append(
+            f"the reference agrees with label - 1 on {shift['top1_label_minus_1']:.1f}% of the images but with the "
+            f"label as given on only {shift['top1_as_given']:.1f}%: {evalset.labels_file} looks 1-based. Subtract 1 "
+            f"from every label (0-based indices into the model's classes) and run again")
+    for w in label_warnings:
+        _logger.warning("LABELS: %s", w)
     preds = {r.name: stats[r.name].predictions for r in results_ordered if r.name in stats and r.name != ref_name}
     failed = [r for r in results_ordered if r.status in ("fail", "error")]
     stem = out / f"parity-{args.model}"
@@ -373,7 +382,8 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
         "data": {"root": str(evalset.root), "labels_file": evalset.labels_file, "layout": evalset.layout,
                  "class_mapping": evalset.mapping, "images_found": len(evalset.samples),
                  "limit": args.limit, "images_evaluated": int(ref_stats.n),
-                 "images_unreadable": list(batcher.skipped), "notes": evalset.notes},
+                 "images_unreadable": list(batcher.skipped), "notes": evalset.notes,
+                 "labels": evalset.label_summary(), "label_shift_check": shift, "label_warnings": label_warnings},
         "data_config": data_cfg.as_dict(),
         "batch_size": args.batch_size,
         "device": device,
@@ -385,14 +395,20 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
         "backends": [r.as_dict() for r in results_ordered],
         "outputs": outputs,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        _write_outputs(report, outputs, stem, paths_all, labels_np, ref_pred, preds, evalset.class_names)
+    return report
+
+
+def _write_outputs(report: dict[str, Any], outputs: dict[str, str], stem: Path, paths_all: list[str],
+                   labels_np: np.ndarray, ref_pred: np.ndarray, preds: dict[str, np.ndarray],
+                   class_names: list[str]) -> None:
     _write_disagreements(Path(outputs["disagreements"]), paths_all, labels_np, ref_pred, preds,
-                         evalset.class_names, only_disagreements=True)
+                         class_names, only_disagreements=True)
     if "predictions" in outputs:
         _write_disagreements(Path(outputs["predictions"]), paths_all, labels_np, ref_pred, preds,
-                             evalset.class_names, only_disagreements=False)
+                             class_names, only_disagreements=False)
     write_report(stem, report, render_markdown(report), _chart(report))
-    return report
 
 
 def _write_disagreements(path: Path, paths: list[str], labels: np.ndarray, ref_pred: np.ndarray,
@@ -451,6 +467,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     if skipped:
         lines += ["", "Not evaluated:", ""]
         lines += [f"- {b['name']} ({b['status']}): {b['reason']}" for b in skipped]
+    lab = d.get("labels") or {}
+    if d.get("label_warnings"):
+        lines += ["", "**LABEL WARNING**: " + " / ".join(d["label_warnings"])]
+    if lab:
+        per = lab["per_class"]
+        shown = ", ".join(f"{k}: {v}" for k, v in list(per.items())[:20]) + (" ..." if len(per) > 20 else "")
+        lines += ["", f"Labels used: {lab['distinct']} classes, indices {lab['min']}..{lab['max']}"
+                  f"{'' if lab['label_0_present'] else ' (no label 0)'}; images per class: {shown}"]
+    if d.get("label_shift_check"):
+        sc = d["label_shift_check"]
+        lines += [f"Reference top-1 against the labels as given / label - 1 / label + 1: {sc['top1_as_given']:.1f}% / "
+                  f"{sc['top1_label_minus_1']:.1f}% / {sc['top1_label_plus_1']:.1f}% (a 1-based labels file shows "
+                  f"up as a high middle number)."]
+    if d.get("images_unreadable"):
+        bad = d["images_unreadable"]
+        lines += ["", f"{len(bad)} unreadable images were skipped: " + ", ".join(f"`{b}`" for b in bad[:10])
+                  + (" ..." if len(bad) > 10 else "")]
     th = report["thresholds"]
     lines += ["", "Thresholds: |Δ top-1| ≤ " + ", ".join(f"{k} {v:g}" for k, v in th["max_abs_delta_top1_points"].items())
               + " points; agreement ≥ " + ", ".join(f"{k} {v:g}%" for k, v in th["min_agreement_percent"].items())
@@ -482,7 +515,21 @@ def _chart(report: dict[str, Any]) -> Any:
     ax.set_title(f"Parity {report['model']}: {report['data']['images_evaluated']} images, "
                  f"{'PASS' if report['passed'] else 'FAIL'}", fontsize=10)
     fig.tight_layout()
+    _fit_labels(fig, ax)
     return fig
+
+
+def _fit_labels(fig: Any, ax: Any) -> None:
+    """Widen the x axis until every bar label ends inside the axes (labels are text, not data)."""
+    for _ in range(5):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        right = max((t.get_window_extent(renderer).x1 for t in ax.texts), default=0.0)
+        limit = ax.get_window_extent(renderer).x1
+        if right <= limit:
+            return
+        x0, x1 = ax.get_xlim()
+        ax.set_xlim(x0, x1 * (1.0 + (right - limit) / max(limit - ax.get_window_extent(renderer).x0, 1.0)) + 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -545,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_parity(args, argv)
         print(f"parity {report['model']} on {report['data']['images_evaluated']} images "
               f"({'PASS' if report['passed'] else 'FAIL'}):")
+        for w in report["data"]["label_warnings"]:
+            print(f"  LABEL WARNING: {w}")
         print("\n".join(summary_lines(report)))
         print(f"report: {report['outputs']['markdown']} (+ .json, .png, disagreements .csv)")
         if not report["passed"]:

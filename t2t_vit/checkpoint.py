@@ -70,10 +70,18 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    kind = _sniff(path)
+    if kind is None:
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint at all (neither a torch.save zip archive nor a pickle: it starts "
+            f"with bytes {path.read_bytes()[:8]!r}); pass the .pth/.pth.tar/.safetensors file written by training "
+            f"or released by the authors")
     try:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt {kind}?): {e}") from e
         raise CheckpointError(
             f"refusing to unpickle {path}: it contains Python objects beyond tensors and plain data, and "
             f"loading them could run arbitrary code (weights_only=True). Details: {e}. "
@@ -83,6 +91,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def _sniff(path: Path) -> str | None:
+    """``"zip archive"`` (torch.save's format since 1.6), ``"legacy pickle"`` (protocol 2+), or None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip archive"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "legacy pickle"
+    return None
 
 
 WEIGHTS = ("ema", "model")

@@ -89,10 +89,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically (checkpoints, cached calibration tensors)."""
+    """``torch.save`` atomically (checkpoints, cached calibration tensors).
+
+    PyTorch's zip writer turns a full disk into a ``RuntimeError`` ("unexpected pos ..."); when the
+    destination's file system is (nearly) full at that moment, it is reported as the ``OSError(ENOSPC)``
+    it is, so commands say "no space left" instead of printing a traceback.
+    """
+    import shutil
+
     import torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:
+        if shutil.disk_usage(Path(path).parent).free < 16 * 2**20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+        raise
 
 
 def atomic_save_onnx(model_proto: Any, path: str | os.PathLike) -> Path:
@@ -146,20 +158,27 @@ class OutputLock:
     The lock is ``fcntl.flock`` on the folder itself, which the kernel releases when the process dies, so
     a killed command never leaves the folder locked. While held, ``<folder>/.t2t-owner`` names the
     owner's pid and command line for the message a second command gets; it is removed on exit.
-    Entering also removes temporary files left by killed writers.
+    Entering also removes temporary files left by killed writers. Re-entrant within a process (a stage
+    that runs another stage in-process, such as calibration exporting its fp32 graph, keeps one lock).
     """
 
     OWNER = ".t2t-owner"
+    _held: dict[str, int] = {}  # resolved folder -> nesting depth, in this process
 
     def __init__(self, folder: str | os.PathLike, what: str = "") -> None:
         self.folder = Path(folder)
         self.what = what or " ".join(sys.argv)
         self._fd: int | None = None
+        self._key = ""
 
     def __enter__(self) -> "OutputLock":
         import fcntl
 
         ensure_dir(self.folder)
+        self._key = str(self.folder.resolve())
+        if self._key in OutputLock._held:
+            OutputLock._held[self._key] += 1
+            return self
         fd = os.open(self.folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -175,11 +194,16 @@ class OutputLock:
                 f"{self.folder} is in use by {owner or 'another process'}; wait for it to finish, or write "
                 f"elsewhere (OUT=... / --out)") from None
         self._fd = fd
+        OutputLock._held[self._key] = 1
         (self.folder / self.OWNER).write_text(f"pid {os.getpid()}: {self.what}\n")
         remove_stale_temp_files(self.folder)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        OutputLock._held[self._key] -= 1
+        if OutputLock._held[self._key] > 0:
+            return
+        del OutputLock._held[self._key]
         if self._fd is not None:
             (self.folder / self.OWNER).unlink(missing_ok=True)
             os.close(self._fd)  # closing the descriptor releases the flock

@@ -21,14 +21,14 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .data import IMG_EXTENSIONS, DataError, Sample, imagenet_wnids, scan_image_folder
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["EvalSet", "model_class_names", "metadata_class_names", "label_space", "read_labels_file",
-           "resolve_eval_set"]
+           "resolve_eval_set", "one_based_suspicions", "shifted_label_check"]
 
 
 @dataclass
@@ -42,6 +42,17 @@ class EvalSet:
     root: str = ""
     labels_file: str | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # suspicious labels: said loudly in reports and terminal
+
+    def label_summary(self) -> dict[str, Any]:
+        """The labels actually used: range, distinct count, images per class (by class name)."""
+        counts: dict[int, int] = {}
+        for s in self.samples:
+            counts[s.label] = counts.get(s.label, 0) + 1
+        name = (lambda i: self.class_names[i] if 0 <= i < len(self.class_names) else str(i))
+        return {"min": min(counts) if counts else None, "max": max(counts) if counts else None,
+                "distinct": len(counts), "label_0_present": 0 in counts,
+                "per_class": {f"{i} {name(i)}": n for i, n in sorted(counts.items())}}
 
 
 def model_class_names(model=None, num_classes: int | None = None) -> list[str] | None:
@@ -211,4 +222,37 @@ def resolve_eval_set(root: str | Path, class_names: Sequence[str] | None = None,
         _logger.warning("%s", notes[-1])
     names = list(class_names) if class_names else [str(i) for i in range(n_cls or (max(truth.values()) + 1))]
     mapping = "labels file -> " + ("the model's class list" if class_names else "0-based indices")
-    return EvalSet(samples, names, "flat+labels", mapping, str(root), str(labels_file), notes)
+    return EvalSet(samples, names, "flat+labels", mapping, str(root), str(labels_file), notes,
+                   one_based_suspicions([s.label for s in samples], n_cls, labels_file))
+
+
+def one_based_suspicions(labels: Sequence[int], num_classes: int | None, source: Any = "labels") -> list[str]:
+    """What the labels themselves say about being 1-based (the file format cannot tell 0- from 1-based).
+
+    * exactly 1..K for a K-class subset of a larger model: a 0-based list of the same K classes is 0..K-1;
+    * no label 0 although labels start at 1 and are dense: class 0 never appears.
+    The prediction-based check (top-1 against label - 1) is :func:`shifted_label_check`.
+    """
+    distinct = sorted(set(labels))
+    if not distinct or distinct[0] != 1:
+        return []
+    k = len(distinct)
+    if distinct == list(range(1, k + 1)):
+        return [f"{source}: the labels are exactly 1..{k}; a 0-based list of {k} classes uses 0..{k - 1}, and "
+                f"indices into the model's {num_classes or '?'} classes. Are these labels 1-based?"]
+    return []
+
+
+def shifted_label_check(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, Any]:
+    """Top-1 (%) of ``predictions`` against the labels as given and shifted by -1/+1, and a verdict.
+
+    When the reference model agrees far better with ``label - 1`` than with the label, the labels are
+    almost surely 1-based: every one of them points at the next class.
+    """
+    import numpy as np
+
+    p, y = np.asarray(predictions), np.asarray(labels)
+    acc = {d: float(100.0 * np.mean(p == y + d)) if len(y) else 0.0 for d in (0, -1, 1)}
+    suspicious = acc[-1] >= 30.0 and acc[-1] >= max(2 * acc[0], acc[0] + 20.0)
+    return {"top1_as_given": acc[0], "top1_label_minus_1": acc[-1], "top1_label_plus_1": acc[1],
+            "looks_one_based": bool(suspicious)}

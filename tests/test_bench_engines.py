@@ -7,7 +7,6 @@ import stat
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from engines import sidecar as S

@@ -304,3 +304,48 @@ def test_tensorrt_engines_join_the_report(setup, tmp_path):
     b = {x["name"]: x for x in report["backends"]}
     assert b["tensorrt-fp32"]["status"] == "pass", b["tensorrt-fp32"]
     assert rc == 0
+
+
+def test_one_based_labels_file_is_called_out(tmp_path, capsys):
+    """A 'filename label' list written 1-based passes the range check (labels stay below the class count) but
+    shifts every label by one: the report and the terminal say so, and show the label range and counts."""
+    import timm
+
+    model = timm.create_model(MODEL, num_classes=10, img_size=32)
+    sd = model.state_dict()
+    sd["head.weight"].zero_()
+    sd["head.bias"].zero_()
+    sd["head.bias"][3] = 10.0  # predicts class 3 for every image
+    ckpt = tmp_path / "ck.pth"
+    torch.save({"state_dict": sd, "meta": {"model": MODEL, "img_size": 32, "num_classes": 10,
+                                           "class_names": [f"c{i}" for i in range(10)]}}, ckpt)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(flat / f"img{i}.png")
+        rows.append(f"img{i}.png 4")  # class 3, written 1-based
+    (tmp_path / "labels.txt").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    rc = _run(["--checkpoint", str(ckpt), "--out", str(out), "--data", str(flat), "--labels",
+               str(tmp_path / "labels.txt"), "--backends", "pytorch-cpu-fp32", "--threads", "1"])
+    assert rc == 0
+    report = json.loads((out / f"parity-{MODEL}.json").read_text())
+    d = report["data"]
+    assert d["label_shift_check"] == {"top1_as_given": 0.0, "top1_label_minus_1": 100.0, "top1_label_plus_1": 0.0,
+                                      "looks_one_based": True}
+    assert d["labels"]["min"] == d["labels"]["max"] == 4 and d["labels"]["per_class"] == {"4 c4": 6}
+    assert any("looks 1-based" in w for w in d["label_warnings"])
+    assert "looks 1-based" in capsys.readouterr().out
+    md = (out / f"parity-{MODEL}.md").read_text()
+    assert "LABEL WARNING" in md and "indices 4..4 (no label 0)" in md
+
+
+def test_labels_exactly_one_to_k_are_suspicious():
+    from t2t_vit.labels import one_based_suspicions, shifted_label_check
+
+    assert one_based_suspicions([1, 2, 3, 1, 2], 1000)[0].startswith("labels: the labels are exactly 1..3")
+    assert one_based_suspicions([0, 1, 2], 1000) == [] and one_based_suspicions([1, 5, 9], 10) == []
+    ok = shifted_label_check([0, 1, 2, 2], [0, 1, 2, 1])
+    assert ok["top1_as_given"] == 75.0 and not ok["looks_one_based"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
@@ -363,3 +364,74 @@ def test_benchmark_writes_both_attention_paths(tmp_path):
     assert all(r["img_per_s"] > 0 and r["peak_mem_mib"] > 0 for r in rep["results"])
     assert rep["host"]["cpu_cores"] and "no GPU" in rep["note"]
     assert "| t2t_vit_test | explicit |" in (tmp_path / "bench-train-cpu.md").read_text()
+
+
+# ------------------------------------------------------------------------------ short runs (issue 12)
+
+def test_schedule_and_ema_fit_the_run():
+    from train.config import resolve_ema_decay, resolve_schedule
+
+    assert resolve_schedule(310, 10, 10) == (10, 10, None)  # the authors' recipe is untouched
+    w, c, note = resolve_schedule(8, 10, 10)
+    assert (w, c) == (2, 2) and "--epochs 8 cannot hold" in note
+    assert resolve_schedule(1, 10, 10)[:2] == (0, 0)  # one epoch: at the peak lr
+    assert resolve_schedule(2, 10, 10)[:2] == (0, 1)
+    assert resolve_ema_decay(0.99996, 775_000) == (0.99996, None)  # ImageNet: 310 epochs x 2502 updates
+    decay, note = resolve_ema_decay(0.99996, 1470)  # 10 short epochs
+    assert decay == pytest.approx(1 - 1 / 147) and "more than this run's 1,470" in note
+
+
+def test_epochs_is_what_a_user_gets(dataset, tmp_path, caplog):
+    out = tmp_path / "one"
+    rc = train_mod.main(_args(dataset, out, "--epochs", "1", "--warmup-epochs", "10", "--cooldown-epochs", "10",
+                              "--lr", "2e-3"))
+    assert rc == 0
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == ["1"]  # not 1 + 10 cooldown epochs
+    assert float(rows[0]["lr"]) == pytest.approx(2e-3)  # the peak lr, not the warmup lr
+    assert "cannot hold --warmup-epochs 10 + --cooldown-epochs 10" in caplog.text
+    # t2t_vit_test has no recipe file: the run says which defaults it used
+    assert "no recipe for t2t_vit_test" in caplog.text and "lr 0.002" in caplog.text
+
+
+def test_short_run_ema_leaves_initialization_and_best_is_the_better_weights(dataset, tmp_path):
+    out = tmp_path / "ema"
+    rc = train_mod.main(_args(dataset, out, "--epochs", "3", "--model-ema-decay", "0.99996", "--lr", "3e-3"))
+    assert rc == 0
+    ck = read_checkpoint(out / "last.pth")
+    train_mod.seed_all(3)  # the run's seed: the model it starts from
+    init = timm.create_model("t2t_vit_test", num_classes=3, img_size=32).state_dict()
+    moved = lambda sd: sum(float((sd[k].float() - init[k].float()).norm()) for k in init if k.endswith("weight"))  # noqa: E731
+    # Without the cap, 9 updates at decay 0.99996 would leave the EMA within 0.04% of initialization.
+    assert ck["meta"]["config"]["model_ema_decay_resolved"] < 0.9
+    assert moved(ck["state_dict_ema"]) > 0.3 * moved(ck["state_dict"]) > 0
+    rows = _rows(out)
+    best = read_checkpoint(out / "best.pth")
+    scores = [max(float(r["top1"]), float(r["ema_top1"])) for r in rows]
+    assert best["best"]["top1"] == pytest.approx(max(scores))
+    i = scores.index(max(scores))
+    assert best["weights"] == rows[i]["best_weights"] == ("ema" if float(rows[i]["ema_top1"]) >= float(rows[i]["top1"])
+                                                          else "model")
+
+
+def test_every_stage_takes_weights(dataset, straight_run, tmp_path):
+    from train.validate import main
+
+    reports = {}
+    for w in ("ema", "model"):
+        rc = main(["--model", "t2t_vit_test", "--checkpoint", str(straight_run / "best.pth"), "--data", str(dataset),
+                   "--workers", "0", "--weights", w, "--out", str(tmp_path / w)])
+        assert rc == 0
+        reports[w] = json.loads(next((tmp_path / w).glob("validate-*.json")).read_text())
+    assert reports["ema"]["weights"] == "ema" and reports["model"]["weights"] == "model"
+    ck = read_checkpoint(straight_run / "best.pth")
+    ema, raw = build_model("t2t_vit_test", straight_run / "best.pth", weights="ema"), \
+        build_model("t2t_vit_test", straight_run / "best.pth", weights="model")
+    assert torch.equal(ema.head.weight, ck["state_dict_ema"]["head.weight"])
+    assert torch.equal(raw.head.weight, ck["state_dict"]["head.weight"])
+    from t2t_vit.cli import add_stage_args
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_stage_args(p)
+    assert p.parse_args(["--model", "x", "--weights", "model"]).weights == "model"

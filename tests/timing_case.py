@@ -10,6 +10,10 @@ if __name__ == "__main__":
     p.add_argument("--case-out")
     a = p.parse_args()
     case = json.loads(a.case)
+    if case.get("sleep"):
+        import time
+
+        time.sleep(case["sleep"])  # a long case: the test stops the parent meanwhile
     if case["value"] < 0:
         print("boom: negative value", file=sys.stderr)
         sys.exit(3)

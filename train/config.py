@@ -22,7 +22,7 @@ from t2t_vit.errors import T2TError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["ConfigError", "get_args_parser", "parse_config", "recipe_path", "resolve_lr", "resolve_schedule", "resolve_ema_decay",
+__all__ = ["ConfigError", "recipe_summary", "get_args_parser", "parse_config", "recipe_path", "resolve_lr", "resolve_schedule", "resolve_ema_decay",
            "CONFIG_DIR"]
 
 
@@ -53,9 +53,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="auto = bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per rank (default: torch's choice). On a shared CPU, 1 avoids the "
-                        "large slowdown of OpenMP threads waiting on each other under oversubscription")
+    g.add_argument("--threads", default="auto",
+                   help="torch intra-op threads per process: a number, or auto = the cores idle at start (shared among "
+                        "this node's processes). On a busy CPU, OpenMP threads that outnumber the free cores spin "
+                        "against each other and training slows several-fold")
     g.add_argument("--limit-train", type=int, default=None, help="class-balanced subset of N train images (quick runs)")
     g.add_argument("--limit-val", type=int, default=None, help="class-balanced subset of N val images")
     g.add_argument("--cache-images", type=int, default=0,
@@ -113,6 +114,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="ramp the EMA decay up from 0 over the first updates (timm ModelEmaV3 warmup)")
     return p
+
+
+def recipe_summary(args: argparse.Namespace) -> str:
+    """The recipe values that decide a run, in one line (what a user should check when no recipe file applied)."""
+    return (f"epochs {args.epochs} (warmup {args.warmup_epochs}, cooldown {args.cooldown_epochs}), lr {args.lr}, "
+            f"batch {args.batch_size}, weight decay {args.weight_decay}, aa {args.aa!r}, mixup {args.mixup}, "
+            f"cutmix {args.cutmix}, drop path {args.drop_path}, EMA {args.model_ema_decay}")
 
 
 def recipe_path(model: str) -> Path:

@@ -13,6 +13,7 @@ The run folder (``--out``, default ``runs/<model>``) receives ``config.yaml`` (r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import logging
@@ -40,13 +41,13 @@ from tqdm import tqdm
 
 import t2t_vit
 from t2t_vit.checkpoint import load_checkpoint, read_checkpoint
-from t2t_vit.cli import run_command
+from t2t_vit.cli import resolve_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, SkippingDataset, skip_collate
 from t2t_vit.errors import T2TError
-from t2t_vit.files import atomic_torch_save, atomic_write, atomic_write_text
+from t2t_vit.files import OutputLock, atomic_torch_save, atomic_write, atomic_write_text
 from t2t_vit.metrics import topk_correct
 
-from .config import parse_config, resolve_ema_decay, resolve_lr, resolve_schedule
+from .config import parse_config, recipe_path, recipe_summary, resolve_ema_decay, resolve_lr, resolve_schedule
 from .data import ImageCache, build_train_transform, resolve_split, scan_split, seed_worker
 
 _logger = logging.getLogger("train")
@@ -119,6 +120,20 @@ def setup_logging(rank: int, out: Path | None) -> None:
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun: ask the kernel to kill this worker if the launcher dies (even by SIGKILL), so a stopped
+    launcher never leaves workers training on under PID 1. SIGKILL, not SIGTERM: a worker waiting in a
+    collective for a peer cannot run a Python handler, and nothing is lost (checkpoints are written atomically).
+    A launcher that is only asked to stop forwards the signal to its workers itself."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def teardown_logging() -> None:
@@ -254,6 +269,9 @@ def _log_to_file(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.environ.get("LOCAL_RANK") is not None and sys.platform.startswith("linux"):
+        _die_with_launcher()  # first thing: the launcher may be stopped while this worker starts up
+
     def body() -> int:
         args, sources = parse_config(argv)
         try:
@@ -269,19 +287,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(body, "train.train")
 
 
-def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901 (one training loop, read top-down)
+def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:
+    """Check the inputs, then take the run folder (refused while another run writes it) and train."""
+    with contextlib.ExitStack() as stack:
+        return _run(args, sources, stack)
+
+
+def _threads(spec: Any, world: int) -> int:
+    """Intra-op threads per process: ``auto`` shares the idle cores among this node's processes."""
+    n = resolve_threads(spec)
+    if world > 1 and str(spec or "auto").lower() == "auto":
+        n = max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return n
+
+
+def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.ExitStack) -> int:  # noqa: C901
     rank, local_rank, world, device = init_distributed(args.device)
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    setup_logging(rank, out if rank == 0 else None)
+    setup_logging(rank, None)  # console only: the run folder is made once the inputs are known to be good
     if args.data is None:
         raise DataError("no dataset: pass --data DIR (DIR/train and DIR/val in ImageFolder layout) or DATA=DIR to make")
     if args.model not in t2t_vit.ARCHS:
         raise T2TError(f"unknown model {args.model!r}; registered: {', '.join(t2t_vit.ARCHS)}")
+    if not sources.get("config") and not sources.get("resume") and rank == 0:
+        _logger.warning("no recipe for %s (%s): using the flag defaults (%s); pass --config or the flags you "
+                        "want", args.model, recipe_path(args.model), recipe_summary(args))
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads_resolved = _threads(args.threads, world)
+    torch.set_num_threads(args.threads_resolved)
     seed_all(args.seed)  # model init (and the Performer's fixed random features) depend on it
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -306,6 +339,10 @@ def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:  # noqa: C901
         report = load_checkpoint(model, args.finetune)  # drops a head of another class count
         _logger.info("fine-tuning from %s (%s)", args.finetune,
                      "new head" if report["dropped_head"] else "head kept")
+
+    if rank == 0:
+        stack.enter_context(OutputLock(out, f"train.train (pid {os.getpid()})"))
+        setup_logging(rank, out)
 
     cache = None
     if args.cache_images:

@@ -24,7 +24,7 @@ from t2t_vit.artifacts import default_out
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset, scan_image_folder
-from t2t_vit.files import file_sha256
+from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, report_header, write_report
@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{res['top5']:.2f} | {res['label_mapping']} |\n\nHost: {host_line(report['host'])}.\n")
         if res["skipped"]:
             md += f"\n{len(res['skipped'])} unreadable images skipped: {', '.join(res['skipped'][:5])}\n"
-        write_report(out / stem, report, md)
+        with OutputLock(out):
+            write_report(out / stem, report, md)
         print(f"{args.model}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  on {res['images']} images "
               f"({res['label_mapping']}); report {out / stem}.json")
         return 0
