@@ -30,7 +30,7 @@ ENGINE_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt
 STAGE_ARGS  = $(ENGINE_ARGS) $(call opt,--weights,$(WEIGHTS))
 
 .PHONY: help install test test-fast train validate bench-model bench-train onnx bench-onnx calib bench-calib \
-        engine bench parity demo clean
+        engine bench bench-cpu bench-busy parity demo clean
 
 help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
@@ -101,16 +101,25 @@ bench-onnx:
 
 # ----- calibration (calibration/) -----
 MAX_DROP    ?= 1.0
+TARGET      ?= tensorrt
 
-## calib        int8 Q/DQ graph + ORT CPU accuracy report: make calib MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] [CALIB_METHOD=entropy|percentile|max|all] [MAX_DROP=1.0] [ARGS="--sensitivity stage"]
+## calib        int8 Q/DQ graph + ORT CPU accuracy report: make calib MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] [CALIB_METHOD=entropy|percentile|max|all] [MAX_DROP=1.0] [TARGET=tensorrt|cpu] [ARGS="--sensitivity stage"] -> <OUT>/<MODEL>.int8.onnx (TARGET=cpu: .int8-cpu.onnx)
 calib:
 	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make calib CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
 	$(PYTHON) -m calibration.calib $(STAGE_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
-		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) $(ARGS)
+		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) $(ARGS)
 
 ## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
 bench-calib:
 	$(PYTHON) -m calibration.bench --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
+
+## bench-busy   the demo's training step idle and with a competing job, per thread setting -> reports/bench-busy.{json,md,png}
+bench-busy:
+	$(PYTHON) -m evaluation.bench_busy --out reports $(ARGS)
+
+## bench-cpu    CPU inference vs the authors' code, one run: ORT fp32/int8-cpu + PyTorch eager/compile/bf16, t2t_vit_7/14, 224, batch 1 and 8, per-op profiles, GFLOP/s vs peak -> reports/bench-cpu.{json,md,png}
+bench-cpu:
+	$(PYTHON) -m evaluation.bench_cpu --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
 
 
 # ----- engines (engines/) -----

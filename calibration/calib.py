@@ -46,7 +46,7 @@ from t2t_vit.reports import host_line, markdown_table, report_header, write_repo
 from .data import folder_label_space, load_or_preprocess, select_samples
 from .evaluate import evaluate_graphs
 from .policy import DEFAULT_POLICY, POLICIES, Placement, group_nodes
-from .quantize import (METHODS, TensorDataReader, check_qdq, ensure_opset, fp32_island, quantize_model,
+from .quantize import (METHODS, TensorDataReader, check_qdq, ensure_opset, fp32_island, quantize_model, to_cpu_int8,
                        to_mixed_fp16)
 
 _logger = logging.getLogger("calibration")
@@ -78,6 +78,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                    help=f"placement policy (default {DEFAULT_POLICY}; see calibration/policy.py)")
     g.add_argument("--exclude-t2t", action="store_true", help="keep the whole T2T stage in fp16")
+    g.add_argument("--target", choices=TARGETS, default="tensorrt",
+                   help="tensorrt (default): <model>.int8.onnx, fp16 outside the Q/DQ layers, for strongly typed "
+                        "TensorRT; cpu: <model>.int8-cpu.onnx, the same Q/DQ over fp32, which ONNX Runtime's CPU "
+                        "provider runs with integer kernels (make calib TARGET=cpu)")
     g.add_argument("--layernorm-precision", choices=LAYERNORM_PRECISIONS, default=DEFAULT_LAYERNORM,
                    help=f"LayerNorms of the int8 graph: fp16, or fp32 behind Casts (default {DEFAULT_LAYERNORM}, as "
                         f"the fp16 export)")
@@ -137,30 +141,49 @@ def _range_cache(out: Path, model: str, method: str, fp32_sha: str, data_key: st
     return out / "calib-cache" / f"{model}.ranges-{method}-{key}.json"
 
 
-def _int8_metadata(meta: dict[str, str], **extra: Any) -> dict[str, str]:
+TARGETS = ("tensorrt", "cpu")
+# The int8 graph each target gets: TensorRT's (fp16 everywhere but the Q/DQ layers and the fp32 island) or
+# ONNX Runtime CPU's (the same Q/DQ placement over fp32, which ORT fuses into MatMulIntegerToFloat).
+TARGET_PRECISION = {"tensorrt": "int8", "cpu": "int8-cpu"}
+
+
+def _int8_metadata(meta: dict[str, str], target: str = "tensorrt", **extra: Any) -> dict[str, str]:
     out = dict(meta)
     out.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in extra.items()})
-    out["precision"] = "int8"
+    out["precision"] = TARGET_PRECISION[target]
+    out["target"] = target
     return out
 
 
 def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, percentile: float,
-               meta: dict[str, str], path: Path, layernorm: str = DEFAULT_LAYERNORM) -> dict[str, Any]:
-    """Quantize, convert to the mixed fp16 graph, check the Q/DQ pattern and the ONNX checker, write ``path``."""
+               meta: dict[str, str], path: Path, layernorm: str = DEFAULT_LAYERNORM,
+               target: str = "tensorrt") -> dict[str, Any]:
+    """Quantize, convert to the target's graph, check the Q/DQ pattern and the ONNX checker, write ``path``.
+
+    ``target="tensorrt"``: fp16 everywhere except the Q/DQ layers and the Performer's fp32 island.
+    ``target="cpu"``: the same Q/DQ placement over the fp32 graph, the form ONNX Runtime's CPU provider
+    fuses into integer kernels (DequantizeLinear + MatMul -> MatMulIntegerToFloat); fp16 would make it
+    insert Casts it cannot fuse.
+    """
     t0 = time.perf_counter()
     cache.parent.mkdir(parents=True, exist_ok=True)
     reused = cache.is_file()
     qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=cache,
                          percentile=percentile)
-    mixed = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
-    check = check_qdq(mixed, nodes, layernorm=layernorm)
-    island = fp32_island(mixed)
-    # What the graph is (opset, precision, islands, LayerNorm type) is read from the graph itself, with the
-    # same keys and values as the fp16 export's metadata.
-    set_metadata(mixed, {**meta, **describe_graph(mixed)})
-    check_graph(mixed)
-    atomic_save_onnx(mixed, path)
-    return {"path": str(path), "qdq_check": check, "fp32_island": island, "ranges_cache": str(cache),
+    if target == "cpu":
+        graph = to_cpu_int8(qdq)
+        check = check_qdq(graph, nodes, mixed_fp16=False)
+    else:
+        graph = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
+        check = check_qdq(graph, nodes, layernorm=layernorm)
+    island = fp32_island(graph)
+    # What the graph is (opset, islands, LayerNorm type) is read from the graph itself, with the same keys and
+    # values as the fp16 export's metadata; precision names the target's graph (int8 / int8-cpu).
+    derived = describe_graph(graph)
+    set_metadata(graph, {**meta, **derived, "precision": meta.get("precision", derived["precision"])})
+    check_graph(graph)
+    atomic_save_onnx(graph, path)
+    return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island, "ranges_cache": str(cache),
             "ranges_reused": reused, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -216,15 +239,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     # 3. one int8 graph per method
     int8: dict[str, dict[str, Any]] = {}
     for i, method in enumerate(methods):
-        path = onnx_path(out, args.model, "int8" if i == 0 else f"int8-{method}")
+        base = TARGET_PRECISION[args.target]
+        path = onnx_path(out, args.model, base if i == 0 else f"{base}-{method}")
         cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
-        info = _int8_metadata(meta, calib_method=method, calib_policy=args.policy, calib_exclude_t2t=str(args.exclude_t2t).lower(),
+        info = _int8_metadata(meta, args.target, calib_method=method, calib_policy=args.policy, calib_exclude_t2t=str(args.exclude_t2t).lower(),
                               calib_size=str(len(cached.paths)), calib_data_key=data_key,
                               calib_percentile=str(args.percentile) if method == "percentile" else "",
-                              quantized_nodes=str(len(nodes)), float_dtype="float16")
+                              quantized_nodes=str(len(nodes)),
+                              float_dtype="float32" if args.target == "cpu" else "float16")
         print(f"[{method}] calibrating and quantizing {len(nodes)} nodes -> {path}", flush=True)
         int8[method] = build_int8(fp32_model, nodes, method, reader, cache, args.percentile, info, path,
-                                  layernorm=args.layernorm_precision)
+                                  layernorm=args.layernorm_precision, target=args.target)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)
@@ -235,15 +260,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         method = methods[0]
         cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
         for g, cands in groups.items():
-            path = out / "sensitivity" / f"{args.model}.int8-{method}-only-{g}.onnx"
+            path = out / "sensitivity" / f"{args.model}.{TARGET_PRECISION[args.target]}-{method}-only-{g}.onnx"
             build_int8(fp32_model, [c.name for c in cands], method, reader, cache, args.percentile,
-                       _int8_metadata(meta, calib_method=method, sensitivity_group=g), path,
-                       layernorm=args.layernorm_precision)
+                       _int8_metadata(meta, args.target, calib_method=method, sensitivity_group=g), path,
+                       layernorm=args.layernorm_precision, target=args.target)
             sens_graphs[g] = path
 
     report: dict[str, Any] = {
         **report_header("calibration.calib", argv),
         "model": args.model,
+        "target": args.target,
         "threads": threads,
         "fp32_onnx": str(fp32_path),
         "fp32_sha256": fp32_sha,
@@ -294,14 +320,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
                                "top1_agreement": acc[f"only:{g}"]["top1_agreement"]} for g in sens_graphs},
             }
         primary = f"int8-{methods[0]}"
-        report["primary"] = {"graph": str(onnx_path(out, args.model, "int8")), "method": methods[0],
+        report["primary"] = {"graph": str(onnx_path(out, args.model, TARGET_PRECISION[args.target])),
+                             "target": args.target, "method": methods[0],
                              "top1_drop": acc[primary]["top1_drop"], "passed": acc[primary]["top1_drop"] <= args.max_drop}
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     md = render_markdown(report)
-    targets = [out / f"{args.model}.calib"]
+    stem = f"{args.model}.calib" + ("-cpu" if args.target == "cpu" else "")
+    targets = [out / stem]
     if args.report:
         rp = Path(args.report)
-        targets.append(rp / f"{args.model}.calib" if args.report.endswith("/") or rp.is_dir() else rp)
+        targets.append(rp / stem if args.report.endswith("/") or rp.is_dir() else rp)
     for stem in targets:
         write_report(stem, report, md)
     print(md, flush=True)
@@ -317,14 +345,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
 def render_markdown(r: dict[str, Any]) -> str:
     cal = r["calibration"]
     pl = r["placement"]
-    lines = [f"# INT8 calibration: {r['model']}", "",
+    cpu = r.get("target") == "cpu"
+    lines = [f"# INT8 calibration: {r['model']}" + (" (CPU target: ONNX Runtime integer kernels)" if cpu else ""), "",
              f"`{r['command']}`", "",
              f"Calibration: {cal['size']} images from `{cal['data']}` (seed {cal['seed']}, class-balanced), "
              f"methods {', '.join(cal['methods'])} (percentile {cal['percentile']}). "
              f"Policy `{pl['policy']}`{' with the T2T stage excluded' if pl['exclude_t2t'] else ''}: "
              f"{len(pl['quantized'])} MatMul/Gemm nodes quantized "
              f"({', '.join(f'{k} {v}' for k, v in sorted(pl['summary']['by_family'].items()))}), "
-             f"{len(pl['kept_float'])} kept fp16; everything else fp16", ""]
+             f"{len(pl['kept_float'])} kept {'fp32' if cpu else 'fp16'}; everything else "
+             f"{'fp32 (the graph ONNX Runtime CPU fuses into MatMulIntegerToFloat)' if cpu else 'fp16'}", ""]
     isl = r.get("fp32_island", {})
     if isl.get("nodes"):
         lines[-2] += (f" except the fp32 island: the Performer's linear-attention core ({isl['nodes']} nodes, "
@@ -350,7 +380,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"## Sensitivity (one {s['grouping']} quantized at a time, {s['method']} ranges)", ""]
         rows = [[g, v["nodes"], v["top1"], v["top1_drop"], v["top1_agreement"]] for g, v in s["groups"].items()]
         lines += [markdown_table([s["grouping"], "nodes", "top-1 %", "top-1 drop", "agreement %"], rows), ""]
-    lines += ["Q/DQ checks (TensorRT pattern): " + "; ".join(
+    lines += [f"Q/DQ checks ({'ONNX Runtime CPU' if cpu else 'TensorRT'} pattern): " + "; ".join(
         f"{m}: {i['qdq_check']['weight_dq']} per-channel int8 weights, {i['qdq_check']['activation_qdq']} "
         f"per-tensor activation Q/DQ" for m, i in r["int8"].items()), ""]
     return "\n".join(lines)

@@ -44,6 +44,7 @@ __all__ = [
     "ensure_opset",
     "quantize_model",
     "to_mixed_fp16",
+    "to_cpu_int8",
     "fp32_island",
     "FP32_ISLAND_REASON",
     "check_qdq",
@@ -227,6 +228,16 @@ def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None =
     mixed = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
                                      op_block_list=[], node_block_list=sorted(blocked))
     return toposort(mixed)
+
+
+def to_cpu_int8(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
+    """The Q/DQ graph for ONNX Runtime's CPU provider: fp32 outside the Q/DQ pairs (which it fuses into
+    ``MatMulIntegerToFloat``), only the policy's MatMul/Gemm nodes reading int8-rounded values, sorted.
+
+    No fp16 anywhere: the CPU provider would run the Casts as separate kernels. Modifies ``qdq_model``.
+    """
+    _reroute_non_policy_consumers(qdq_model)
+    return toposort(qdq_model)
 
 
 def layernorm_nodes(model: onnx.ModelProto) -> list[str]:

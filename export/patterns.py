@@ -6,7 +6,9 @@ what it computes. Each pattern is a function named after what it makes, applied 
 
 * :func:`soft_split_as_conv` - each soft split (``nn.Unfold``) becomes one ``Conv`` with a one-hot
   kernel, instead of the Gather/GatherND/ScatterND (or Col2Im/Im2Col) chains exporters emit for
-  Unfold; TensorRT has no Im2Col and runs gathers poorly.
+  Unfold; TensorRT has no Im2Col and runs gathers poorly. The default form is grouped (``group=C``,
+  C*k^4 multiply-adds per output pixel); the dense form (C^2*k^4, mostly by zero) stays selectable
+  (``--soft-split conv``). Why grouped for TensorRT too: docs/export.md.
 * :func:`explicit_attention` - softmax attention exported as MatMul -> Softmax(last axis) -> MatMul on
   4-D [B, heads, tokens, dim] tensors with the scale applied to Q first (TensorRT's fused-attention
   pattern), instead of whatever ``scaled_dot_product_attention`` lowers to (an opset-23 ``Attention``
@@ -45,6 +47,8 @@ __all__ = [
     "FORBIDDEN_OPS",
     "apply_export_patterns",
     "soft_split_as_conv",
+    "SOFT_SPLIT_FORMS",
+    "DEFAULT_SOFT_SPLIT",
     "explicit_attention",
     "remove_reduction_upcasts",
     "performer_core_fp32",
@@ -68,9 +72,16 @@ class PatternError(T2TError, RuntimeError):
     """An exported graph does not have the TensorRT-friendly form; the message names the pattern."""
 
 
-def soft_split_as_conv(model: nn.Module) -> nn.Module:
-    """Switch every soft split to the one-hot ``Conv`` form (identical numbers, no gather chains)."""
-    model.set_soft_split_impl("conv")
+SOFT_SPLIT_FORMS = ("grouped", "conv")
+DEFAULT_SOFT_SPLIT = "grouped"
+
+
+def soft_split_as_conv(model: nn.Module, form: str = DEFAULT_SOFT_SPLIT) -> nn.Module:
+    """Switch every soft split to a one-hot ``Conv`` (identical numbers, no gather chains): ``"grouped"``
+    (one group per input channel, the default) or ``"conv"`` (dense)."""
+    if form not in SOFT_SPLIT_FORMS:
+        raise PatternError(f"--soft-split must be one of {SOFT_SPLIT_FORMS}, got {form!r}")
+    model.set_soft_split_impl(form)
     return model
 
 
@@ -133,7 +144,7 @@ MODULE_PATTERNS = {
 }
 
 
-def apply_export_patterns(model: nn.Module, patterns: bool = True) -> nn.Module:
+def apply_export_patterns(model: nn.Module, patterns: bool = True, soft_split: str = DEFAULT_SOFT_SPLIT) -> nn.Module:
     """A deep copy of ``model`` in eval mode with the export-time swaps applied (``patterns=False``:
     the copy keeps the training-time forms, Unfold and SDPA, for the "plain export" baseline).
 
@@ -141,8 +152,8 @@ def apply_export_patterns(model: nn.Module, patterns: bool = True) -> nn.Module:
     """
     out = copy.deepcopy(model).eval()
     if patterns:
-        for swap in MODULE_PATTERNS.values():
-            out = swap(out)
+        out = soft_split_as_conv(out, soft_split)
+        out = explicit_attention(out)
     else:
         out.set_soft_split_impl("unfold")
         out.set_fused_attn(True)
@@ -248,6 +259,14 @@ def check_patterns(model_proto, model: nn.Module) -> dict[str, Any]:
     n_split = 3
     if census.get("Conv", 0) != n_split:
         raise PatternError(f"Conv nodes: {census.get('Conv', 0)}, expected {n_split} (one per soft split)")
+    splits = [m for m in model.modules() if type(m).__name__ == "SoftSplit"]
+    convs = [n for n in model_proto.graph.node if n.op_type == "Conv"]
+    for conv, split in zip(convs, splits):
+        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        want = split.in_chans if split.impl == "grouped" else 1
+        if group != want:
+            raise PatternError(f"{conv.name}: group={group}, the {split.impl} soft split over {split.in_chans} "
+                               f"channels exports group={want}")
     softmax_ok = _softmax_last_axis(model_proto)
     if not softmax_ok:
         raise PatternError("a Softmax is not on the last axis")

@@ -169,7 +169,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
                 metadata: Mapping[str, Any] | None = None, opset: int = DEFAULT_OPSET, *,
                 fp16_io: bool = False, patterns: bool = True, simplify: bool = True,
                 check: bool = True, exporter: str = DEFAULT_EXPORTER, fp32_core: bool = True,
-                layernorm: str = None) -> Path:
+                layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT) -> Path:
     """Export ``model`` to one precision-typed ONNX graph at ``path`` (written atomically).
 
     Args:
@@ -192,6 +192,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
         layernorm: fp16 only: "fp16" (LayerNorm computes in fp16 under strong typing) or "fp32" (Casts
             around every LayerNormalization, :func:`export.patterns.layernorm_fp32`); None: the default,
             :data:`DEFAULT_LAYERNORM`.
+        soft_split: the soft splits' Conv form, "grouped" (default) or "conv" (dense one-hot).
 
     Returns:
         The path written.
@@ -212,7 +213,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
     path = Path(path)
     _check_writable(path)
 
-    ref = P.apply_export_patterns(model, patterns=patterns)
+    ref = P.apply_export_patterns(model, patterns=patterns, soft_split=soft_split)
     img_size = int(getattr(ref, "img_size", 224))
     example = torch.randn(2, 3, img_size, img_size)
     module: nn.Module = ref
@@ -234,7 +235,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
         proto = P.simplify(proto)
     meta = {**model_metadata(model), **{str(k): str(v) for k, v in (metadata or {}).items()}}
     meta.update(exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
-                patterns=",".join(P.MODULE_PATTERNS) if patterns else "none")
+                patterns=",".join(P.MODULE_PATTERNS) if patterns else "none",
+                soft_split=soft_split if patterns else "unfold")
     # What the graph is (opset, precision, I/O type, fp32 islands, LayerNorm type) is read from the graph
     # itself, so the metadata cannot contradict it.
     meta.update(describe_graph(proto))
@@ -282,7 +284,7 @@ def _io_desc(vi: Any) -> dict[str, Any]:
 
 def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | None = None,
                  opset: int = DEFAULT_OPSET, fp16_io: bool = False, exporter: str = DEFAULT_EXPORTER,
-                 layernorm: str | None = None) -> dict[str, Any]:
+                 layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT) -> dict[str, Any]:
     """Write ``<out>/<model>.fp32.onnx`` and ``<out>/<model>.fp16.onnx``; returns the graph part of the
     report (sizes, census, fp32 tensors kept in the fp16 graph with reasons)."""
     import onnx
@@ -294,7 +296,8 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
     for precision, path in paths.items():
         t0 = time.perf_counter()
         export_onnx(model, path, precision=precision, metadata=meta, opset=opset,
-                    fp16_io=fp16_io and precision == "fp16", exporter=exporter, layernorm=layernorm)
+                    fp16_io=fp16_io and precision == "fp16", exporter=exporter, layernorm=layernorm,
+                    soft_split=soft_split)
         graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
     fp16 = onnx.load(str(paths["fp16"]))
     kept = fp32_tensors(fp16)
@@ -319,6 +322,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; see docs/export.md)")
     g.add_argument("--fp16-io", action="store_true", help="fp16 graph takes and returns float16 (default float32 I/O)")
+    g.add_argument("--soft-split", choices=P.SOFT_SPLIT_FORMS, default=P.DEFAULT_SOFT_SPLIT,
+                   help=f"the soft splits' one-hot Conv: grouped (C*k^4 multiply-adds per pixel) or conv (dense, "
+                        f"C^2*k^4) (default {P.DEFAULT_SOFT_SPLIT}; docs/export.md)")
     g.add_argument("--layernorm-precision", choices=P.LAYERNORM_PRECISIONS, default=None,
                    help=f"the fp16 graph's LayerNorms: fp16, or fp32 behind Casts (default {DEFAULT_LAYERNORM}, "
                         f"chosen from the measured fp16 headroom: docs/export.md)")
@@ -350,7 +356,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     t0 = time.perf_counter()
     with OutputLock(out):
         graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
-                              exporter=args.exporter, layernorm=args.layernorm_precision)
+                              exporter=args.exporter, layernorm=args.layernorm_precision,
+                              soft_split=args.soft_split)
         report: dict[str, Any] = {
             **report_header("export.to_onnx", argv),
             "model": args.model,

@@ -218,8 +218,9 @@ def describe_graph(model: Any) -> dict[str, str]:
     * ``precision``: ``int8`` when it holds QuantizeLinear/DequantizeLinear, ``fp16`` when any tensor is
       float16, else ``fp32``;
     * ``io_dtype``: the input's element type (``float32``/``float16``);
-    * ``fp32_islands``: in an fp16/int8 graph, ``performer_core_fp32`` when float32 tensors other than
-      the graph I/O and the LayerNorms' are computed inside (the Performer core), else ``none``;
+    * ``fp32_islands``: in a graph that holds float16 (fp16, or TensorRT's int8), ``performer_core_fp32`` when
+      float32 tensors other than the graph I/O and the LayerNorms' are computed inside (the Performer
+      core), else ``none`` (also for an fp32 graph and the all-fp32 CPU int8 graph: no island to speak of);
     * ``layernorm_precision``: the type LayerNormalization nodes compute in (``fp32``/``fp16``/``mixed``).
     """
     types = value_types(model)
@@ -232,7 +233,7 @@ def describe_graph(model: Any) -> dict[str, str]:
     ln = ("fp32" if ln_types == {ONNX_FLOAT} else "fp16" if ln_types == {ONNX_FLOAT16} else
           "mixed" if ln_types else "none")
     island = "none"
-    if precision != "fp32":
+    if has_fp16:
         ln_tensors = {t for n in model.graph.node if n.op_type == "LayerNormalization" for t in (*n.input, *n.output)}
         for name, t in types.items():
             if t != ONNX_FLOAT or name in io or name in ln_tensors or name not in prod:

@@ -42,14 +42,22 @@ def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
 class SoftSplit(nn.Module):
     """Overlapping patch extraction ("soft split"): ``nn.Unfold`` followed by a transpose.
 
-    Output is (B, L, C*k*k) with Unfold's channel order ``c*k*k + ky*k + kx``.
+    Output is (B, L, C*k*k) with Unfold's channel order ``c*k*k + ky*k + kx``. Three forms compute the same
+    numbers exactly (each output is one input value, copied):
 
-    ``impl="unfold"`` (default) uses ``F.unfold``. ``impl="conv"`` computes the same numbers with one
-    convolution whose kernel is one-hot (output channel ``c*k*k + ky*k + kx`` copies input channel
-    ``c`` at offset (ky, kx)). The conv form exports to a single ONNX ``Conv`` instead of the
-    Gather/GatherND chains that exporters emit for Unfold, which TensorRT runs poorly; the kernel is a
-    non-persistent buffer, so the state dict is unchanged.
+    * ``impl="unfold"`` (default): ``F.unfold``, the training form.
+    * ``impl="grouped"``: a grouped convolution, ``groups=C``, each group copying its one input channel
+      to its k*k outputs with a one-hot (k*k, 1, k, k) kernel: C*k^4 multiply-adds per output pixel.
+      The export form: one ONNX ``Conv`` instead of the Gather/GatherND chains exporters emit for
+      Unfold (TensorRT has no Im2Col), without the dense form's zeros.
+    * ``impl="conv"``: a dense one-hot convolution, (C*k*k, C, k, k): C^2*k^4 multiply-adds per output
+      pixel, C times the grouped form's (3x for the first split, 64x for the others), all but C*k^4 of
+      them multiplying by zero. Kept selectable for comparison.
+
+    The kernels are non-persistent buffers, so the state dict is the same for every form.
     """
+
+    IMPLS = ("unfold", "grouped", "conv")
 
     def __init__(self, in_chans: int, kernel_size: int, stride: int, padding: int, impl: str = "unfold"):
         super().__init__()
@@ -58,10 +66,14 @@ class SoftSplit(nn.Module):
         self.stride = stride
         self.padding = padding
         self.out_chans = in_chans * kernel_size * kernel_size
+        kk = kernel_size * kernel_size
         eye = torch.eye(self.out_chans, dtype=torch.float32)
         self.register_buffer(
             "one_hot", eye.reshape(self.out_chans, in_chans, kernel_size, kernel_size), persistent=False
         )
+        # Group c holds output channels c*k*k .. c*k*k + k*k - 1, the same order as Unfold's.
+        grouped = torch.eye(kk, dtype=torch.float32).reshape(kk, 1, kernel_size, kernel_size).repeat(in_chans, 1, 1, 1)
+        self.register_buffer("one_hot_grouped", grouped, persistent=False)
         self.impl = impl
 
     @property
@@ -70,14 +82,18 @@ class SoftSplit(nn.Module):
 
     @impl.setter
     def impl(self, value: str) -> None:
-        if value not in ("unfold", "conv"):
-            raise ValueError(f"SoftSplit impl must be 'unfold' or 'conv', got {value!r}")
+        if value not in self.IMPLS:
+            raise ValueError(f"SoftSplit impl must be one of {self.IMPLS}, got {value!r}")
         self._impl = value
 
     def out_size(self, in_size: int) -> int:
         return (in_size + 2 * self.padding - self.kernel_size) // self.stride + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._impl == "grouped":
+            y = F.conv2d(x, self.one_hot_grouped.to(x.dtype), stride=self.stride, padding=self.padding,
+                         groups=self.in_chans)
+            return y.flatten(2).transpose(1, 2)
         if self._impl == "conv":
             y = F.conv2d(x, self.one_hot.to(x.dtype), stride=self.stride, padding=self.padding)
             return y.flatten(2).transpose(1, 2)

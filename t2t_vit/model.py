@@ -121,7 +121,8 @@ class T2TViT(nn.Module):
                 m.fused_attn = enable
 
     def set_soft_split_impl(self, impl: str) -> None:
-        """Switch every soft split between ``F.unfold`` ("unfold") and the one-hot Conv ("conv")."""
+        """Switch every soft split between ``F.unfold`` ("unfold") and the one-hot grouped ("grouped") or
+        dense ("conv") convolution (:class:`t2t_vit.layers.SoftSplit`)."""
         for m in self.modules():
             if isinstance(m, SoftSplit):
                 m.impl = impl

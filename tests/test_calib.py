@@ -24,6 +24,7 @@ from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, p
 from calibration.quantize import (QuantizationError, TensorDataReader, check_qdq, ensure_opset, quantize_model,
                                   to_mixed_fp16)
 from t2t_vit.data import DataConfig, DataError
+from t2t_vit.graphs import read_metadata
 
 pytestmark = pytest.mark.timeout(300)  # generous: the module's export fixture runs in the first test's setup
 
@@ -500,3 +501,37 @@ def test_strided_max_calibration_covers_every_image(fp32, tmp_path):
     got = json.loads(cache.read_text())["data"][tensor]
     assert max(got["highest"]["data"]) == pytest.approx(want, rel=1e-5)
     assert min(got["lowest"]["data"]) == pytest.approx(-want, rel=1e-5)
+
+
+def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path):
+    """TARGET=cpu: the same placement over fp32 (no fp16, no island), written as <model>.int8-cpu.onnx, and
+    ONNX Runtime's CPU provider turns every quantized MatMul into an integer kernel."""
+    import collections
+
+    import onnxruntime as ort
+
+    from calibration.calib import main
+
+    _, argv, out, _ = calib_run
+    argv = [a for a in argv if a not in ("--sensitivity", "family", "max,entropy")]
+    argv[argv.index("--method") + 1:argv.index("--method") + 1] = ["max"]
+    assert main(argv + ["--target", "cpu"]) == 0
+    path = out / "t2t_vit_test.int8-cpu.onnx"
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["precision"] == "int8-cpu" and meta["target"] == "cpu" and meta["fp32_islands"] == "none"
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert meta["float_dtype"] == "float32"
+    report = json.loads((out / "t2t_vit_test.calib-cpu.json").read_text())
+    assert report["target"] == "cpu" and report["primary"]["target"] == "cpu" and report["primary"]["graph"] == str(path)
+    assert "CPU target" in (out / "t2t_vit_test.calib-cpu.md").read_text()
+    # The TensorRT run's graph and report (same OUT) are left as they were.
+    assert json.loads((out / "t2t_vit_test.calib.json").read_text())["primary"]["target"] == "tensorrt"
+    assert read_metadata(out / "t2t_vit_test.int8.onnx")["precision"] == "int8"
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    quantized = int(meta["quantized_nodes"])
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops.get("DynamicQuantizeMatMul", 0) >= quantized - 1
+    assert ops["MatMul"] < sum(n.op_type == "MatMul" for n in model.graph.node)

@@ -142,6 +142,8 @@ COMMANDS_BAD_INPUT = {
     "evaluation.parity": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "evaluation.demo": ["--out", "{tmp}/demo", "--steps", "data,fly"],
     "evaluation.layerwise": ["--model", "t2t_vit_test", "--out", "{tmp}", "--precision", "fp16"],
+    "evaluation.bench_busy": ["--conditions", "noisy:auto", "--out", "{tmp}"],
+    "evaluation.bench_cpu": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
 }

@@ -37,13 +37,17 @@ def graphs(request, tmp_path_factory):
         build_int8(fp32, nodes, "max", TensorDataReader(images), out / f"ranges-{ln}.json", 99.99, meta, path,
                    layernorm=ln)
         paths[f"int8-ln{ln}"] = path
+    cpu = out / f"{name}.int8-cpu.onnx"
+    build_int8(fp32, nodes, "max", None, out / "ranges-fp16.json", 99.99, {**meta, "precision": "int8-cpu"}, cpu,
+               target="cpu")
+    paths["int8-cpu"] = cpu
     only = out / "sensitivity" / f"{name}.int8-max-only-head.onnx"
     build_int8(fp32, [n for n in nodes if n == nodes[-1]], "max", None, out / "ranges-fp16.json", 99.99, meta, only)
     paths["sensitivity"] = only
     return name, paths
 
 
-KINDS = ["fp32", "fp16", "fp16-ln32", "int8-lnfp16", "int8-lnfp32", "sensitivity"]
+KINDS = ["fp32", "fp16", "fp16-ln32", "int8-lnfp16", "int8-lnfp32", "int8-cpu", "sensitivity"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -64,14 +68,15 @@ def test_metadata_says_what_the_graph_is(graphs, kind):
     model = onnx.load(str(paths[kind]))
     meta = {p.key: p.value for p in model.metadata_props}
     derived = describe_graph(model)
-    assert {k: meta[k] for k in DERIVED} == derived
+    # The metadata's precision names the graph a target gets (int8-cpu is an int8 graph for ONNX Runtime CPU).
+    assert {k: meta[k] for k in DERIVED} == {**derived, "precision": "int8-cpu" if kind == "int8-cpu" else derived["precision"]}
     want_precision = kind.split("-")[0] if kind != "sensitivity" else "int8"
     assert derived["precision"] == want_precision
     assert derived["opset"] == str(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
     performer = name == "t2t_vit_test"
-    want_island = "performer_core_fp32" if performer and want_precision != "fp32" else "none"
+    want_island = "performer_core_fp32" if performer and want_precision != "fp32" and kind != "int8-cpu" else "none"
     assert derived["fp32_islands"] == want_island
-    want_ln = "fp32" if kind in ("fp32", "fp16-ln32", "int8-lnfp32") else "fp16"
+    want_ln = "fp32" if kind in ("fp32", "fp16-ln32", "int8-lnfp32", "int8-cpu") else "fp16"
     assert derived["layernorm_precision"] == want_ln
     if want_precision == "int8":
         assert derived["opset"] == "19"  # raised for fp16 Q/DQ scales, not the fp32 graph's 18

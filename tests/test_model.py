@@ -18,7 +18,7 @@ from t2t_vit.checkpoint import CheckpointError, build_model, load_checkpoint, re
 from t2t_vit.layers import SoftSplit, TokenPerformer, sinusoid_table
 from t2t_vit.model import ARCHS, TEST_MODELS
 
-from .authors_reference import authors_forward, numpy_sinusoid
+from evaluation.authors import authors_forward, numpy_sinusoid
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -187,7 +187,7 @@ def test_performer_gradients_match_authors_formulation():
     _randomize_module(mod)
     x1 = torch.randn(2, 50, 147, dtype=torch.float64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
-    from .authors_reference import _performer
+    from evaluation.authors import _performer
 
     sd = {f"p.{k}": v for k, v in mod.state_dict().items()}
     for n, v in mod.named_parameters():
@@ -221,14 +221,18 @@ def test_sdpa_path_equals_explicit_path():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["conv", "grouped"])
 @pytest.mark.parametrize("in_chans,k,s,p,size", [(3, 7, 4, 2, 32), (16, 3, 2, 1, 14), (64, 3, 2, 1, 8)])
-def test_soft_split_conv_equals_unfold(in_chans, k, s, p, size):
+def test_soft_split_conv_equals_unfold(impl, in_chans, k, s, p, size):
     split = SoftSplit(in_chans, k, s, p)
     x = torch.randn(2, in_chans, size, size)
     ref = torch.nn.functional.unfold(x, k, stride=s, padding=p).transpose(1, 2)  # independent call
-    split.impl = "conv"
-    torch.testing.assert_close(split(x), ref, atol=0, rtol=0)
-    assert "one_hot" not in split.state_dict()
+    split.impl = impl
+    torch.testing.assert_close(split(x), ref, atol=0, rtol=0)  # a copy: exactly equal
+    torch.testing.assert_close(split.half()(x.half()), ref.half(), atol=0, rtol=0)
+    assert "one_hot" not in split.state_dict() and "one_hot_grouped" not in split.state_dict()
+    if impl == "grouped":  # C*k^4 weights (multiply-adds per output pixel) instead of the dense C^2*k^4
+        assert split.one_hot_grouped.numel() == in_chans * k**4 and split.one_hot.numel() == in_chans**2 * k**4
 
 
 # ------------------------------------------------------------------------ mixed-precision stability

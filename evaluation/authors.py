@@ -1,10 +1,12 @@
-"""An independent, literal re-statement of the authors' T2T-ViT forward pass, for parity tests.
+"""An independent, literal re-statement of the authors' T2T-ViT forward pass: the reference the model tests
+check against, and the baseline the CPU benchmark (``make bench-cpu``) measures speed-ups from.
 
 Written from the published description (arXiv 2101.11986 and the authors' models/t2t_vit.py), deliberately in the authors' own
 style and NOT sharing any code with ``t2t_vit``: ``nn.Unfold``, ``torch.einsum`` for the Performer,
 the unscaled feature map ``exp(w.x - |x|^2/2) / sqrt(m)`` with epsilon 1e-8, explicit softmax
 attention with the scale applied after q @ k^T, and a numpy sinusoid table. It is a pure function
-of a state dict, so a model and this reference see exactly the same weights.
+of a state dict, so a model and this reference see exactly the same weights; :class:`AuthorsModel` wraps
+it as an ``nn.Module`` for timing and for a plain ``torch.onnx.export``.
 """
 from __future__ import annotations
 
@@ -103,3 +105,20 @@ def authors_forward(sd: dict, x: torch.Tensor, num_heads: int, tokens_type: str)
         t = _block(t, sd, f"blocks.{i}", num_heads)
     t = _ln(t, sd, "norm")
     return _lin(t[:, 0], sd, "head")
+
+
+class AuthorsModel(torch.nn.Module):
+    """:func:`authors_forward` as a module: the weights of ``model`` (a state dict) as buffers."""
+
+    def __init__(self, state_dict: dict, num_heads: int, tokens_type: str):
+        super().__init__()
+        self.names = []
+        for i, (k, v) in enumerate(state_dict.items()):
+            self.register_buffer(f"w{i}", v.detach().clone())
+            self.names.append(k)
+        self.num_heads = num_heads
+        self.tokens_type = tokens_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sd = {k: getattr(self, f"w{i}") for i, k in enumerate(self.names)}
+        return authors_forward(sd, x, self.num_heads, self.tokens_type)

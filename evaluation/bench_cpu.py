@@ -1,0 +1,438 @@
+"""CPU inference speed against the authors' formulation, side by side in one run (``make bench-cpu``).
+
+For each model (default t2t_vit_7 and t2t_vit_14 at 224 px) and batch (default 1 and 8), with the same
+weights everywhere (random: speed does not depend on their values):
+
+ONNX Runtime CPU (default graph optimizations):
+
+* ``authors fp32``: a plain ``torch.onnx.export`` of the authors' formulation (:mod:`evaluation.authors`:
+  Unfold, einsum), the baseline every ONNX Runtime row is divided by;
+* ``ours fp32``: ``make onnx``'s fp32 graph (grouped one-hot soft splits, explicit attention, onnxslim);
+* ``ours fp32, dense soft split``: the same with the dense one-hot Conv (``--soft-split conv``);
+* ``ours fp32 + ORT transformer fusions``: that graph through ``onnxruntime.transformers.optimizer``
+  (``model_type="vit"``), with the count of each fused operator;
+* ``ours int8-cpu``: ``make calib TARGET=cpu``'s graph (the placement policy's Q/DQ over fp32, which ONNX
+  Runtime fuses into ``MatMulIntegerToFloat``), calibrated on ``--calib-data`` (else noise: ranges only);
+* ``ours int8 (TensorRT graph)``: ``make calib``'s graph for TensorRT (fp16 outside the Q/DQ layers) on the
+  CPU, for contrast.
+
+PyTorch (eager unless stated): the authors' formulation (the baseline of the PyTorch rows), ours fp32,
+ours fp32 under ``torch.compile`` (compile time reported), ours in bf16 autocast (AVX512-BF16 kernels).
+
+Per ONNX Runtime graph: session start-up from the graph and from ONNX Runtime's saved optimized graph
+(``optimized_model_filepath``, basic+extended optimizations, portable across CPUs of the same runtime
+version), and a per-op profile (ONNX Runtime's profiler, batch 8). Per row: median latency, images/s,
+speed-up over the baseline, and the achieved GFLOP/s (GOP/s for int8) against the CPU's peak for the
+instruction set (``--peak``). Writes ``<out>/bench-cpu.{json,md,png}``; run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from calibration.data import load_or_preprocess, select_samples
+from calibration.policy import DEFAULT_POLICY, Placement
+from calibration.quantize import TensorDataReader, ensure_opset, quantize_model, to_cpu_int8, to_mixed_fp16
+from export.to_onnx import export_onnx
+from t2t_vit.checkpoint import build_model
+from t2t_vit.cli import apply_threads, comma_list, run_command
+from t2t_vit.data import DataConfig
+from t2t_vit.env import cpu_model
+from t2t_vit.errors import T2TError
+from t2t_vit.files import atomic_save_onnx
+from t2t_vit.graphs import ort_session, ort_session_options
+from t2t_vit.model import ARCHS
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.timing import load_average, time_calls
+
+from .authors import AuthorsModel
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["model_flops", "cpu_peak", "ort_profile", "get_args_parser", "main"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Work and the machine's limit
+# ----------------------------------------------------------------------------------------------------
+def model_flops(model: torch.nn.Module, img_size: int) -> float:
+    """Floating-point operations of one image's forward pass (2 per multiply-add), counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, img_size, img_size)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def _cpu_mhz() -> float | None:
+    try:
+        vals = [float(ln.split(":")[1]) for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("cpu MHz")]
+        return max(vals) if vals else None
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_peak(cores: int, ghz: float | None = None) -> dict[str, Any]:
+    """Peak fp32 FLOP/s and int8 OP/s of ``cores`` cores for this CPU's vector instructions.
+
+    Per core and cycle: AVX-512 with two 512-bit FMA pipes (Zen 5, server Intel) 64 fp32 FLOP and, with
+    VNNI (vpdpbusd: 64 int8 multiply-adds per instruction), 256 int8 OP; Zen 4 runs 512-bit FMAs as two
+    256-bit halves (32 FLOP, 128 OP); AVX2: 32 FLOP (two 256-bit FMAs), 128 OP with AVX-VNNI. The clock is
+    /proc/cpuinfo's (a VM may report its base or nominal clock, not the boost clock).
+    """
+    try:
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                         if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    ghz = ghz or ((_cpu_mhz() or 0.0) / 1000.0) or None
+    amd = "AMD" in cpu_model()
+    if "avx512f" in flags and (not amd or "avx512_vp2intersect" in flags):
+        isa, fp32, int8 = "AVX-512, 2 FMA pipes (Zen 5 / server Intel)", 64, 256 if "avx512_vnni" in flags else 128
+    elif "avx512f" in flags:
+        isa, fp32, int8 = "AVX-512 on 256-bit datapaths (Zen 4)", 32, 128
+    elif "avx2" in flags:
+        isa, fp32, int8 = "AVX2 + FMA", 32, 128 if "avx_vnni" in flags else 64
+    else:
+        isa, fp32, int8 = "unknown vector unit", 8, 16
+    out = {"isa": isa, "cores": cores, "ghz": ghz, "fp32_flop_per_cycle_core": fp32, "int8_op_per_cycle_core": int8}
+    out["fp32_gflops"] = cores * ghz * fp32 if ghz else None
+    out["int8_gops"] = cores * ghz * int8 if ghz else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graphs
+# ----------------------------------------------------------------------------------------------------
+def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
+    """A plain ``torch.onnx.export`` of the authors' formulation (default exporter, no simplification)."""
+    ref = AuthorsModel(model.state_dict(), ARCHS[name]["num_heads"], ARCHS[name]["tokens_type"]).eval()
+    x = torch.randn(2, 3, model.img_size, model.img_size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ref, (x,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False)
+    return path
+
+
+def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray) -> dict[str, Path]:
+    """The CPU and TensorRT int8 graphs of an fp32 graph (default policy, max calibration)."""
+    fp32 = ensure_opset(onnx.load(str(fp32_path)))
+    nodes = Placement.from_model(fp32, DEFAULT_POLICY).node_names
+    qdq = quantize_model(fp32, nodes, "max", reader=TensorDataReader(calib_images, fp32.graph.input[0].name))
+    paths = {"int8-cpu": work / "int8-cpu.onnx", "int8": work / "int8-tensorrt.onnx"}
+    atomic_save_onnx(to_mixed_fp16(onnx.ModelProto.FromString(qdq.SerializeToString())), paths["int8"])
+    atomic_save_onnx(to_cpu_int8(qdq), paths["int8-cpu"])
+    return paths
+
+
+def transformer_fused(fp32_path: Path, name: str, path: Path) -> tuple[Path, dict[str, int]]:
+    """ONNX Runtime's transformer optimizer (``model_type="vit"``) over our fp32 graph: the graph it writes and
+    how many of each fused operator it made (its Attention fusion is expected to find none: docs/export.md)."""
+    from onnxruntime.transformers import optimizer
+
+    arch = ARCHS[name]
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            fused = optimizer.optimize_model(str(fp32_path), model_type="vit", num_heads=arch["num_heads"],
+                                             hidden_size=arch["embed_dim"], opt_level=0)
+    finally:
+        quiet.setLevel(level)
+    atomic_save_onnx(fused.model, path)
+    return path, {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+
+
+def ort_profile(path: Path, x: np.ndarray, threads: int, runs: int = 5, top: int = 6) -> list[dict[str, Any]]:
+    """ONNX Runtime's profiler over ``runs`` inferences: the op types taking the most time, with shares."""
+    with tempfile.TemporaryDirectory(prefix="t2t-prof-") as tmp:
+        sess = ort_session(path, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
+        name = sess.get_inputs()[0].name
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + float(e.get("dur", 0.0))
+    total = sum(per_op.values()) or 1.0
+    rows = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return [{"op": op, "share": 100.0 * us / total, "ms_per_run": us / 1000.0 / runs} for op, us in rows[:top]]
+
+
+def _startup(path: Path, threads: int) -> dict[str, float]:
+    """Session creation time from the graph, and from ONNX Runtime's saved optimized graph."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    ort_session(path, threads=threads)
+    plain = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="t2t-opt-") as tmp:
+        saved = Path(tmp) / "optimized.onnx"
+        so = ort_session_options(threads, optimized_model=saved)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        t0 = time.perf_counter()
+        so2 = ort_session_options(threads)
+        so2.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        ort.InferenceSession(str(saved), sess_options=so2, providers=["CPUExecutionProvider"])
+        reloaded = time.perf_counter() - t0
+    return {"session_s": plain, "session_from_saved_optimized_s": reloaded}
+
+
+def _time(fn: Callable[[], Any], min_time: float, min_iters: int) -> float:
+    return statistics.median(time_calls(fn, warmup=2, min_iters=min_iters, min_time_s=min_time))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[str, Any], work: Path,
+                calib_images: np.ndarray | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    torch.manual_seed(0)
+    model = build_model(name, img_size=args.img_size).eval()
+    size = model.img_size
+    work.mkdir(parents=True, exist_ok=True)
+    flops = model_flops(model, size)
+    # The soft splits' multiply-adds as each exported form computes them (Unfold itself is a copy: none).
+    soft_split = {}
+    for form in ("grouped", "conv"):
+        model.set_soft_split_impl(form)
+        soft_split[form] = (model_flops(model, size) - flops) / 1e9
+    model.set_soft_split_impl("unfold")
+    graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
+              "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
+              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32", soft_split="conv")}
+    graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
+                                                                               work / "fp32-ort-fused.onnx")
+    if calib_images is None:
+        calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+    q = int8_graphs(graphs["ours fp32"], work, calib_images)
+    graphs["ours int8-cpu"] = q["int8-cpu"]
+    graphs["ours int8 (TensorRT graph)"] = q["int8"]
+    rows: list[dict[str, Any]] = []
+    xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
+    bar = tqdm(total=len(graphs) * len(args.batches) + 4 * len(args.batches), desc=name, unit="run",
+               disable=args.no_progress)
+    for label, path in graphs.items():
+        sess = ort_session(path, threads=threads)
+        inp = sess.get_inputs()[0].name
+        startup = _startup(path, threads)
+        profile = ort_profile(path, xs[max(args.batches)], threads)
+        for b in args.batches:
+            sec = _time(lambda: sess.run(None, {inp: xs[b]}), args.min_time, args.min_iters)
+            rows.append({"runtime": "onnxruntime", "variant": label, "batch": b, "median_ms": 1e3 * sec,
+                         "images_per_s": b / sec, "file_mib": path.stat().st_size / 2**20, **startup,
+                         "profile": profile})
+            bar.update(1)
+    ref = AuthorsModel(model.state_dict(), ARCHS[name]["num_heads"], ARCHS[name]["tokens_type"]).eval()
+    with torch.inference_mode():
+        for b in args.batches:
+            x = torch.from_numpy(xs[b])
+            variants: list[tuple[str, Callable[[], Any], float | None]] = [
+                ("authors fp32 eager", lambda: ref(x), None), ("ours fp32 eager", lambda: model(x), None)]
+            if args.compile:
+                t0 = time.perf_counter()
+                compiled = torch.compile(model, dynamic=False)
+                compiled(x)
+                variants.append(("ours fp32 torch.compile", lambda: compiled(x), time.perf_counter() - t0))
+
+            def bf16() -> Any:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x)
+
+            variants.append(("ours bf16 autocast eager", bf16, None))
+            for label, fn, compile_s in variants:
+                sec = _time(fn, args.min_time, args.min_iters)
+                rows.append({"runtime": "pytorch", "variant": label, "batch": b, "median_ms": 1e3 * sec,
+                             "images_per_s": b / sec, "compile_s": compile_s})
+                bar.update(1)
+    bar.close()
+    for r in rows:
+        base = next(x for x in rows if x["runtime"] == r["runtime"] and x["batch"] == r["batch"]
+                    and x["variant"].startswith("authors"))
+        r["speedup_vs_authors"] = r["images_per_s"] / base["images_per_s"]
+        achieved = flops * r["images_per_s"] / 1e9
+        r["achieved_gflops"] = achieved
+        int8 = "int8" in r["variant"]
+        peak_val = peak["int8_gops"] if int8 else peak["fp32_gflops"]
+        r["peak_fraction"] = achieved / peak_val if peak_val else None
+    return {"model": name, "img_size": size, "gflop_per_image": flops / 1e9, "rows": rows,
+            "soft_split_gflop_per_image": soft_split, "transformer_fusions": fusions, "graphs": {k: str(v) for k, v in graphs.items()}}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    peak = report["peak"]
+    lines = ["# CPU inference: ONNX Runtime and PyTorch against the authors' formulation", "",
+             f"`{report['command']}`", "",
+             f"Host: {host_line(report['host'])}; load average at the end {report['load_average_end']}. "
+             f"{report['threads']} threads. Peak for {peak['cores']} cores at {peak['ghz'] or '?'} GHz "
+             f"({peak['isa']}): {peak['fp32_gflops'] or float('nan'):.0f} fp32 GFLOP/s, "
+             f"{peak['int8_gops'] or float('nan'):.0f} int8 GOP/s. Same (random) weights everywhere; latency "
+             f"is the median of at least {report['min_iters']} runs and {report['min_time_s']} s.", ""]
+    for m in report["models"]:
+        ss = m.get("soft_split_gflop_per_image", {})
+        lines += [f"## {m['model']} ({m['img_size']} px, {m['gflop_per_image']:.2f} GFLOP per image)", "",
+                  f"The soft splits as one-hot Convs add {ss.get('grouped', 0):.3f} GFLOP per image in the grouped "
+                  f"form and {ss.get('conv', 0):.3f} in the dense form (all but the grouped form's share multiply "
+                  f"by zero); GFLOP/s below count the model's {m['gflop_per_image']:.2f}.", ""]
+        table = [[r["runtime"], r["variant"], r["batch"], r["median_ms"], r["images_per_s"],
+                  f"{r['speedup_vs_authors']:.2f}x", r["achieved_gflops"],
+                  f"{100 * r['peak_fraction']:.1f}%" if r.get("peak_fraction") else "-",
+                  r.get("session_s"), r.get("session_from_saved_optimized_s"), r.get("compile_s")]
+                 for r in m["rows"]]
+        lines += [markdown_table(["runtime", "variant", "batch", "median ms", "images/s", "vs authors",
+                                  "GFLOP/s (GOP/s int8)", "of peak", "session s", "session s (saved optimized)",
+                                  "compile s"], table), ""]
+        seen = set()
+        lines += ["ONNX Runtime per-op profile (batch " f"{max(r['batch'] for r in m['rows'])}, share of kernel time):", ""]
+        for r in m["rows"]:
+            if r["runtime"] == "onnxruntime" and r["variant"] not in seen:
+                seen.add(r["variant"])
+                lines.append(f"- {r['variant']}: " + ", ".join(f"{p['op']} {p['share']:.0f}%" for p in r["profile"]))
+        fused = m.get("transformer_fusions") or {}
+        lines += ["", "ONNX Runtime transformer optimizer (`model_type=vit`) on ours fp32: "
+                  + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "nothing fused")
+                  + f"; Attention fusions: {fused.get('Attention', 0) + fused.get('MultiHeadAttention', 0)}.", ""]
+    if report.get("goals"):
+        lines += ["## Goals", "", markdown_table(["goal", "measured", "met"],
+                                                [[g["goal"], g["measured"], "yes" if g["met"] else "**no**"]
+                                                 for g in report["goals"]]), ""]
+    lines += ["![images/s](bench-cpu.png)", ""]
+    return "\n".join(lines)
+
+
+def _goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of the CPU speed work, checked against this run."""
+    out = []
+
+    def rows(model, runtime, variant):
+        m = next((x for x in report["models"] if x["model"] == model), None)
+        return [r for r in (m["rows"] if m else []) if r["runtime"] == runtime and r["variant"] == variant]
+
+    for model in ("t2t_vit_7", "t2t_vit_14"):
+        fp32 = rows(model, "onnxruntime", "ours fp32")
+        if fp32:
+            worst = min(r["speedup_vs_authors"] for r in fp32)
+            out.append({"goal": f"{model}: ONNX Runtime fp32 >= 1.3x the authors' export at every batch",
+                        "measured": ", ".join(f"b{r['batch']} {r['speedup_vs_authors']:.2f}x" for r in fp32),
+                        "met": worst >= 1.3})
+        int8 = rows(model, "onnxruntime", "ours int8-cpu")
+        if int8:
+            need = 2.5 if model == "t2t_vit_14" else 2.0
+            out.append({"goal": f"{model}: int8-cpu >= {need}x the authors' fp32 export",
+                        "measured": ", ".join(f"b{r['batch']} {r['speedup_vs_authors']:.2f}x" for r in int8),
+                        "met": min(r["speedup_vs_authors"] for r in int8) >= need})
+        pt = [r for v in ("ours fp32 eager", "ours fp32 torch.compile") for r in rows(model, "pytorch", v)]
+        if pt:
+            best = {}
+            for r in pt:
+                best[r["batch"]] = max(best.get(r["batch"], 0.0), r["speedup_vs_authors"])
+            out.append({"goal": f"{model}: PyTorch fp32 (eager or compile) >= 1.3x the authors' model",
+                        "measured": ", ".join(f"b{b} {v:.2f}x" for b, v in sorted(best.items())),
+                        "met": min(best.values()) >= 1.3})
+    return out
+
+
+def plot(report: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    batch = max(report["batches"])
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = [r for r in m["rows"] if r["batch"] == batch]
+        labels = [f"{r['runtime']}: {r['variant']}" for r in rows]
+        y = np.arange(len(rows))
+        ax.barh(y, [r["images_per_s"] for r in rows],
+                color=["#8c8c8c" if r["variant"].startswith("authors") else "#4c72b0" for r in rows])
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        for i, r in enumerate(rows):
+            ax.text(r["images_per_s"], i, f" {r['speedup_vs_authors']:.2f}x", va="center", fontsize=8)
+        ax.set_xlabel(f"images/s at batch {batch}")
+        ax.set_title(f"{m['model']} ({m['img_size']} px)")
+        ax.set_xlim(0, max(r["images_per_s"] for r in rows) * 1.25)
+    fig.tight_layout()
+    return fig
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="CPU inference speed of the exported and int8 graphs and of PyTorch, "
+                                            "against the authors' formulation", add_help=add_help)
+    p.add_argument("--models", type=comma_list(str), default=["t2t_vit_7", "t2t_vit_14"],
+                   help="models, comma-separated (default t2t_vit_7,t2t_vit_14)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batches", type=comma_list(int), default=[1, 8], help="batch sizes (default 1,8)")
+    p.add_argument("--calib-data", default=None,
+                   help="ImageFolder for the int8 ranges (default: noise; ranges do not change the speed)")
+    p.add_argument("--calib-images", type=int, default=32)
+    p.add_argument("--min-time", type=float, default=3.0, help="seconds of timed runs per point (default 3)")
+    p.add_argument("--min-iters", type=int, default=5, help="at least this many timed runs per point (default 5)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    p.add_argument("--threads", default="auto", help="threads for ONNX Runtime and PyTorch (default auto)")
+    p.add_argument("--ghz", type=float, default=None, help="clock for the peak (default /proc/cpuinfo's)")
+    p.add_argument("--work", default="artifacts/bench-cpu", help="folder for the benchmarked graphs")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    def body() -> int:
+        unknown = [m for m in args.models if m not in ARCHS]
+        if unknown:
+            raise T2TError(f"unknown models {unknown}; registered: {', '.join(ARCHS)}")
+        threads = apply_threads(args.threads)
+        header = report_header("evaluation.bench_cpu", argv)
+        peak = cpu_peak(threads, args.ghz)
+        models = []
+        for name in args.models:
+            calib = None
+            if args.calib_data:
+                m = build_model(name, img_size=args.img_size)
+                cfg = DataConfig.from_model(m)
+                calib = load_or_preprocess(select_samples(args.calib_data, args.calib_images, what="--calib-images"),
+                                           cfg, Path(args.work) / "calib", progress=False).images.numpy()
+            models.append(bench_model(name, args, threads, peak, Path(args.work) / f"{name}-{args.img_size}", calib))
+        report = {**header, "threads": threads, "peak": peak, "batches": list(args.batches),
+                  "min_time_s": args.min_time, "min_iters": args.min_iters, "models": models,
+                  "load_average_end": load_average()}
+        report["goals"] = _goals(report)
+        md = render_markdown(report)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_report(Path(args.out) / "bench-cpu", report, md, plot(report))
+        print(md)
+        return 0
+
+    return run_command(body, "evaluation.bench_cpu")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

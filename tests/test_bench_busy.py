@@ -1,0 +1,33 @@
+"""``make bench-busy``: conditions parse strictly, and a run records what each condition really used (speed
+itself is a benchmark, not a test)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evaluation import bench_busy
+from t2t_vit.errors import T2TError
+
+
+def test_conditions_parse():
+    assert bench_busy.parse_condition("busy:all:passive", 4) == {"name": "busy:all:passive", "load": "busy",
+                                                                   "threads": "4", "omp_passive": True}
+    assert bench_busy.parse_condition("idle:auto", 4)["threads"] == "auto"
+    for bad in ("noisy:auto", "busy", "busy:0", "busy:2:spin"):
+        with pytest.raises(T2TError):
+            bench_busy.parse_condition(bad, 4)
+
+
+@pytest.mark.slow
+def test_report_records_each_condition(tmp_path):
+    out = tmp_path / "reports"
+    rc = bench_busy.main(["--conditions", "idle:auto,busy:1:passive", "--dataset", "digits", "--train-images", "64",
+                          "--val-images", "32", "--settle", "0.2", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "bench-busy.json").read_text())
+    idle, busy = report["rows"]
+    assert (idle["load"], busy["load"]) == ("idle", "busy") and busy["omp_passive"]
+    assert busy["threads_used"] == 1 and idle["threads_used"] >= 1  # what the training step really used
+    assert idle["slowdown"] == pytest.approx(1.0) and busy["slowdown"] > 0 and idle["img_per_s"] > 0
+    assert "OMP_WAIT_POLICY" in (out / "bench-busy.md").read_text() and (out / "bench-busy.png").is_file()

@@ -1,0 +1,77 @@
+"""``make bench-cpu``: the rows it compares, the work it counts and the report it writes (speed itself is a
+benchmark, not a test)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from evaluation import bench_cpu
+
+
+def test_model_flops_counts_two_per_multiply_add():
+    # A 1x1 conv 3 -> 4 on 8x8: 3*4*64 multiply-adds, independent of the counter.
+    conv = torch.nn.Conv2d(3, 4, 1, bias=False)
+    assert bench_cpu.model_flops(conv, 8) == 2 * 3 * 4 * 8 * 8
+
+
+def test_cpu_peak_scales_with_cores_and_clock():
+    one, two = bench_cpu.cpu_peak(1, 2.0), bench_cpu.cpu_peak(2, 2.0)
+    assert two["fp32_gflops"] == 2 * one["fp32_gflops"] == 2 * 2.0 * one["fp32_flop_per_cycle_core"]
+    # Integer dot products pack at least twice the fp32 multiply-adds into a vector of the same width.
+    assert one["int8_op_per_cycle_core"] >= 2 * one["fp32_flop_per_cycle_core"]
+
+
+@pytest.mark.slow
+def test_report_has_every_row_side_by_side(tmp_path):
+    out = tmp_path / "reports"
+    rc = bench_cpu.main(["--models", "t2t_vit_test", "--img-size", "32", "--batches", "1,2", "--min-time", "0.01",
+                         "--min-iters", "2", "--no-compile", "--threads", "1", "--work", str(tmp_path / "work"),
+                         "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "bench-cpu.json").read_text())
+    assert (out / "bench-cpu.md").is_file() and (out / "bench-cpu.png").stat().st_size > 0
+    (m,) = report["models"]
+    ort_variants = {"authors fp32", "ours fp32", "ours fp32, dense soft split", "ours fp32 + ORT transformer fusions",
+                    "ours int8-cpu",
+                    "ours int8 (TensorRT graph)"}
+    pt_variants = {"authors fp32 eager", "ours fp32 eager", "ours bf16 autocast eager"}
+    for b in (1, 2):
+        rows = [r for r in m["rows"] if r["batch"] == b]
+        assert {r["variant"] for r in rows if r["runtime"] == "onnxruntime"} == ort_variants
+        assert {r["variant"] for r in rows if r["runtime"] == "pytorch"} == pt_variants
+        for runtime in ("onnxruntime", "pytorch"):
+            base = next(r for r in rows if r["runtime"] == runtime and r["variant"].startswith("authors"))
+            for r in (r for r in rows if r["runtime"] == runtime):
+                assert r["speedup_vs_authors"] == pytest.approx(r["images_per_s"] / base["images_per_s"])
+                assert r["achieved_gflops"] == pytest.approx(m["gflop_per_image"] * r["images_per_s"])
+    for r in m["rows"]:
+        if r["runtime"] == "onnxruntime":
+            assert 0 < sum(p["share"] for p in r["profile"]) <= 100 + 1e-6  # the top ops' shares of kernel time
+            assert r["session_s"] > 0 and r["session_from_saved_optimized_s"] > 0
+    # The graphs compared are the ones named: the CPU int8 graph is integer Q/DQ over fp32 (no Cast to
+    # fp16), the TensorRT one carries fp16, the authors' export has no one-hot Conv.
+    graphs = {k: onnx.load(v) for k, v in m["graphs"].items()}
+    ops = {k: {n.op_type for n in g.graph.node} for k, g in graphs.items()}
+    assert "QuantizeLinear" in ops["ours int8-cpu"] and "Cast" not in ops["ours int8-cpu"]
+    assert "Cast" in ops["ours int8 (TensorRT graph)"]
+    assert "Conv" not in ops["authors fp32"] and "Conv" in ops["ours fp32"]
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1)
+              for n in graphs["ours fp32"].graph.node if n.op_type == "Conv"]
+    dense = [next((a.i for a in n.attribute if a.name == "group"), 1)
+             for n in graphs["ours fp32, dense soft split"].graph.node if n.op_type == "Conv"]
+    assert all(g > 1 for g in groups[:2]) and set(dense) == {1}
+    # ONNX Runtime's transformer optimizer fuses every Erf GELU (one per MLP of the model) into Gelu.
+    from t2t_vit.checkpoint import build_model
+
+    gelus = sum(isinstance(mod, torch.nn.GELU) for mod in build_model("t2t_vit_test").modules())
+    assert gelus > 0 and m["transformer_fusions"].get("Gelu") == gelus and "Gelu" in ops["ours fp32 + ORT transformer fusions"]
+    # The dense one-hot form multiplies C times as much as the grouped one (C = 3 for the first split, more after).
+    ss = m["soft_split_gflop_per_image"]
+    assert 0 < 3 * ss["grouped"] <= ss["conv"]
+    # The goals are judged from the rows (none of t2t_vit_7/14 here, so no goals).
+    assert report["goals"] == [] and report["peak"]["cores"] == 1
+    assert np.isfinite([r["median_ms"] for r in m["rows"]]).all()
