@@ -208,26 +208,30 @@ def plan_backends(names: Sequence[str], model: torch.nn.Module, model_name: str,
         elif family == "onnxruntime":
             prec = name.split("-", 2)[2]
             path = onnx_path(out, model_name, prec)
-            spec = BackendSpec(name, "onnxruntime", prec, str(path), None)
-            if not ort_ok:
-                spec.skip_reason = ort_why
-            elif not path.is_file():
-                spec.skip_reason = f"{path} not found (create it with {make_hint(prec, model_name)} and the same OUT)"
-            else:
-                spec.make = (lambda p=path: OnnxRuntimeRunner(p, provider=provider, threads=threads))
-            specs.append(spec)
+            specs.append(_file_backend(name, family, prec, path, ort_why if not ort_ok else None,
+                                       f"create it with {make_hint(prec, model_name)} and the same OUT",
+                                       lambda p=path: OnnxRuntimeRunner(p, provider=provider, threads=threads)))
         else:
             prec = name.split("-", 1)[1]
             path = engine_path(out, model_name, prec)
-            spec = BackendSpec(name, "tensorrt", prec, str(path), None)
-            if not trt_ok:
-                spec.skip_reason = trt_why
-            elif not path.is_file():
-                spec.skip_reason = f"{path} not found (build it with `make engine PRECISION={prec}`)"
-            else:
-                spec.make = (lambda p=path: TensorRTRunner(p))
-            specs.append(spec)
+            specs.append(_file_backend(name, "tensorrt", prec, path, trt_why if not trt_ok else None,
+                                       f"build it with `make engine PRECISION={prec}`",
+                                       lambda p=path: TensorRTRunner(p)))
     return reference, specs
+
+
+def _file_backend(name: str, family: str, prec: str, path: Path, unavailable: str | None, how: str,
+                  make: Callable[[], Any]) -> "BackendSpec":
+    """A backend that runs a file (ONNX graph or engine): skipped with the runtime's reason, or because the
+    file is missing (saying how to make it)."""
+    spec = BackendSpec(name, family, prec, str(path), None)
+    if unavailable:
+        spec.skip_reason = unavailable
+    elif not path.is_file():
+        spec.skip_reason = f"{path} not found ({how})"
+    else:
+        spec.make = make
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------

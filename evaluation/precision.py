@@ -170,6 +170,17 @@ def layernorm_mode(mode: str) -> Iterator[None]:
         F.layer_norm = _LAYER_NORM
 
 
+def _run_hooked(model: nn.Module, batches: Sequence[torch.Tensor], hooks: list[Any]) -> None:
+    """Run every batch through ``model`` (no grad) with forward ``hooks`` installed, then remove them."""
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def layernorm_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     """Per ``nn.LayerNorm`` (module order): max |x - mean|, max variance, max sum of squares over the
     normalized axis, and the headroom to fp16 (``fp16_headroom``: how many times larger the worst value
@@ -188,13 +199,7 @@ def layernorm_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[d
                 s["max_var"] = max(s["max_var"], float((d * d).mean(-1).max()))
                 s["max_sum_sq"] = max(s["max_sum_sq"], float((d * d).sum(-1).max()))
             hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, hooks)
     out = []
     for s in stats.values():
         worst_square = s["max_abs_dev"] ** 2
@@ -231,13 +236,7 @@ def activation_stats(model: nn.Module, batches: Sequence[torch.Tensor], sample: 
                 cmax = x.reshape(-1, x.shape[-1]).amax(0)
                 a["channel_max"] = cmax if a["channel_max"] is None else torch.maximum(a["channel_max"], cmax)
             hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, hooks)
     out = []
     for a in acc.values():
         s = torch.cat(a.pop("samples")).double()
