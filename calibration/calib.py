@@ -10,12 +10,13 @@
 2. selects ``--calib-size`` images (seeded, class-balanced), preprocesses them with the model's eval
    transform through :class:`t2t_vit.data.ImageBatcher` and caches the tensor under ``<out>/``;
 3. for each method: calibrates with onnxruntime.quantization (range cache kept under ``<out>/``),
-   quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`), converts the rest to fp16
-   except the Performer's linear-attention core, which stays fp32 as in the fp16 export,
-   checks the Q/DQ pattern and writes ``<out>/<model>.int8.onnx`` (the first method) and
-   ``<out>/<model>.int8-<method>.onnx`` (the others);
+   quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`), then, for ``--target tensorrt``
+   (default), converts the rest to fp16 except the Performer's linear-attention core, which stays fp32 as
+   in the fp16 export, or, for ``--target cpu``, keeps the rest fp32 (the form ONNX Runtime's CPU provider
+   fuses into integer kernels); checks the Q/DQ pattern and writes ``<out>/<model>.int8.onnx`` (cpu:
+   ``.int8-cpu.onnx``) for the first method and ``<out>/<model>.int8[-cpu]-<method>.onnx`` for the others;
 4. evaluates fp32, fp16 and every int8 graph on ONNX Runtime CPU on the labeled ``--val-data`` images
-   (decoded once) and writes ``<out>/<model>.calib.{json,md}``;
+   (decoded once) and writes ``<out>/<model>.calib.{json,md}`` (cpu: ``.calib-cpu.{json,md}``);
 5. optionally (``--sensitivity stage|family``) quantizes one group at a time and reports its top-1 drop;
 6. exits 1 when the int8 top-1 drop exceeds ``--max-drop`` points.
 """
@@ -77,14 +78,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile (default 99.99)")
     g.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                    help=f"placement policy (default {DEFAULT_POLICY}; see calibration/policy.py)")
-    g.add_argument("--exclude-t2t", action="store_true", help="keep the whole T2T stage in fp16")
+    g.add_argument("--exclude-t2t", action="store_true",
+                   help="keep the whole T2T stage unquantized (fp16 for TensorRT, fp32 for the CPU target)")
     g.add_argument("--target", choices=TARGETS, default="tensorrt",
                    help="tensorrt (default): <model>.int8.onnx, fp16 outside the Q/DQ layers, for strongly typed "
                         "TensorRT; cpu: <model>.int8-cpu.onnx, the same Q/DQ over fp32, which ONNX Runtime's CPU "
                         "provider runs with integer kernels (make calib TARGET=cpu)")
-    g.add_argument("--layernorm-precision", choices=LAYERNORM_PRECISIONS, default=DEFAULT_LAYERNORM,
-                   help=f"LayerNorms of the int8 graph: fp16, or fp32 behind Casts (default {DEFAULT_LAYERNORM}, as "
-                        f"the fp16 export)")
+    g.add_argument("--layernorm-precision", choices=LAYERNORM_PRECISIONS, default=None,
+                   help=f"LayerNorms of the TensorRT int8 graph: fp16, or fp32 behind Casts (default "
+                        f"{DEFAULT_LAYERNORM}, as the fp16 export; the CPU target is fp32 throughout)")
     g.add_argument("--val-data", default=None,
                    help="labeled ImageFolder tree for accuracy (default: the 'val' folder beside --calib-data)")
     g.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the validation images (default all)")
@@ -176,7 +178,8 @@ def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, p
     else:
         graph = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
         check = check_qdq(graph, nodes, layernorm=layernorm)
-    island = fp32_island(graph)
+    # The CPU graph is fp32 throughout: no island to speak of (the structural search would name the core).
+    island = fp32_island(graph) if target != "cpu" else {"pattern": "none", "nodes": [], "fp32_tensors": []}
     # What the graph is (opset, islands, LayerNorm type) is read from the graph itself, with the same keys and
     # values as the fp16 export's metadata; precision names the target's graph (int8 / int8-cpu).
     derived = describe_graph(graph)
@@ -188,7 +191,7 @@ def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The whole calibration run; returns the report (also written to ``<out>/<model>.calib.{json,md}``)."""
+    """The whole calibration run; returns the report (also written to ``<out>/<model>.calib[-cpu].{json,md}``)."""
     out = Path(args.out) if args.out else default_out(args.model)
     with OutputLock(out):
         return _run(args, argv, out)
@@ -196,6 +199,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
+    if args.target == "cpu" and args.layernorm_precision not in (None, "fp32"):
+        _logger.warning("--layernorm-precision %s is ignored for --target cpu: that graph computes everything, "
+                        "LayerNorms included, in fp32", args.layernorm_precision)
+    args.layernorm_precision = args.layernorm_precision or DEFAULT_LAYERNORM
     threads = apply_threads(args.threads)
     methods = _methods(args.method)
     calib_root = Path(args.calib_data)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,9 +53,8 @@ def parse_condition(spec: str, cores: int) -> dict[str, Any]:
     return {"name": spec, "load": parts[0], "threads": threads, "omp_passive": len(parts) == 3}
 
 
-def _spinner() -> Any:
-    import subprocess
-
+def _spinner() -> subprocess.Popen:
+    """One competing job: a process that keeps one core busy (stopped with this process, too)."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"], **child_process_kwargs())
 
 
@@ -63,7 +63,8 @@ def run_condition(cond: dict[str, Any], args: argparse.Namespace, work: Path) ->
 
     out = work / cond["name"].replace(":", "-")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("OMP_NUM_THREADS", None)
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"):  # the row says what it runs with, not the shell
+        env.pop(var, None)
     if cond["omp_passive"]:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     cmd = [sys.executable, "-m", "evaluation.demo", "--steps", "data,train", "--out", str(out),
@@ -71,26 +72,32 @@ def run_condition(cond: dict[str, Any], args: argparse.Namespace, work: Path) ->
            str(args.val_images), "--dataset", args.dataset]
     if cond["threads"] != "auto":
         cmd += ["--threads", cond["threads"]]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "bench-busy.log"
     spinners = [_spinner() for _ in range(args.load if cond["load"] == "busy" else 0)]
     try:
         if spinners:
             time.sleep(args.settle)  # the competing job is running before the demo starts, as it would be
         t0 = time.perf_counter()
-        proc = run_child(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        with open(log, "w") as f:
+            proc = run_child(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
         wall = time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        raise T2TError(f"the demo under {cond['name']} ran past --timeout {args.timeout:g} s (stopped); its output: "
+                       f"{log}") from None
     finally:
         for p in spinners:
             p.kill()
             p.wait()
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-        raise T2TError(f"the demo failed under {cond['name']} (exit {proc.returncode}):\n{tail}")
+        raise T2TError(f"the demo failed under {cond['name']} (exit {proc.returncode}); its output: {log} "
+                       f"(--work keeps it)")
     demo = json.loads((out / "demo.json").read_text())
     train = next(s for s in demo["steps"] if s["step"] == "train")
     with open(out / "train" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     config = yaml.safe_load((out / "train" / "config.yaml").read_text())
-    return {**cond, "train_step_s": train["seconds"], "demo_s": wall,
+    return {**cond, "dataset": demo["dataset"], "train_step_s": train["seconds"], "demo_s": wall,
             "img_per_s": sum(float(r["img_per_s"]) for r in rows) / len(rows),
             "threads_used": config.get("threads_resolved"), "epochs": len(rows)}
 
@@ -102,7 +109,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{report['load_average_start']}, after {report['load_average_end']}. Each row runs "
              f"`python -m evaluation.demo --steps data,train` ({report['dataset']}, {report['train_images']} "
              f"training images, {report['epochs']} epoch(s)); `busy` = {report['load']} other process(es) spinning "
-             f"on the CPU from before the demo starts. Slowdown: train-step time over idle `auto`'s.", ""]
+             f"on the CPU from before the demo starts. Slowdown: train-step time over `{report['baseline']}`'s.", ""]
     rows = [[r["name"], r["load"], r["threads"], "PASSIVE" if r["omp_passive"] else "default", r["threads_used"],
              r["img_per_s"], r["train_step_s"], f"{r['slowdown']:.2f}x"] for r in report["rows"]]
     lines += [markdown_table(["condition", "load", "--threads", "OMP_WAIT_POLICY", "threads used", "train img/s",
@@ -132,13 +139,14 @@ def plot(report: dict[str, Any]) -> Any:
     return fig
 
 
-def _verdict(rows: list[dict[str, Any]]) -> str:
+def _verdict(rows: list[dict[str, Any]], load: int) -> str:
     by = {r["name"]: r for r in rows}
     if "busy:auto" in by and "idle:auto" in by:
         worst_fixed = max((r for r in rows if r["load"] == "busy" and r["threads"] != "auto"),
                           key=lambda r: r["slowdown"], default=None)
-        text = (f"With one competing job the default (`auto`) trains at {by['busy:auto']['img_per_s']:.0f} img/s, "
-                f"{by['busy:auto']['slowdown']:.2f}x the idle time")
+        jobs = "one competing job" if load == 1 else f"{load} competing jobs"
+        text = (f"With {jobs} the default (`auto`) trains at {by['busy:auto']['img_per_s']:.0f} img/s, "
+                f"{by['busy:auto']['slowdown']:.2f}x the idle time (idle: {by['idle:auto']['img_per_s']:.0f} img/s)")
         if worst_fixed:
             text += (f"; `{worst_fixed['name']}` is {worst_fixed['slowdown']:.2f}x "
                      f"({worst_fixed['img_per_s']:.0f} img/s)")
@@ -170,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import os
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if not args.conditions:
+            raise T2TError("--conditions is empty; e.g. --conditions idle:auto,busy:auto")
+        if args.load < 1:
+            raise T2TError(f"--load must be at least 1 competing process, got {args.load}")
         conds = [parse_condition(c, cores) for c in args.conditions]
         header = report_header("evaluation.bench_busy", argv)
         start_load = load_average()
@@ -184,10 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = next((r for r in rows if r["name"] == "idle:auto"), rows[0])
         for r in rows:
             r["slowdown"] = r["train_step_s"] / base["train_step_s"]
-        report = {**header, "cores": cores, "load": args.load, "dataset": args.dataset,
+        report = {**header, "cores": cores, "load": args.load, "dataset": rows[0]["dataset"], "baseline": base["name"],
                   "train_images": args.train_images, "epochs": args.epochs, "rows": rows,
                   "load_average_start": start_load, "load_average_end": load_average()}
-        report["verdict"] = _verdict(rows)
+        report["verdict"] = _verdict(rows, args.load)
         md = render_markdown(report)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_report(Path(args.out) / "bench-busy", report, md, plot(report))

@@ -524,7 +524,9 @@ def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path):
     assert meta["float_dtype"] == "float32"
     report = json.loads((out / "t2t_vit_test.calib-cpu.json").read_text())
     assert report["target"] == "cpu" and report["primary"]["target"] == "cpu" and report["primary"]["graph"] == str(path)
-    assert "CPU target" in (out / "t2t_vit_test.calib-cpu.md").read_text()
+    md = (out / "t2t_vit_test.calib-cpu.md").read_text()
+    # All fp32: the report names no fp32 island (and no Casts), unlike the TensorRT graph's report.
+    assert "CPU target" in md and report["fp32_island"]["pattern"] == "none" and "stays float32" not in md
     # The TensorRT run's graph and report (same OUT) are left as they were.
     assert json.loads((out / "t2t_vit_test.calib.json").read_text())["primary"]["target"] == "tensorrt"
     assert read_metadata(out / "t2t_vit_test.int8.onnx")["precision"] == "int8"
