@@ -47,8 +47,8 @@ from t2t_vit.reports import host_line, markdown_table, report_header, write_repo
 from .data import folder_label_space, load_or_preprocess, select_samples
 from .evaluate import evaluate_graphs
 from .policy import DEFAULT_POLICY, POLICIES, Placement, group_nodes
-from .quantize import (METHODS, TensorDataReader, check_qdq, ensure_opset, fp32_island, quantize_model, to_cpu_int8,
-                       to_mixed_fp16)
+from .quantize import (FP32_ISLAND_REASON, METHODS, TensorDataReader, check_qdq, ensure_opset, fp32_island,
+                       quantize_model, to_cpu_int8, to_mixed_fp16)
 
 _logger = logging.getLogger("calibration")
 
@@ -290,7 +290,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     }
     first = int8[methods[0]]["fp32_island"]
     report["fp32_island"] = {"pattern": first["pattern"], "nodes": len(first["nodes"]),
-                             "reason": first["fp32_tensors"][0]["reason"] if first["fp32_tensors"] else "",
+                             "reason": FP32_ISLAND_REASON if first["nodes"] else "",
+                             "layernorm_precision": "fp32" if args.target == "cpu" else args.layernorm_precision,
                              "note": "the same island in every int8 graph of this report; the node and tensor "
                                      "lists are under int8.<method>.fp32_island"}
 
@@ -369,6 +370,9 @@ def render_markdown(r: dict[str, Any]) -> str:
                       f"Why: {isl['reason']}.")
     else:
         lines[-2] += "."
+    if not cpu and isl.get("layernorm_precision") == "fp32":
+        lines[-2] += (" LayerNorms compute in fp32 behind Casts (the default, `--layernorm-precision fp16` opts out): "
+                      "see docs/precision.md.")
     if "accuracy" in r:
         v = r["validation"]
         lines += [f"ONNX Runtime CPU, {r.get('threads')} threads, {v['images']} labeled images from `{v['data']}`. "

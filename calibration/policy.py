@@ -101,9 +101,9 @@ POLICIES: dict[str, Policy] = {
         "every MatMul/Gemm, including the Performer's feature projection (measured for comparison only)",
     ),
 }
-# Chosen on Imagenette t2t_vit_7 (reports/calib-imagenette-t2t_vit_7-families.md): the softmax-attention
-# MatMuls cost no more than the Linear layers in int8, while the Performer's feature products alone cut
-# top-1 agreement with fp32 to 83.5% (per-tensor int8 crushes their skewed exp features).
+# Chosen on the reference checkpoint (the per-family sensitivity of reports/calib-imagenette-t2t_vit_7-families.md):
+# the softmax-attention MatMuls cost no more than the Linear layers in int8, while the Performer's
+# feature products are the costliest family per node (per-tensor int8 crushes their skewed exp features).
 DEFAULT_POLICY = "linear-attn"
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from export.patterns import FP32_ISLAND_REASON
+from export.patterns import FP32_ISLAND_REASON, fp32_tensor_reasons
 from t2t_vit.errors import T2TError
 from t2t_vit.graphs import default_opset, fp32_tensors, producers, toposort
 
@@ -280,11 +280,12 @@ def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
 
 
 def fp32_island(model: onnx.ModelProto) -> dict:
-    """The fp32 island of a mixed graph, as the export report records it: nodes, fp32 tensors, reason."""
+    """The fp32 parts of a mixed graph, as the export report records them: the island's nodes, and every fp32
+    tensor with its reason (the Performer island, or an fp32 LayerNorm)."""
     nodes = performer_core_nodes(model)
     tensors = [t for t in fp32_tensors(model) if t["producer"] != "graph input"]
     return {"pattern": "performer_core_fp32" if nodes else "none", "nodes": nodes,
-            "fp32_tensors": [{**t, "reason": FP32_ISLAND_REASON} for t in tensors]}
+            "fp32_tensors": fp32_tensor_reasons(model, tensors)}
 
 
 def _own_island_initializers(model: onnx.ModelProto, island: set[str]) -> int:

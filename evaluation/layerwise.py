@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
+from calibration.policy import PolicyError, performer_core_nodes
 from engines.trt_runtime import TensorRTRunner
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
@@ -143,13 +144,34 @@ def _runners(ref: onnx.ModelProto, cand: onnx.ModelProto, names: list[str], prec
     return runners, why
 
 
+def core_internal_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed inside a Performer's linear-attention core and read only inside it.
+
+    Their errors are not the network's: the random features exp(w.x - |x|^2/2) turn a small error of k or
+    q into a larger, mostly per-token scale error that the core's normaliser divides out again (a per-query
+    factor cancels exactly in y / D). A core is judged at its output, the tensor ``proj`` reads."""
+    try:
+        core = set(performer_core_nodes(model))
+    except PolicyError:
+        return set()
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, set()).add(n.name)
+    outputs = {o.name for o in model.graph.output}
+    return {o for n in model.graph.node if n.name in core for o in n.output
+            if o not in outputs and readers.get(o) and readers[o] <= core}
+
+
 def compare_layers(fp32_path: Path, cand_path: Path, precision: str, images: np.ndarray, tolerance: float,
-                   batch_size: int = 8, tensorrt: bool = True) -> dict[str, Any]:
+                   batch_size: int = 8, tensorrt: bool = True, include_core: bool = False) -> dict[str, Any]:
     """Run both graphs (and TensorRT when available) on ``images`` and compare every shared tensor.
 
     Returns ``{"tensors": [...], "first_bad": {...} | None, "runners": [...], "tensorrt": reason}``, one
     record per tensor in depth order with, per candidate runner, Polygraphy's max/mean absolute and max
-    relative difference and the scale-relative error.
+    relative difference and the scale-relative error. Tensors inside a Performer core
+    (:func:`core_internal_tensors`) are compared and reported but do not count for ``first_bad`` unless
+    ``include_core``.
     """
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -170,13 +192,19 @@ def compare_layers(fp32_path: Path, cand_path: Path, precision: str, images: np.
     input_name = ref.graph.input[0].name
     feeds = [{input_name: images[i:i + batch_size].astype(np.float32)} for i in range(0, len(images), batch_size)]
     results = Comparator.run(runners, data_loader=feeds)
+    for _, iterations in results:  # Polygraphy's statistics of fp16 arrays overflow: compare in fp32
+        for it in iterations:
+            for k in list(it.keys()):
+                if it[k].dtype == np.float16:
+                    it[k] = it[k].astype(np.float32)
+    internal = core_internal_tensors(ref)
     compare = SimpleCompareFunc(check_shapes=False, rtol=0.0, atol=0.0, check_error_stat="max")
     accuracy = Comparator.compare_accuracy(results, comparisons=[(0, i) for i in range(1, len(runners))],
                                            compare_func=compare)[0]
     ref_name = runners[0].name
     records = []
     for depth, p in enumerate(pairs):
-        rec = {**p, "depth": depth, "by_runner": {}}
+        rec = {**p, "depth": depth, "by_runner": {}, "inside_performer_core": p["tensor"] in internal}
         ref_arrays = [it[p["tensor"]] for it in results[ref_name] if p["tensor"] in it]
         scale = max(float(np.abs(a.astype(np.float64)).max()) for a in ref_arrays) if ref_arrays else 0.0
         rec["ref_scale"] = scale
@@ -198,11 +226,12 @@ def compare_layers(fp32_path: Path, cand_path: Path, precision: str, images: np.
         records.append(rec)
     first_bad = {}
     for r in runners[1:]:
-        bad = next((rec for rec in records if (rec["by_runner"].get(r.name) or {}).get("relative", 0) > tolerance),
-                   None)
+        bad = next((rec for rec in records if (include_core or not rec["inside_performer_core"])
+                    and (rec["by_runner"].get(r.name) or {}).get("relative", 0) > tolerance), None)
         first_bad[r.name] = None if bad is None else {k: bad[k] for k in ("tensor", "module", "op", "depth")} | {
             "relative": bad["by_runner"][r.name]["relative"]}
     return {"tensors": records, "first_bad": first_bad, "runners": [r.name for r in runners],
+            "core_internal": len([r for r in records if r["inside_performer_core"]]), "include_core": include_core,
             "tensorrt": trt_reason or "ran", "compared": len(records),
             "candidate_tensors_total": sum(1 for _ in _node_outputs(cand))}
 
@@ -235,6 +264,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- relative error = max|candidate - fp32| / max|fp32| over the images, per tensor; tolerance "
              f"{report['tolerance']:g}",
              f"- TensorRT: {res['tensorrt']}",
+             f"- {res.get('core_internal', 0)} tensors inside Performer cores (random features exp(w.x - |x|^2/2), "
+             f"their sums and D) are reported but "
+             + ("count for the first bad layer (--include-core)" if res.get("include_core") else
+                "judged at the core's output (y / D, what `proj` reads): the features turn a small error of k or q "
+                "into scale errors the normaliser divides out; --include-core counts them"),
              f"- host: {host_line(report['host'])}", ""]
     for runner in res["runners"][1:]:
         fb = res["first_bad"].get(runner)
@@ -314,6 +348,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--tolerance", type=float, default=None,
                    help="relative error that counts as diverged (default: fp16 1e-2, int8 1e-1)")
     g.add_argument("--no-tensorrt", action="store_true", help="ONNX Runtime only, even where TensorRT exists")
+    g.add_argument("--include-core", action="store_true",
+                   help="let tensors inside a Performer core count for the first bad layer (by default a core is "
+                        "judged at its output: its random features carry scale errors its normaliser divides out)")
     g.add_argument("--seed", type=int, default=0)
     return p
 
@@ -331,7 +368,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.precision]
     with OutputLock(out):
         result = compare_layers(fp32, cand, args.precision, images, tolerance, args.batch_size,
-                                tensorrt=not args.no_tensorrt)
+                                tensorrt=not args.no_tensorrt, include_core=args.include_core)
         report = {**report_header("evaluation.layerwise", argv), "model": args.model, "precision": args.precision,
                   "fp32_onnx": str(fp32), "candidate_onnx": str(cand), "data": root, "images": int(len(images)),
                   "tolerance": tolerance, "result": result}

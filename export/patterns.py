@@ -93,8 +93,18 @@ def explicit_attention(model: nn.Module) -> nn.Module:
 
 FP32_ISLAND_REASON = ("Performer linear-attention core (feature exponents w.x - |x|^2/2, exp, sums, D, "
                       "rescaled epsilon, y/D) kept fp32: in fp16 the exponent loses its O(1) differences, D "
-                      "underflows (5e-9) and epsilon overflows (5e20); pure fp16 top-1 agreement was 86% on a "
-                      "trained t2t_vit_7. See t2t_vit.layers.TokenPerformer")
+                      "underflows and the rescaled epsilon overflows (the export report's contrast row measures "
+                      "the graph without it). See t2t_vit.layers.TokenPerformer")
+LAYERNORM_FP32_REASON = ("LayerNorm computed in fp32 behind Casts (--layernorm-precision fp32, the default): in fp16 "
+                         "its sum of squares overflows past 65504; the reference checkpoint's final LayerNorm "
+                         "reaches 1/1.8 of that (docs/precision.md)")
+
+
+def fp32_tensor_reasons(model_proto, tensors: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``tensors`` (from ``t2t_vit.graphs.fp32_tensors``) each with the reason it is fp32 in a mixed graph:
+    a LayerNormalization's input, weights or output (the LayerNorm choice), else the Performer island."""
+    ln = {t for n in model_proto.graph.node if n.op_type == "LayerNormalization" for t in (*n.input, *n.output)}
+    return [{**t, "reason": LAYERNORM_FP32_REASON if t["tensor"] in ln else FP32_ISLAND_REASON} for t in tensors]
 
 
 def performer_core_fp32(model: nn.Module, enable: bool = True) -> nn.Module:

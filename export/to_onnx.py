@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -76,9 +77,11 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-# LayerNorm precision in the fp16 graph; chosen from the measured headroom (docs/export.md,
-# reports/precision-layernorm-*).
-DEFAULT_LAYERNORM = "fp16"
+# LayerNorm precision in the fp16 (and TensorRT int8) graph: fp32 behind Casts. On the reference checkpoint the
+# final LayerNorm's sum of squares reaches 36,222 of fp16's 65,504 (1.8x headroom) on in-distribution images,
+# while an fp16 LayerNorm changed no measurable accuracy: the margin, not the accuracy, decides
+# (docs/precision.md, reports/precision-layernorm-t2t_vit_7.md). --layernorm-precision fp16 opts out.
+DEFAULT_LAYERNORM = "fp32"
 MIN_OPSET, MAX_OPSET = 17, 23
 PRECISIONS = ("fp32", "fp16")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -300,8 +303,7 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
                     soft_split=soft_split)
         graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
     fp16 = onnx.load(str(paths["fp16"]))
-    kept = fp32_tensors(fp16)
-    graphs["fp16"]["fp32_tensors"] = [{**t, "reason": P.FP32_ISLAND_REASON} for t in kept]
+    graphs["fp16"]["fp32_tensors"] = P.fp32_tensor_reasons(fp16, fp32_tensors(fp16))
     # The float32 graph boundary itself, made by explicit Casts (absent with --fp16-io).
     for vi, role in ((fp16.graph.input[0], "graph input"), (fp16.graph.output[0], "graph output")):
         if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
@@ -370,9 +372,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         }
         if args.val_images > 0:
             images, labels, source = V.validation_images(model, args.data, args.val_images)
-            report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"], images,
-                                                     labels, batch_size=args.batch_size, source=source,
-                                                     threads=threads)
+            with tempfile.TemporaryDirectory(prefix="t2t-export-") as tmp:
+                contrasts = {}
+                if graphs["fp16"].get("fp32_islands", "none") != "none":
+                    # The evidence for the island, on these images: the same fp16 graph without it.
+                    contrasts["ORT fp16 without the fp32 island"] = export_onnx(
+                        model, Path(tmp) / "no-island.onnx", "fp16", opset=args.opset, exporter=args.exporter,
+                        layernorm=args.layernorm_precision, soft_split=args.soft_split, fp32_core=False)
+                report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"],
+                                                         images, labels, batch_size=args.batch_size, source=source,
+                                                         threads=threads, contrasts=contrasts)
         else:
             report["validation"] = None
         name = report["metadata"]["model"]

@@ -90,8 +90,12 @@ def validation_images(model: nn.Module, data: str | os.PathLike | None, n: int,
 
 def validate_graphs(model: nn.Module, fp32_path: str | os.PathLike, fp16_path: str | os.PathLike,
                     images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 50,
-                    source: str = "", threads: int | None = None) -> dict[str, Any]:
-    """Compare PyTorch fp32, ORT fp32 and ORT fp16 logits; thresholds applied, ``passed`` overall."""
+                    source: str = "", threads: int | None = None,
+                    contrasts: dict[str, str | os.PathLike] | None = None) -> dict[str, Any]:
+    """Compare PyTorch fp32, ORT fp32 and ORT fp16 logits; thresholds applied, ``passed`` overall.
+
+    ``contrasts``: more graphs (name -> path) compared with ORT fp32 for information, without a threshold
+    (the export report uses it for the fp16 graph without the fp32 island: why the island exists)."""
     ref = torch_logits(model, images, batch_size)
     l32 = ort_logits(ort_session(fp32_path, threads=threads), images, batch_size)
     l16 = ort_logits(ort_session(fp16_path, threads=threads), images, batch_size)
@@ -102,11 +106,15 @@ def validate_graphs(model: nn.Module, fp32_path: str | os.PathLike, fp16_path: s
     c16.update(threshold=f"top-1 agreement >= {FP16_MIN_TOP1_AGREEMENT:g}%",
                passed=c16["nonfinite_images"] == 0 and c16["top1_agreement"] >= FP16_MIN_TOP1_AGREEMENT)
     c16t = {"name": "ORT fp16 vs PyTorch fp32", **compare_logits(ref, l16)}
+    extra = [{"name": f"{name} vs ORT fp32", **compare_logits(l32, ort_logits(ort_session(path, threads=threads),
+                                                                            images, batch_size)),
+              "threshold": "(for contrast)", "passed": None}
+             for name, path in (contrasts or {}).items()]
     out: dict[str, Any] = {
         "n_images": int(len(images)),
         "source": source,
         "logit_scale": float(np.abs(ref).max()),
-        "comparisons": [c32, c16, c16t],
+        "comparisons": [c32, c16, c16t, *extra],
         "passed": bool(c32["passed"] and c16["passed"]),
     }
     if labels is not None:

@@ -119,10 +119,10 @@ class TokenPerformer(nn.Module):
 
     ``fp32_core`` (default True) runs the linear-attention core, between the ``kqv`` and ``proj``
     Linears, in float32 when the block runs in fp16/bf16 or under autocast. Finite is not enough:
-    measured on a trained t2t_vit_7 (Imagenette), an all-fp16 core agreed with fp32 on top-1 for only
-    86% of images, because the k exponent ``w.k - |k|^2/2`` subtracts terms of size 1e2 to get the
-    O(1) differences exp() needs, and D (down to 5e-9) and the rescaled epsilon (up to 5e20) leave
-    the fp16 range. The core costs T x m x emb MACs per matmul (3136 x 32 x 64 at 224 px), nothing
+    the k exponent ``w.k - |k|^2/2`` subtracts terms of size 1e2 to get the O(1) differences exp()
+    needs (fp16 spacing there is 0.06-0.125), and D and the rescaled epsilon can leave the fp16
+    range. What an all-fp16 core costs on a given checkpoint is measured by the export report's
+    contrast row (docs/export.md has the reference checkpoint's numbers). The core costs T x m x emb MACs per matmul (3136 x 32 x 64 at 224 px), nothing
     next to the backbone, so this deliberate fp32 island is also what the fp16 ONNX graph contains.
     """
 

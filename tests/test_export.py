@@ -21,7 +21,7 @@ from export import patterns as P
 from export import to_onnx
 from export import validate as V
 from export.to_onnx import ExportError, export_onnx
-from t2t_vit.graphs import GraphError, fp32_tensors, ort_session, read_metadata
+from t2t_vit.graphs import GraphError, fp32_tensors, ort_session, read_metadata, value_types
 from t2t_vit.data import DataConfig
 
 onnx = pytest.importorskip("onnx")
@@ -111,8 +111,20 @@ def test_caller_model_untouched(tiny):
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_fp16_graph_is_fp16_inside_fp32_at_io(tiny, tmp_path):
+def test_default_fp16_graph_keeps_layernorms_fp32(tiny):
+    """The default (DEFAULT_LAYERNORM = fp32): every LayerNormalization reads and writes float32 behind Casts,
+    and the metadata says so; everything else outside the Performer cores is fp16."""
     proto = onnx.load(str(tiny[2]))
+    types = value_types(proto)
+    lns = [n for n in proto.graph.node if n.op_type == "LayerNormalization"]
+    assert len(lns) == _n_layernorm(tiny[0])
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT and types[n.output[0]] == onnx.TensorProto.FLOAT for n in lns)
+    assert read_metadata(tiny[2])["layernorm_precision"] == "fp32"
+
+
+def test_fp16_graph_is_fp16_inside_fp32_at_io(tiny, tmp_path):
+    # The fp16-LayerNorm form (--layernorm-precision fp16): fp32 only at the I/O and in the Performer cores.
+    proto = onnx.load(str(export_onnx(tiny[0], tmp_path / "ln16.onnx", precision="fp16", layernorm="fp16")))
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert proto.graph.input[0].type.tensor_type.elem_type == f32
     assert proto.graph.output[0].type.tensor_type.elem_type == f32
@@ -132,7 +144,8 @@ def test_fp16_graph_is_fp16_inside_fp32_at_io(tiny, tmp_path):
     assert {"graph input", "graph output"} <= {k["producer"] for k in kept}
     assert all(k["reason"] for k in kept)
     # Without the island the graph is fp16 throughout.
-    pure = onnx.load(str(export_onnx(tiny[0], tmp_path / "pure.onnx", precision="fp16", fp32_core=False)))
+    pure = onnx.load(str(export_onnx(tiny[0], tmp_path / "pure.onnx", precision="fp16", fp32_core=False,
+                                     layernorm="fp16")))
     assert fp32_tensors(pure) == [] and sum(n.op_type == "Cast" for n in pure.graph.node) == 2
     # --fp16-io: no boundary Casts, fp16 in and out.
     io16 = export_onnx(tiny[0], tmp_path / "io16.onnx", precision="fp16", fp16_io=True)
@@ -298,7 +311,8 @@ def test_full_size_export_validates(name, tmp_path, shared_data):
 def test_dynamo_exporter_fp16_has_no_fp32_islands(tiny, tmp_path):
     """The dynamo path wraps reductions in fp32 Casts; the rewrite removes them, numbers unchanged."""
     model = tiny[0]
-    path = export_onnx(model, tmp_path / "dyn16.onnx", precision="fp16", exporter="dynamo", fp32_core=False)
+    path = export_onnx(model, tmp_path / "dyn16.onnx", precision="fp16", exporter="dynamo", fp32_core=False,
+                       layernorm="fp16")
     proto = onnx.load(str(path))
     census = _census(path)
     assert census["Cast"] == 2 and fp32_tensors(proto) == []
@@ -326,6 +340,19 @@ def test_cli_writes_graphs_and_report(tmp_path, capsys):
         assert g["file_bytes"] == (out / f"t2t_vit_test.{prec}.onnx").stat().st_size
         assert g["nodes"] == len(onnx.load(str(out / f"t2t_vit_test.{prec}.onnx")).graph.node)
     assert "Op census" in (out / "t2t_vit_test.export.md").read_text()
+    # The Performer island's evidence: the same fp16 graph without it, compared on the same images (no
+    # threshold), and nothing but the report left of it.
+    names = [c["name"] for c in report["validation"]["comparisons"]]
+    assert "ORT fp16 without the fp32 island vs ORT fp32" in names
+    contrast = report["validation"]["comparisons"][names.index("ORT fp16 without the fp32 island vs ORT fp32")]
+    assert contrast["passed"] is None and contrast["max_abs_dlogit"] > 0
+    # Each fp32 tensor of the fp16 graph carries its own reason: LayerNorm (default fp32) or the island.
+    reasons = {t["tensor"]: t["reason"] for t in report["graphs"]["fp16"]["fp32_tensors"]}
+    fp16 = onnx.load(str(out / "t2t_vit_test.fp16.onnx"))
+    ln = next(n for n in fp16.graph.node if n.op_type == "LayerNormalization")
+    assert reasons[ln.output[0]] == P.LAYERNORM_FP32_REASON
+    exp = next(n for n in fp16.graph.node if n.op_type == "Exp")
+    assert reasons[exp.output[0]] == P.FP32_ISLAND_REASON
 
 
 def test_cli_with_checkpoint_records_its_hash(tmp_path):

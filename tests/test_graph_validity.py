@@ -24,8 +24,8 @@ def graphs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     model = build_model(name).eval()
-    export_model(model, out)
-    export_model(model, out / "ln32", layernorm="fp32")
+    export_model(model, out, layernorm="fp16")
+    export_model(model, out / "ln32")  # the default: fp32 LayerNorms
     fp32 = ensure_opset(onnx.load(str(out / f"{name}.fp32.onnx")))
     nodes = Placement.from_model(fp32, "linear-attn").node_names
     images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
@@ -76,7 +76,8 @@ def test_metadata_says_what_the_graph_is(graphs, kind):
     performer = name == "t2t_vit_test"
     want_island = "performer_core_fp32" if performer and want_precision != "fp32" and kind != "int8-cpu" else "none"
     assert derived["fp32_islands"] == want_island
-    want_ln = "fp32" if kind in ("fp32", "fp16-ln32", "int8-lnfp32", "int8-cpu") else "fp16"
+    # fp16 LayerNorms only where asked for; the default (sensitivity graphs too) is fp32.
+    want_ln = "fp16" if kind in ("fp16", "int8-lnfp16") else "fp32"
     assert derived["layernorm_precision"] == want_ln
     if want_precision == "int8":
         assert derived["opset"] == "19"  # raised for fp16 Q/DQ scales, not the fp32 graph's 18

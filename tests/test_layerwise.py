@@ -101,3 +101,32 @@ def test_broken_layer_is_named_first(graphs, capsys):
 def test_missing_graph_says_how_to_make_it(tmp_path, capsys):
     assert L.main(["--model", MODEL, "--out", str(tmp_path), "--precision", "int8"]) == 2
     assert "make onnx" in capsys.readouterr().err
+
+
+def test_performer_core_is_judged_at_its_output(graphs):
+    """Inside a Performer core (random features, their sums, D) errors are reported but only the core's output,
+    the tensor proj reads, counts for the first bad layer; --include-core counts them all."""
+    fp32 = onnx.load(str(graphs / f"{MODEL}.fp32.onnx"))
+    internal = L.core_internal_tensors(fp32)
+    exps = [n.output[0] for n in fp32.graph.node if n.op_type == "Exp"]
+    assert exps and set(exps) <= internal
+    proj_inputs = {t for n in fp32.graph.node if "/proj/" in n.name for t in n.input}
+    assert internal and not (proj_inputs & internal)
+    # Break the first Performer's feature projection w (read by its k and q feature MatMuls): the core's
+    # output diverges, so the layer is still found.
+    broken = graphs / "broken-core.fp16.onnx"
+    model = onnx.load(str(graphs / f"{MODEL}.fp16.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    feat = next(n for n in model.graph.node if n.op_type == "MatMul" and "/attention1/MatMul" in n.name
+                and any(t in inits for t in n.input))
+    w = next(t for t in feat.input if t in inits)
+    inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]) * np.float32(1.5), w))
+    onnx.save(model, str(broken))
+    images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    judged = L.compare_layers(graphs / f"{MODEL}.fp32.onnx", broken, "fp16", images, 1e-2, tensorrt=False)
+    every = L.compare_layers(graphs / f"{MODEL}.fp32.onnx", broken, "fp16", images, 1e-2, tensorrt=False,
+                             include_core=True)
+    first, first_any = judged["first_bad"]["onnxruntime-cpu-fp16"], every["first_bad"]["onnxruntime-cpu-fp16"]
+    assert first["module"] == first_any["module"] == "tokens_to_token.attention1"
+    assert first_any["tensor"] in internal and first["tensor"] not in internal and first_any["depth"] < first["depth"]
+    assert judged["core_internal"] == len([t for t in judged["tensors"] if t["inside_performer_core"]]) > 0
