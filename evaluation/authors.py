@@ -11,10 +11,14 @@ it as an ``nn.Module`` for timing and for a plain ``torch.onnx.export``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# Key suffix under which a weights dict may carry another kernel for a Linear (see AuthorsModel.with_linear_kernel).
+LINEAR_KERNEL = ".__kernel__"
 
 
 def numpy_sinusoid(n_position: int, d_hid: int) -> torch.Tensor:
@@ -32,6 +36,9 @@ def _ln(x, sd, p):
 
 
 def _lin(x, sd, p):
+    kernel = sd.get(p + LINEAR_KERNEL)  # another kernel for this Linear (AuthorsModel.with_linear_kernel)
+    if kernel is not None:
+        return kernel(x)
     return F.linear(x, sd[p + ".weight"], sd.get(p + ".bias"))
 
 
@@ -84,7 +91,7 @@ def _block(x, sd, p, num_heads):
 
 def authors_forward(sd: dict, x: torch.Tensor, num_heads: int, tokens_type: str) -> torch.Tensor:
     """Logits of the authors' model for weights ``sd`` (eval mode: no dropout)."""
-    sd = {k: v.to(x.dtype) for k, v in sd.items()}
+    sd = {k: v.to(x.dtype) if torch.is_tensor(v) else v for k, v in sd.items()}
     attn = _performer if tokens_type == "performer" else _token_transformer
     b = x.shape[0]
     t = F.unfold(x, kernel_size=7, stride=4, padding=2).transpose(1, 2)
@@ -119,6 +126,23 @@ class AuthorsModel(torch.nn.Module):
         self.num_heads = num_heads
         self.tokens_type = tokens_type
 
+        self.kernels = torch.nn.ModuleDict()
+
+    def with_linear_kernel(self, make: Callable[[torch.Tensor, torch.Tensor | None], torch.nn.Module]) -> "AuthorsModel":
+        """Every Linear (each 2-D ``*.weight``) computed by ``make(weight, bias)`` instead of ``F.linear``: the
+        same kernel choice as a model's (e.g. ``t2t_vit.layers.OneDNNLinear``), to tell the formulation's
+        speed from the kernel library's. Returns self."""
+        sd = dict(zip(self.names, (getattr(self, f"w{i}") for i in range(len(self.names)))))
+        for k, w in sd.items():
+            if k.endswith(".weight") and w.dim() == 2:
+                p = k[: -len(".weight")]
+                self.kernels[p.replace(".", "_")] = make(w, sd.get(p + ".bias"))
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sd = {k: getattr(self, f"w{i}") for i, k in enumerate(self.names)}
+        for k in self.names:
+            if k.endswith(".weight") and k[: -len(".weight")].replace(".", "_") in self.kernels:
+                p = k[: -len(".weight")]
+                sd[p + LINEAR_KERNEL] = self.kernels[p.replace(".", "_")]
         return authors_forward(sd, x, self.num_heads, self.tokens_type)

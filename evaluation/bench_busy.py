@@ -2,8 +2,8 @@
 competing job, with each thread setting, side by side in one run.
 
 On a machine whose cores are all in use, OpenMP threads that outnumber the free cores spin-wait for each
-other at every parallel region and throughput falls off a cliff (on 2 cores with one competing job, the
-demo trained 18x slower with 2 threads than with 1). The default ``--threads auto`` counts the cores idle
+other at every parallel region and throughput falls off a cliff (reports/bench-busy.md has the measured
+slowdowns). The default ``--threads auto`` counts the cores idle
 when a step starts. This benchmark runs ``python -m evaluation.demo --steps data,train`` (the quick start's
 longest step, shortened with ``--train-images``) under each condition:
 

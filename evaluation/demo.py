@@ -13,7 +13,8 @@ each tool's output kept in ``<out>/logs/<step>.log``:
    PNGs under ``<out>/data/digits``;
 2. train (``python -m train.train``) a small T2T-ViT for a few epochs -> ``<out>/train/best.pth``;
 3. onnx (``python -m export.to_onnx``) -> ``<out>/model/<model>.fp32.onnx`` / ``.fp16.onnx``;
-4. calib (``python -m calibration.calib``) -> ``<out>/model/<model>.int8.onnx``;
+4. calib (``python -m calibration.calib``) -> ``<out>/model/<model>.int8.onnx``, and with ``--target cpu``
+   ``<model>.int8-cpu.onnx``;
 5. engine (``python -m engines.build``) fp32/fp16/int8 engines when TensorRT and a GPU are present,
    otherwise reported as skipped with the reason;
 6. bench (``python -m engines.bench --tensorrt auto``) -> ``<out>/model/bench-engines-*``;
@@ -269,6 +270,9 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         calib_cmd += ["--val-size", str(val_images)]
     step("calib", calib_cmd, needs=["train", "onnx"],
          outputs=[model_dir / f"{args.model}.int8.onnx", model_dir / f"{args.model}.calib.md"], soft=True)
+    # The same calibration for ONNX Runtime's CPU integer kernels (make calib TARGET=cpu): parity's int8-cpu row.
+    step("calib", [*calib_cmd, "--target", "cpu"], needs=["train", "onnx"], label="calib-cpu",
+         outputs=[model_dir / f"{args.model}.int8-cpu.onnx", model_dir / f"{args.model}.calib-cpu.md"], soft=True)
 
     # 5. engine ----------------------------------------------------------------------------------------
     trt_ok, trt_why = TensorRTRunner.availability()
@@ -370,8 +374,9 @@ def render_summary(s: dict[str, Any]) -> str:
     hw = s["hardware"]
     lines = [f"# T2T-ViT demo: {s['model']} at {s['img_size']} px on {s['dataset']} "
              f"({s['total_s'] / 60:.1f} min, {hw['cpu']}, {hw['cpu_cores']} cores)", ""]
+    width = max([7] + [len(r["step"]) for r in s["steps"]])  # engine-int8, calib-cpu: columns stay aligned
     for r in s["steps"]:
-        head = f"- {r['step']:<7} {r['status']:<7}"
+        head = f"- {r['step']:<{width}} {r['status']:<7}"
         if r["seconds"]:
             head += f" {r['seconds']:5.0f} s"
         lines.append(head)

@@ -62,7 +62,7 @@ def test_reduced_demo_runs_every_step_on_digits(tmp_path):
     for name in ("data", "train", "bench"):
         assert steps[name]["status"] == "ok", steps[name]
     # Quality thresholds of a one-epoch tiny model may be missed ("warn"); the files must exist anyway.
-    for name in ("onnx", "calib", "parity"):
+    for name in ("onnx", "calib", "calib-cpu", "parity"):
         assert steps[name]["status"] in ("ok", "warn"), steps[name]
     from engines.backends import backend_statuses
 
@@ -70,7 +70,7 @@ def test_reduced_demo_runs_every_step_on_digits(tmp_path):
     if not trt.available:
         assert steps["engine"]["status"] == "skipped" and steps["engine"]["reason"] == trt.reason
     model_dir = out / "model"
-    for name in ("t2t_vit_test.fp32.onnx", "t2t_vit_test.fp16.onnx", "t2t_vit_test.int8.onnx",
+    for name in ("t2t_vit_test.fp32.onnx", "t2t_vit_test.fp16.onnx", "t2t_vit_test.int8.onnx", "t2t_vit_test.int8-cpu.onnx",
                  "parity-t2t_vit_test.json", "parity-t2t_vit_test.md", "parity-t2t_vit_test.png"):
         assert (model_dir / name).is_file(), name
     assert (out / "train" / "best.pth").is_file()
@@ -88,4 +88,6 @@ def test_reduced_demo_runs_every_step_on_digits(tmp_path):
     assert parity["data"]["class_mapping"].startswith("10 folders -> the model's 10-class list")
     ort_fp32 = next(b for b in parity["backends"] if b["name"] == "onnxruntime-cpu-fp32")
     assert ort_fp32["top1_agreement"] == 100.0
+    # The CPU int8 graph the demo made is a parity backend of its own, evaluated, not skipped.
+    assert next(b for b in parity["backends"] if b["name"] == "onnxruntime-cpu-int8-cpu")["top1_agreement"] > 0
     assert len(text.splitlines()) <= 45  # one screen

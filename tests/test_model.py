@@ -15,7 +15,7 @@ from timm.data import resolve_data_config
 
 import t2t_vit
 from t2t_vit.checkpoint import CheckpointError, build_model, load_checkpoint, read_checkpoint
-from t2t_vit.layers import SoftSplit, TokenPerformer, sinusoid_table
+from t2t_vit.layers import OneDNNLinear, SoftSplit, TokenPerformer, onednn_linears, sinusoid_table
 from t2t_vit.model import ARCHS, TEST_MODELS
 
 from evaluation.authors import authors_forward, numpy_sinusoid
@@ -219,6 +219,24 @@ def test_sdpa_path_equals_explicit_path():
         model.set_fused_attn(False)
         b = model(x)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_onednn_linears_equal_the_model(name):
+    model = _randomize(timm.create_model(name, img_size=64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = onednn_linears(model)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert linears > 0 and sum(type(m) is OneDNNLinear for m in fast.modules()) == linears
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    # The caller's model is untouched: still plain Linears with the same weights.
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="float32 on the CPU"):
+        fast.head(torch.randn(2, fast.head.in_features, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("impl", ["conv", "grouped"])
