@@ -34,7 +34,7 @@ from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list,
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.graphs import graph_inputs, read_metadata
-from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
 from t2t_vit.timing import latency_stats, load_average, time_calls
 
@@ -335,10 +335,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any]) -> Any:
     """The figure: median latency and images/s against batch, one line per backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series: dict[str, list[dict]] = {}
     for r in report["rows"]:

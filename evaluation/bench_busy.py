@@ -32,7 +32,7 @@ import yaml
 
 from t2t_vit.cli import comma_list, run_command
 from t2t_vit.errors import T2TError
-from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 from t2t_vit.timing import child_process_kwargs, load_average, run_child
 
 __all__ = ["parse_condition", "get_args_parser", "main"]
@@ -121,10 +121,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))

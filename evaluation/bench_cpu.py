@@ -58,7 +58,7 @@ from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import ort_session, ort_session_options
 from t2t_vit.layers import OneDNNLinear, onednn_linears
 from t2t_vit.model import ARCHS
-from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 from t2t_vit.timing import load_average, time_calls
 
 from .authors import AuthorsModel
@@ -505,10 +505,7 @@ def _goals(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot(report: dict[str, Any]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = report["models"]
     batch = max(report["batches"])

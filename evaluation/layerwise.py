@@ -40,7 +40,7 @@ from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagen
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock
 from t2t_vit.graphs import GraphError, read_metadata, value_types
-from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 
 _logger = logging.getLogger(__name__)
 
@@ -283,10 +283,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     res = report["result"]
     fig, ax = plt.subplots(figsize=(12, 4.5))

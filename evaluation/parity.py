@@ -50,7 +50,7 @@ from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
 from t2t_vit.graphs import read_metadata
 from t2t_vit.labels import model_class_names, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
-from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner, select_backends
 
 _logger = logging.getLogger(__name__)
@@ -497,10 +497,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _chart(report: dict[str, Any]) -> Any:
     """Bar chart of top-1 per backend, annotated with the delta and the agreement."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [b for b in report["backends"] if b.get("top1") is not None]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))

@@ -42,7 +42,7 @@ from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.layers import TokenPerformer
 from t2t_vit.metrics import LogitStats
-from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 
 _logger = logging.getLogger(__name__)
 
@@ -396,10 +396,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
 
 
 def _ln_figure(stats: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(11, 4))
     x = np.arange(len(stats))
@@ -416,10 +413,7 @@ def _ln_figure(stats: list[dict[str, Any]]) -> Any:
 
 
 def _act_figure(acts: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(12, 4))
     x = np.arange(len(acts))

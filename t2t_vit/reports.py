@@ -23,7 +23,7 @@ from .env import host_info
 from .files import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["HEADER_KEYS", "report_header", "command_line", "write_report", "markdown_table", "json_safe",
-           "host_line"]
+           "host_line", "pyplot"]
 
 HEADER_KEYS = ("tool", "command", "created_utc", "host")
 
@@ -88,6 +88,17 @@ def write_report(stem: str | os.PathLike, report: dict[str, Any], markdown: str,
         plt.close(figure)
         paths.append(png)
     return paths
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, for report figures (imported on first use: matplotlib
+    is heavy and only reports need it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -46,6 +46,7 @@ from t2t_vit.data import DataConfig, DataError, ImageBatcher, SkippingDataset, s
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, atomic_torch_save, atomic_write, atomic_write_text
 from t2t_vit.metrics import topk_correct
+from t2t_vit.reports import pyplot
 
 from .config import parse_config, recipe_path, recipe_summary, resolve_ema_decay, resolve_lr, resolve_schedule
 from .data import ImageCache, build_train_transform, resolve_split, scan_split, seed_worker
@@ -191,10 +192,7 @@ def learning_curves(rows: list[dict[str, Any]], title: str) -> Any:
     ``rows`` are summary.csv rows (strings) or parsed ones; epochs without validation are skipped in the
     accuracy lines, so ``--eval-every N`` still draws connected curves.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def col(name: str) -> tuple[list[int], list[float]]:
         pts = [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
