@@ -295,8 +295,8 @@ class OneDNNLinear(nn.Module):
 
     PyTorch's own fp32 CPU GEMM goes through its BLAS (MKL in the official wheels), which on some x86 CPUs,
     AMD's among them, runs well below the vector units' rate; oneDNN picks the kernel for the CPU it runs on.
-    The weights are kept in oneDNN's blocked layout (converted once); each call converts its input and output
-    (dense <-> oneDNN). Results equal ``nn.Linear`` to float32 rounding (another summation order).
+    The weights are converted to oneDNN tensors once; each call converts its input and output (dense <->
+    oneDNN). Results equal ``nn.Linear`` to float32 rounding (another summation order).
     """
 
     def __init__(self, linear: nn.Linear | None = None, *, weight: torch.Tensor | None = None,
@@ -320,6 +320,10 @@ class OneDNNLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def __deepcopy__(self, memo: dict) -> "OneDNNLinear":
+        # oneDNN tensors have no storage to copy; rebuild from their dense values.
+        return OneDNNLinear(weight=self.weight.to_dense(), bias=self.bias.to_dense())
 
 
 def onednn_linears(model: nn.Module) -> nn.Module:

@@ -237,6 +237,10 @@ def test_onednn_linears_equal_the_model(name):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(TypeError, match="float32 on the CPU"):
         fast.head(torch.randn(2, fast.head.in_features, dtype=torch.bfloat16))
+    # The copy copies again (oneDNN tensors have no storage of their own to deep-copy).
+    again = onednn_linears(fast)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["conv", "grouped"])
