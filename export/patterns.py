@@ -96,8 +96,8 @@ FP32_ISLAND_REASON = ("Performer linear-attention core (feature exponents w.x - 
                       "underflows and the rescaled epsilon overflows (the export report's contrast row measures "
                       "the graph without it). See t2t_vit.layers.TokenPerformer")
 LAYERNORM_FP32_REASON = ("LayerNorm computed in fp32 behind Casts (--layernorm-precision fp32, the default): in fp16 "
-                         "its sum of squares overflows past 65504; the reference checkpoint's final LayerNorm "
-                         "reaches 1/1.8 of that (docs/precision.md)")
+                         "its sum of squares overflows past 65504, and a trained checkpoint's last LayerNorms come "
+                         "close (docs/precision.md; make precision measures the margin)")
 
 
 def fp32_tensor_reasons(model_proto, tensors: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -77,10 +77,10 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-# LayerNorm precision in the fp16 (and TensorRT int8) graph: fp32 behind Casts. On the reference checkpoint the
-# final LayerNorm's sum of squares reaches 36,222 of fp16's 65,504 (1.8x headroom) on in-distribution images,
-# while an fp16 LayerNorm changed no measurable accuracy: the margin, not the accuracy, decides
-# (docs/precision.md, reports/precision-layernorm-t2t_vit_7.md). --layernorm-precision fp16 opts out.
+# LayerNorm precision in the fp16 (and TensorRT int8) graph: fp32 behind Casts. On the reference checkpoint an
+# fp16 LayerNorm cost no measurable accuracy, but the final LayerNorm's margin to fp16's range was small: the
+# margin, not the accuracy, decides (docs/precision.md, reports/precision-layernorm-t2t_vit_7.md).
+# --layernorm-precision fp16 opts out.
 DEFAULT_LAYERNORM = "fp32"
 MIN_OPSET, MAX_OPSET = 17, 23
 PRECISIONS = ("fp32", "fp16")
