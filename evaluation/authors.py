@@ -127,6 +127,7 @@ class AuthorsModel(torch.nn.Module):
         self.tokens_type = tokens_type
 
         self.kernels = torch.nn.ModuleDict()
+        self.kernel_keys: dict[str, str] = {}  # Linear prefix -> its key in self.kernels (no dots allowed there)
 
     def with_linear_kernel(self, make: Callable[[torch.Tensor, torch.Tensor | None], torch.nn.Module]) -> "AuthorsModel":
         """Every Linear (each 2-D ``*.weight``) computed by ``make(weight, bias)`` instead of ``F.linear``: the
@@ -136,13 +137,11 @@ class AuthorsModel(torch.nn.Module):
         for k, w in sd.items():
             if k.endswith(".weight") and w.dim() == 2:
                 p = k[: -len(".weight")]
-                self.kernels[p.replace(".", "_")] = make(w, sd.get(p + ".bias"))
+                self.kernel_keys[p] = p.replace(".", "_")
+                self.kernels[self.kernel_keys[p]] = make(w, sd.get(p + ".bias"))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sd = {k: getattr(self, f"w{i}") for i, k in enumerate(self.names)}
-        for k in self.names:
-            if k.endswith(".weight") and k[: -len(".weight")].replace(".", "_") in self.kernels:
-                p = k[: -len(".weight")]
-                sd[p + LINEAR_KERNEL] = self.kernels[p.replace(".", "_")]
+        sd.update({p + LINEAR_KERNEL: self.kernels[key] for p, key in self.kernel_keys.items()})
         return authors_forward(sd, x, self.num_heads, self.tokens_type)

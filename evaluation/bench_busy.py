@@ -198,7 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "load_average_start": start_load, "load_average_end": load_average()}
         report["verdict"] = _verdict(rows, args.load)
         md = render_markdown(report)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         write_report(Path(args.out) / "bench-busy", report, md, plot(report))
         print(md)
         return 0

@@ -180,7 +180,6 @@ def gemm_ceiling(threads: int, work: Path, n: int = 2048, seconds: float = 2.0) 
          numpy_helper.from_array(np.array(scale, np.float32), "sa"),
          numpy_helper.from_array(np.array(0.05, np.float32), "sb"),
          numpy_helper.from_array(np.array(0, np.int8), "z")])
-    work.mkdir(parents=True, exist_ok=True)
     for key, graph in (("ort_fp32_gflops", fp32), ("ort_int8_gops", int8)):
         path = work / f"{graph.name}.onnx"
         atomic_save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
@@ -337,7 +336,8 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     graphs["ours int8 (TensorRT graph)"] = q["int8"]
     rows: list[dict[str, Any]] = []
     xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
-    per_batch = 3 + (1 if args.compile else 0) + (2 if torch.backends.mkldnn.is_available() else 0)
+    onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its two rows
+    per_batch = 3 + (1 if args.compile else 0) + (2 if onednn else 0)
     bar = tqdm(total=len(graphs) * len(args.batches) + per_batch * len(args.batches), desc=name, unit="run",
                disable=args.no_progress)
     for label, path in graphs.items():
@@ -352,7 +352,6 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
                          "profile": profile})
             bar.update(1)
     ref = AuthorsModel(model.state_dict(), ARCHS[name]["num_heads"], ARCHS[name]["tokens_type"]).eval()
-    onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its two rows
     if onednn:
         fast = onednn_linears(model)
         ref_fast = AuthorsModel(model.state_dict(), ARCHS[name]["num_heads"], ARCHS[name]["tokens_type"]).eval()
@@ -595,7 +594,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["goals_note"] = "not judged: the goals are set at 224 px for batches 1 and 8 (this run: " \
                                    f"{args.img_size} px, batches {list(args.batches)})"
         md = render_markdown(report)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         write_report(Path(args.out) / "bench-cpu", report, md, plot(report))
         print(md)
         return 0

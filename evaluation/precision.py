@@ -268,6 +268,16 @@ def _logits(model: nn.Module, batches: Sequence[torch.Tensor], dtype: torch.dtyp
         return np.concatenate([model(x.to(dtype)).float().numpy() for x in batches])
 
 
+def _comparison_table(rows: list[dict[str, Any]], nonfinite: bool = False) -> str:
+    """The Markdown table of :func:`_compare` rows (``nonfinite``: with the non-finite image count)."""
+    keys = ["variant", "top1", "delta_top1", "top1_agreement", "disagreements", "max_abs_dlogit", "mean_abs_dlogit"]
+    head = ["variant", "top-1 %", "delta top-1", "top-1 agreement %", "disagreements", "max abs dlogit",
+            "mean abs dlogit"]
+    if nonfinite:
+        keys, head = keys + ["nonfinite_images"], head + ["non-finite images"]
+    return markdown_table(head, [[r[k] for k in keys] for r in rows])
+
+
 def _compare(name: str, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     r, c = LogitStats(), LogitStats()
     r.update(ref, labels)
@@ -315,6 +325,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     steps = [s for s in ("tf32", "layernorm", "activations") if s in args.what]
     bar = tqdm(total=8 if "tf32" in steps else 0, desc="precision", disable=args.no_progress)
     ref = _logits(model, xs)
+    half = _half(model) if {"tf32", "layernorm"} & set(steps) else None  # one fp16 copy for both steps
     written = []
     with OutputLock(out):
         if "tf32" in steps:
@@ -324,7 +335,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 with tf32_matmuls(scope):
                     rows.append(_compare(what, ref, _logits(model, xs), labels))
                 bar.update(1)
-            half = _half(model)
             half16 = _logits(half, xs, torch.float16)
             rows.append(_compare("fp16 model, fp32 island (the fp16 engine without TF32)", ref, half16, labels))
             with tf32_matmuls("performer"):
@@ -337,14 +347,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                   f"from `{root}`; against the fp32 model with plain fp32 arithmetic. TF32 = MatMul/Linear/Conv "
                   f"inputs rounded to 10 mantissa bits (round to nearest even), fp32 accumulation. Host: "
                   f"{host_line(header['host'])}.", "",
-                  markdown_table(["variant", "top-1 %", "delta top-1", "top-1 agreement %", "disagreements",
-                                  "max abs dlogit", "mean abs dlogit"],
-                                 [[r["variant"], r["top1"], r["delta_top1"], r["top1_agreement"], r["disagreements"],
-                                   r["max_abs_dlogit"], r["mean_abs_dlogit"]] for r in rows]), ""]
+                  _comparison_table(rows), ""]
             written += write_report(out / f"precision-tf32-{args.model}", tf32, "\n".join(md))
         if "layernorm" in steps:
             stats = layernorm_stats(model, xs)
-            half = _half(model)
             rows = []
             for mode in ("fp32", "fp16-io", "fp16-math"):
                 with layernorm_mode(mode):
@@ -362,10 +368,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                   "fp16 model = the fp16 export's numerics (`.half()`, Performer island in fp32), LayerNorm computed "
                   "as stated; compared with the fp32 model. `fp16-io`: fp16 input/output, fp32 mean/variance. "
                   "`fp16-math`: mean, squares and sums in fp16 (pairwise), the worst case.", "",
-                  markdown_table(["variant", "top-1 %", "delta top-1", "top-1 agreement %", "disagreements",
-                                  "max abs dlogit", "mean abs dlogit", "non-finite images"],
-                                 [[r["variant"], r["top1"], r["delta_top1"], r["top1_agreement"], r["disagreements"],
-                                   r["max_abs_dlogit"], r["mean_abs_dlogit"], r["nonfinite_images"]] for r in rows]), "",
+                  _comparison_table(rows, nonfinite=True), "",
                   "## Per LayerNorm", "",
                   f"fp16 overflows when a square (|x - mean| > 256) or a sum of squares passes {FP16_MAX:g}. "
                   f"Headroom = how many times larger the worst value could grow first. Smallest headroom: "
