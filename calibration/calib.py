@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     # 2. placement
     fp32_model = ensure_opset(onnx.load(str(fp32_path)))
     placement = Placement.from_model(fp32_model, args.policy, args.exclude_t2t)
-    print(placement.describe(), flush=True)
+    print(placement.describe("fp32" if args.target == "cpu" else "fp16"), flush=True)
     nodes = placement.node_names
     input_name = fp32_model.graph.input[0].name
     reader = TensorDataReader(cached.images.numpy(), input_name=input_name)

@@ -172,7 +172,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
                 metadata: Mapping[str, Any] | None = None, opset: int = DEFAULT_OPSET, *,
                 fp16_io: bool = False, patterns: bool = True, simplify: bool = True,
                 check: bool = True, exporter: str = DEFAULT_EXPORTER, fp32_core: bool = True,
-                layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT) -> Path:
+                layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT,
+                cls_only_last_block: bool = False) -> Path:
     """Export ``model`` to one precision-typed ONNX graph at ``path`` (written atomically).
 
     Args:
@@ -196,6 +197,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
             around every LayerNormalization, :func:`export.patterns.layernorm_fp32`); None: the default,
             :data:`DEFAULT_LAYERNORM`.
         soft_split: the soft splits' Conv form, "grouped" (default) or "conv" (dense one-hot).
+        cls_only_last_block: the last block computes the class token's output only (the only one the head
+            reads; ``T2TViT.set_cls_only_last_block``): fewer multiply-adds, the same logits. Off by default,
+            so the TensorRT graphs keep every block whole.
 
     Returns:
         The path written.
@@ -217,6 +221,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
     _check_writable(path)
 
     ref = P.apply_export_patterns(model, patterns=patterns, soft_split=soft_split)
+    if cls_only_last_block:
+        ref.set_cls_only_last_block(True)
     img_size = int(getattr(ref, "img_size", 224))
     example = torch.randn(2, 3, img_size, img_size)
     module: nn.Module = ref
@@ -239,7 +245,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
     meta = {**model_metadata(model), **{str(k): str(v) for k, v in (metadata or {}).items()}}
     meta.update(exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
                 patterns=",".join(P.MODULE_PATTERNS) if patterns else "none",
-                soft_split=soft_split if patterns else "unfold")
+                soft_split=soft_split if patterns else "unfold",
+                last_block="cls-only" if cls_only_last_block else "all-tokens")
     # What the graph is (opset, precision, I/O type, fp32 islands, LayerNorm type) is read from the graph
     # itself, so the metadata cannot contradict it.
     meta.update(describe_graph(proto))
@@ -287,7 +294,8 @@ def _io_desc(vi: Any) -> dict[str, Any]:
 
 def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | None = None,
                  opset: int = DEFAULT_OPSET, fp16_io: bool = False, exporter: str = DEFAULT_EXPORTER,
-                 layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT) -> dict[str, Any]:
+                 layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT,
+                 cls_only_last_block: bool = False) -> dict[str, Any]:
     """Write ``<out>/<model>.fp32.onnx`` and ``<out>/<model>.fp16.onnx``; returns the graph part of the
     report (sizes, census, fp32 tensors kept in the fp16 graph with reasons)."""
     import onnx
@@ -300,7 +308,7 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
         t0 = time.perf_counter()
         export_onnx(model, path, precision=precision, metadata=meta, opset=opset,
                     fp16_io=fp16_io and precision == "fp16", exporter=exporter, layernorm=layernorm,
-                    soft_split=soft_split)
+                    soft_split=soft_split, cls_only_last_block=cls_only_last_block)
         graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
     fp16 = onnx.load(str(paths["fp16"]))
     graphs["fp16"]["fp32_tensors"] = P.fp32_tensor_reasons(fp16, fp32_tensors(fp16))
@@ -327,6 +335,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--soft-split", choices=P.SOFT_SPLIT_FORMS, default=P.DEFAULT_SOFT_SPLIT,
                    help=f"the soft splits' one-hot Conv: grouped (C*k^4 multiply-adds per pixel) or conv (dense, "
                         f"C^2*k^4) (default {P.DEFAULT_SOFT_SPLIT}; docs/export.md)")
+    g.add_argument("--cls-only-last-block", action="store_true",
+                   help="the last block computes the class token only (the one the head reads): same logits, "
+                        "fewer multiply-adds; for CPU graphs (docs/cpu-speed.md). Default: every block whole")
     g.add_argument("--layernorm-precision", choices=P.LAYERNORM_PRECISIONS, default=None,
                    help=f"the fp16 graph's LayerNorms: fp16, or fp32 behind Casts (default {DEFAULT_LAYERNORM}, "
                         f"chosen from the measured fp16 headroom: docs/export.md)")
@@ -359,7 +370,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     with OutputLock(out):
         graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
                               exporter=args.exporter, layernorm=args.layernorm_precision,
-                              soft_split=args.soft_split)
+                              soft_split=args.soft_split, cls_only_last_block=args.cls_only_last_block)
         report: dict[str, Any] = {
             **report_header("export.to_onnx", argv),
             "model": args.model,
@@ -378,7 +389,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                     # The evidence for the island, on these images: the same fp16 graph without it.
                     contrasts["ORT fp16 without the fp32 island"] = export_onnx(
                         model, Path(tmp) / "no-island.onnx", "fp16", opset=args.opset, exporter=args.exporter,
-                        layernorm=args.layernorm_precision, soft_split=args.soft_split, fp32_core=False)
+                        layernorm=args.layernorm_precision, soft_split=args.soft_split, fp32_core=False,
+                        cls_only_last_block=args.cls_only_last_block)
                 report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"],
                                                          images, labels, batch_size=args.batch_size, source=source,
                                                          threads=threads, contrasts=contrasts)

@@ -262,11 +262,31 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused_attn = fused_attn
+        self.query_tokens: int | None = None  # set: outputs for the first query_tokens tokens only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.query_tokens:
+            return self._forward_first(x, self.query_tokens)
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim): 4-D MatMuls for TensorRT's fusion
+        drop = self.attn_drop if self.training else 0.0
+        y = _attention(q, k, v, self.scale, self.fused_attn, drop)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, c)))
+
+    def _forward_first(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``forward(x)[:, :n]`` computed for those ``n`` tokens only: queries from the first ``n`` tokens,
+        keys and values from all of them, so the q projection, q @ k^T, attn @ v and proj run on ``n`` rows."""
+        b, t, c = x.shape
+        if type(self.qkv) is nn.Linear:
+            w, bias = self.qkv.weight, self.qkv.bias
+            kv = F.linear(x, w[c:], None if bias is None else bias[c:])
+            q = F.linear(x[:, :n], w[:c], None if bias is None else bias[:c])
+        else:  # another kernel in its place (OneDNNLinear): one projection of every token, q's rows taken from it
+            qkv = self.qkv(x)
+            q, kv = qkv[:, :n, :c], qkv[..., c:]
+        k, v = kv.reshape(b, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         drop = self.attn_drop if self.training else 0.0
         y = _attention(q, k, v, self.scale, self.fused_attn, drop)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, c)))
@@ -285,8 +305,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
 
+    @property
+    def query_tokens(self) -> int | None:
+        """None: every token's output (the default). n: the first n tokens' outputs only, (B, n, C); the
+        attention output, residual and MLP are computed for those tokens alone (:meth:`Attention._forward_first`)."""
+        return self.attn.query_tokens
+
+    @query_tokens.setter
+    def query_tokens(self, n: int | None) -> None:
+        self.attn.query_tokens = n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        y = self.drop_path(self.attn(self.norm1(x)))
+        x = (x[:, :self.query_tokens] if self.query_tokens else x) + y
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -133,6 +133,17 @@ class T2TViT(nn.Module):
             if isinstance(m, TokenPerformer):
                 m.fp32_core = enable
 
+    def set_cls_only_last_block(self, enable: bool = True) -> None:
+        """Compute the last block for the class token only (an inference option, off by default).
+
+        The head reads nothing but the class token, and in the last block no other token's output reaches
+        it: the queries, attention rows, ``proj`` and MLP are needed for the class token alone (keys and
+        values still come from every token). The logits are the same up to float rounding; the last
+        block's query-side work drops to 1/N of it (N = 197 tokens at 224 px). While it is on,
+        ``forward_features`` returns the class token only, (B, 1, C).
+        """
+        self.blocks[-1].query_tokens = 1 if enable else None
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

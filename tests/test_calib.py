@@ -6,6 +6,7 @@ against the exporter's own fp32 tensors, the module scopes and the PyTorch ``w``
 """
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ import t2t_vit  # noqa: F401  (registers the models)
 from calibration import data as cdata
 from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
 from calibration.quantize import (QuantizationError, TensorDataReader, check_qdq, ensure_opset, quantize_model,
-                                  to_mixed_fp16)
+                                  to_cpu_int8, to_mixed_fp16)
 from t2t_vit.data import DataConfig, DataError
 from t2t_vit.graphs import read_metadata
 
@@ -337,6 +338,36 @@ def test_int8_graph_runs_on_ort_cpu_close_to_fp32(int8, fp32):
     assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max() + 1e-3  # int8 noise, not a different function
 
 
+def test_cls_only_last_block_graph_quantizes_like_the_whole_one(tmp_path):
+    """The cls-only last block (``--cls-only-last-block``) splits that block's qkv projection into q (class
+    token) and kv (every token): one more Linear, every other family and stage as in the whole graph; both
+    int8 targets keep their Q/DQ pattern and stay close to fp32."""
+    import onnxruntime as ort
+
+    from export.to_onnx import export_onnx
+    from t2t_vit.checkpoint import build_model
+
+    torch.manual_seed(0)
+    model = build_model("t2t_vit_test").eval()
+    graphs = {cls: ensure_opset(onnx.load(str(export_onnx(model, tmp_path / f"{cls}.onnx", "fp32",
+                                                              cls_only_last_block=cls)))) for cls in (False, True)}
+    cands = {cls: classify_nodes(g) for cls, g in graphs.items()}
+    families = {cls: collections.Counter(c.family for c in cs) for cls, cs in cands.items()}
+    assert families[True] - families[False] == collections.Counter({"linear": 1})
+    assert not families[False] - families[True]
+    last = f"blocks.{len(model.blocks) - 1}"
+    assert collections.Counter(c.stage for c in cands[True])[last] == 7  # q, kv, 2 attention, proj, fc1, fc2
+    x = np.random.default_rng(0).standard_normal((6, 3, 64, 64), dtype=np.float32)
+    nodes = Placement.from_model(graphs[True], "linear-attn").node_names
+    qdq = quantize_model(graphs[True], nodes, "max", reader=TensorDataReader(x))
+    check_qdq(to_mixed_fp16(onnx.ModelProto.FromString(qdq.SerializeToString())), nodes)
+    cpu = to_cpu_int8(qdq)
+    check_qdq(cpu, nodes, mixed_fp16=False)
+    ref = ort.InferenceSession(graphs[True].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    y = ort.InferenceSession(cpu.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max() + 1e-3
+
+
 # ---- calibration set and cache -------------------------------------------------------------------------
 
 def test_selection_is_deterministic_and_class_balanced(tmp_path):
@@ -504,10 +535,9 @@ def test_strided_max_calibration_covers_every_image(fp32, tmp_path):
     assert min(got["lowest"]["data"]) == pytest.approx(-want, rel=1e-5)
 
 
-def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path):
+def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, capsys):
     """TARGET=cpu: the same placement over fp32 (no fp16, no island), written as <model>.int8-cpu.onnx, and
     ONNX Runtime's CPU provider turns every quantized MatMul into an integer kernel."""
-    import collections
 
     import onnxruntime as ort
 
@@ -517,6 +547,7 @@ def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path):
     argv = [a for a in argv if a not in ("--sensitivity", "family", "max,entropy")]
     argv[argv.index("--method") + 1:argv.index("--method") + 1] = ["max"]
     assert main(argv + ["--target", "cpu"]) == 0
+    assert "stay fp32" in capsys.readouterr().out  # the nodes left out of int8 compute in fp32 on this target
     path = out / "t2t_vit_test.int8-cpu.onnx"
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}

@@ -175,6 +175,36 @@ def test_validation_on_real_images(tiny, shared_data):
     assert report["comparisons"][0]["max_abs_dlogit"] == pytest.approx(np.abs(l32.astype(np.float64) - ref).max())
 
 
+@pytest.mark.parametrize("name", ["t2t_vit_test", "t2t_vit_t_test"])
+def test_cls_only_last_block_graphs_equal_the_whole_model(name, tmp_path, shared_data):
+    """--cls-only-last-block: the fp32 graph gives the PyTorch model's logits (every block whole) on real
+    images, the fp16 graph those of the default fp16 graph, with every TensorRT pattern still in place."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, img_size=64).eval()
+    graphs = {(prec, cls): export_onnx(model, tmp_path / f"{prec}-{cls}.onnx", prec, cls_only_last_block=cls)
+              for prec in ("fp32", "fp16") for cls in (False, True)}
+    assert model.blocks[-1].query_tokens is None  # the caller's model keeps every block whole
+    assert read_metadata(graphs["fp32", True])["last_block"] == "cls-only"
+    assert read_metadata(graphs["fp32", False])["last_block"] == "all-tokens"
+    images = _images(model, shared_data, 24)
+    ref = V.torch_logits(model, images)
+    assert np.abs(_ort(graphs["fp32", True], images) - ref).max() <= V.FP32_MAX_ABS_DLOGIT
+    l16, l16_cls = _ort(graphs["fp16", False], images), _ort(graphs["fp16", True], images)
+    assert np.abs(l16_cls - l16).max() <= 1e-2 * np.abs(ref).max()
+    for prec in ("fp32", "fp16"):
+        proto = onnx.load(str(graphs[prec, True]))
+        chains = P.attention_chains(proto)
+        assert len(chains) == _n_softmax_attention(model)
+        assert all(c["qk_matmul"] and c["q_scaled_first"] and c["av_matmul"] for c in chains)
+        assert _census(graphs[prec, True])["LayerNormalization"] == _n_layernorm(model)
+        # The last attention has one query row: its Softmax reads (batch, heads, 1, tokens).
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+                  for v in inferred.graph.value_info}
+        last = [n for n in proto.graph.node if n.op_type == "Softmax"][-1]
+        assert shapes[last.input[0]][2:] == [1, model.pos_embed.shape[1]]
+
+
 def test_fp32_performer_core_keeps_fp32_arithmetic():
     """In float32 the swapped Performer is the model's own arithmetic, bit for bit."""
     torch.manual_seed(0)
@@ -353,6 +383,17 @@ def test_cli_writes_graphs_and_report(tmp_path, capsys):
     assert reasons[ln.output[0]] == P.LAYERNORM_FP32_REASON
     exp = next(n for n in fp16.graph.node if n.op_type == "Exp")
     assert reasons[exp.output[0]] == P.FP32_ISLAND_REASON
+
+
+def test_cli_cls_only_last_block(tmp_path, capsys):
+    out = tmp_path / "art"
+    rc = to_onnx.main(["--model", "t2t_vit_test", "--img-size", "32", "--out", str(out), "--val-images", "12",
+                       "--cls-only-last-block"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "t2t_vit_test.export.json").read_text())
+    assert report["metadata"]["last_block"] == "cls-only"
+    assert read_metadata(out / "t2t_vit_test.fp16.onnx")["last_block"] == "cls-only"
+    assert report["validation"]["comparisons"][0]["passed"]  # ORT fp32 (cls-only) vs PyTorch, every block whole
 
 
 def test_cli_with_checkpoint_records_its_hash(tmp_path):

@@ -221,6 +221,49 @@ def test_sdpa_path_equals_explicit_path():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext"])
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+def test_cls_only_last_block_gives_the_authors_logits(name, fused):
+    model = _randomize(timm.create_model(name, img_size=48)).eval()
+    model.set_fused_attn(fused)
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x)
+        model.set_cls_only_last_block()
+        cls = model(x)
+        features = model.forward_features(x)
+        ref = authors_forward(model.state_dict(), x, *_arch(name))
+        model.set_cls_only_last_block(False)
+        again = model(x)
+    assert features.shape == (3, 1, model.embed_dim)
+    torch.testing.assert_close(cls, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cls, full, atol=1e-5, rtol=0)
+    assert torch.equal(again, full)  # switched off: the whole last block again
+
+
+def test_cls_only_last_block_skips_the_query_side_work_of_the_other_tokens():
+    """Counted by PyTorch, checked against the arithmetic: for N tokens of width C (MLP hidden width M) the
+    last block stops computing N - 1 rows of the q projection, q.k^T and attn.v (N*C each), proj and the
+    MLP. Explicit attention, whose MatMuls the counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = timm.create_model("t2t_vit_14", img_size=64).eval()
+    model.set_fused_attn(False)
+    x = torch.randn(1, 3, 64, 64)
+
+    def flops():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        return counter.get_total_flops()
+
+    full = flops()
+    model.set_cls_only_last_block()
+    cls = flops()
+    n, c = model.pos_embed.shape[1], model.embed_dim
+    m = model.blocks[-1].mlp.fc1.out_features
+    assert full - cls == 2 * (n - 1) * (c * c + 2 * n * c + c * c + 2 * c * m)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
 def test_onednn_linears_equal_the_model(name):
@@ -241,6 +284,9 @@ def test_onednn_linears_equal_the_model(name):
     again = onednn_linears(fast)
     with torch.inference_mode():
         torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=1e-5)
+        # The cls-only last block takes the swapped kernel too (one projection, q's class row taken from it).
+        fast.set_cls_only_last_block(True)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["conv", "grouped"])
