@@ -8,16 +8,25 @@ ONNX Runtime CPU (default graph optimizations):
 * ``authors fp32``: a plain ``torch.onnx.export`` of the authors' formulation (:mod:`evaluation.authors`:
   Unfold, einsum), the baseline every ONNX Runtime row is divided by;
 * ``ours fp32``: ``make onnx``'s fp32 graph (grouped one-hot soft splits, explicit attention, onnxslim);
+* ``ours fp32, cls-only last block``: the same with the last block computed for the class token alone
+  (``--cls-only-last-block``, ``T2TViT.set_cls_only_last_block``: the same logits, fewer multiply-adds);
 * ``ours fp32, dense soft split``: the same with the dense one-hot Conv (``--soft-split conv``);
 * ``ours fp32 + ORT transformer fusions``: that graph through ``onnxruntime.transformers.optimizer``
   (``model_type="vit"``), with the count of each fused operator;
 * ``ours int8-cpu``: ``make calib TARGET=cpu``'s graph (the placement policy's Q/DQ over fp32, which ONNX
-  Runtime fuses into ``MatMulIntegerToFloat``), calibrated on ``--calib-data`` (else noise: ranges only);
+  Runtime fuses into ``MatMulIntegerToFloat``), calibrated on ``--calib-data`` (else noise: ranges only),
+  from ``ours fp32`` and from its cls-only-last-block form;
 * ``ours int8 (TensorRT graph)``: ``make calib``'s graph for TensorRT (fp16 outside the Q/DQ layers) on the
   CPU, for contrast.
 
 PyTorch (eager unless stated): the authors' formulation (the baseline of the PyTorch rows), ours fp32,
-ours fp32 under ``torch.compile`` (compile time reported), ours in bf16 autocast (AVX512-BF16 kernels).
+ours with oneDNN Linear layers (also with the cls-only last block, and the authors' code with the same
+kernel), ours fp32 under ``torch.compile`` (compile time reported), ours in bf16 autocast (AVX512-BF16
+kernels).
+
+The rows of one runtime and batch are timed side by side in interleaved rounds
+(:func:`t2t_vit.timing.time_interleaved`), so a change of machine speed during the run (turbo, a neighbour
+on the shared cores) reaches every row alike and the ratios stay fair.
 
 Per ONNX Runtime graph: session start-up from the graph and from ONNX Runtime's saved optimized graph
 (``optimized_model_filepath``, basic+extended optimizations, portable across CPUs of the same runtime
@@ -59,13 +68,17 @@ from t2t_vit.graphs import ort_session, ort_session_options
 from t2t_vit.layers import OneDNNLinear, onednn_linears
 from t2t_vit.model import ARCHS
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
-from t2t_vit.timing import load_average, time_calls
+from t2t_vit.timing import load_average, time_calls, time_interleaved
 
 from .authors import AuthorsModel
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["model_flops", "cpu_peak", "ort_profile", "get_args_parser", "main"]
+
+CLS = "ours fp32, cls-only last block"
+MACHINE_DRIFT = 0.10  # a GEMM rate change around a model's rows past which its ratios are flagged
+CLS_INT8 = "ours int8-cpu, cls-only last block"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,13 +157,15 @@ def cpu_peak(cores: int, ghz: float | None = None) -> dict[str, Any]:
     return out
 
 
-def gemm_ceiling(threads: int, work: Path, n: int = 2048, seconds: float = 2.0) -> dict[str, float]:
+def gemm_ceiling(threads: int, work: Path, n: int = 2048, seconds: float = 2.0, torch_too: bool = True) -> dict[str, float]:
     """What this machine's GEMM kernels deliver in practice, n x n x n with ``threads`` threads: ONNX Runtime's
     fp32 MatMul and its int8 Q/DQ MatMul (fused to MatMulIntegerToFloat, the int8-cpu graph's kernel), and
     PyTorch's fp32 and bf16 ``torch.mm``. Model rows are held against the ceiling of their own runtime and type.
 
     In a VM the nominal clock that :func:`cpu_peak` reads can be below the clock the cores run at (turbo),
-    so a row may pass the nominal peak; the measured ceilings do not depend on the clock being known."""
+    so a row may pass the nominal peak; the measured ceilings do not depend on the clock being known.
+    ``torch_too=False`` measures the ONNX Runtime kernels and the memory copy only (the quick machine check
+    around each model)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -185,6 +200,18 @@ def gemm_ceiling(threads: int, work: Path, n: int = 2048, seconds: float = 2.0) 
         atomic_save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
         sess = ort_session(path, threads=threads)
         out[key] = rate(lambda: sess.run(None, {"a": a}))
+    # Memory bandwidth (a 256 MiB copy, bytes read + written): other tenants of the host show here first; the
+    # GEMMs above run from cache and barely notice them, while a model's LayerNorms and transposes do.
+    src = np.ones(2 ** 26, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # first touch (page faults) outside the timing
+    copies, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or copies < 3:
+        np.copyto(dst, src)
+        copies += 1
+    out["copy_gbs"] = 2 * src.nbytes * copies / (time.perf_counter() - t0) / 1e9
+    if not torch_too:
+        return out
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -230,13 +257,16 @@ def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
     return path
 
 
-def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray) -> dict[str, Path]:
-    """The CPU and TensorRT int8 graphs of an fp32 graph (default policy, max calibration)."""
+def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray, tensorrt: bool = True) -> dict[str, Path]:
+    """The CPU (and, with ``tensorrt``, the TensorRT) int8 graph of an fp32 graph (default policy, max
+    calibration), written beside it."""
     fp32 = ensure_opset(onnx.load(str(fp32_path)))
     nodes = Placement.from_model(fp32, DEFAULT_POLICY).node_names
     qdq = quantize_model(fp32, nodes, "max", reader=TensorDataReader(calib_images, fp32.graph.input[0].name))
-    paths = {"int8-cpu": work / "int8-cpu.onnx", "int8": work / "int8-tensorrt.onnx"}
-    atomic_save_onnx(to_mixed_fp16(onnx.ModelProto.FromString(qdq.SerializeToString())), paths["int8"])
+    paths = {"int8-cpu": work / f"{fp32_path.stem}.int8-cpu.onnx"}
+    if tensorrt:
+        paths["int8"] = work / f"{fp32_path.stem}.int8-tensorrt.onnx"
+        atomic_save_onnx(to_mixed_fp16(onnx.ModelProto.FromString(qdq.SerializeToString())), paths["int8"])
     atomic_save_onnx(to_cpu_int8(qdq), paths["int8-cpu"])
     return paths
 
@@ -306,11 +336,18 @@ def _time(fn: Callable[[], Any], min_time: float, min_iters: int) -> float:
     return statistics.median(time_calls(fn, warmup=2, min_iters=min_iters, min_time_s=min_time))
 
 
+def _time_all(fns: dict[str, Callable[[], Any]], min_time: float, min_iters: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed side by side in interleaved rounds (``min_time`` and
+    ``min_iters`` per function over all rounds)."""
+    times = time_interleaved(fns, warmup=2, min_iters=min_iters, min_time_s=min_time)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
 def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[str, Any], work: Path,
-                calib_images: np.ndarray | None) -> dict[str, Any]:
+                calib_images: np.ndarray | None, check: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     torch.manual_seed(0)
@@ -324,8 +361,12 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
         model.set_soft_split_impl(form)
         soft_split[form] = (model_flops(model, size) - flops) / 1e9
     model.set_soft_split_impl("unfold")
+    model.set_cls_only_last_block(True)
+    cls_only = model_flops(model, size) / 1e9
+    model.set_cls_only_last_block(False)
     graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
               "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
+              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32", cls_only_last_block=True),
               "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32", soft_split="conv")}
     graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
                                                                                work / "fp32-ort-fused.onnx")
@@ -333,27 +374,40 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
         calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
     q = int8_graphs(graphs["ours fp32"], work, calib_images)
     graphs["ours int8-cpu"] = q["int8-cpu"]
+    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images, tensorrt=False)["int8-cpu"]
     graphs["ours int8 (TensorRT graph)"] = q["int8"]
     rows: list[dict[str, Any]] = []
     xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
     onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its two rows
-    per_batch = 3 + (1 if args.compile else 0) + (2 if onednn else 0)
+    per_batch = 3 + (1 if args.compile else 0) + (3 if onednn else 0)
     bar = tqdm(total=len(graphs) * len(args.batches) + per_batch * len(args.batches), desc=name, unit="run",
                disable=args.no_progress)
+    machine = {"before": check()} if check else {}
+    sessions, extra = {}, {}
     for label, path in graphs.items():
-        sess = ort_session(path, threads=threads)
-        inp = sess.get_inputs()[0].name
-        startup = _startup(path, threads, xs[max(args.batches)], args.min_time, args.min_iters)
-        profile = ort_profile(path, xs[max(args.batches)], threads)
+        extra[label] = {"file_mib": path.stat().st_size / 2**20,
+                        **_startup(path, threads, xs[max(args.batches)], args.min_time, args.min_iters),
+                        "profile": ort_profile(path, xs[max(args.batches)], threads)}
+        sessions[label] = ort_session(path, threads=threads)
+    # Every graph of a batch in interleaved rounds: machine drift lands on all of them alike.
+    seconds: dict[tuple[str, int], float] = {}
+    for b in args.batches:
+        fns = {label: (lambda s=sess, n=sess.get_inputs()[0].name, x=xs[b]: s.run(None, {n: x}))
+               for label, sess in sessions.items()}
+        for label, times in _time_all(fns, args.min_time, args.min_iters).items():
+            seconds[label, b] = times
+        bar.update(len(fns))
+    for label in graphs:
         for b in args.batches:
-            sec = _time(lambda: sess.run(None, {inp: xs[b]}), args.min_time, args.min_iters)
+            sec = seconds[label, b]
             rows.append({"runtime": "onnxruntime", "variant": label, "batch": b, "median_ms": 1e3 * sec,
-                         "images_per_s": b / sec, "file_mib": path.stat().st_size / 2**20, **startup,
-                         "profile": profile})
-            bar.update(1)
+                         "images_per_s": b / sec, **extra[label]})
+    del sessions
     ref = AuthorsModel(model.state_dict(), ARCHS[name]["num_heads"], ARCHS[name]["tokens_type"]).eval()
     if onednn:
         fast = onednn_linears(model)
+        fast_cls = onednn_linears(model)
+        fast_cls.set_cls_only_last_block(True)
         ref_fast = AuthorsModel(model.state_dict(), ARCHS[name]["num_heads"], ARCHS[name]["tokens_type"]).eval()
         ref_fast.with_linear_kernel(lambda w, b: OneDNNLinear(weight=w, bias=b))
     with torch.inference_mode():
@@ -364,6 +418,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
             if onednn:
                 # The same kernel swap on the authors' model: how much of the gain is the kernel library.
                 variants += [("ours fp32 eager, oneDNN Linear", lambda: fast(x), None),
+                             ("ours fp32 eager, oneDNN Linear, cls-only last block", lambda: fast_cls(x), None),
                              ("authors fp32 eager, oneDNN Linear", lambda: ref_fast(x), None)]
             if args.compile:
                 t0 = time.perf_counter()
@@ -376,12 +431,15 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
                     return model(x)
 
             variants.append(("ours bf16 autocast eager", bf16, None))
+            secs = _time_all({label: fn for label, fn, _ in variants}, args.min_time, args.min_iters)
             for label, fn, compile_s in variants:
-                sec = _time(fn, args.min_time, args.min_iters)
-                rows.append({"runtime": "pytorch", "variant": label, "batch": b, "median_ms": 1e3 * sec,
-                             "images_per_s": b / sec, "compile_s": compile_s})
-                bar.update(1)
+                rows.append({"runtime": "pytorch", "variant": label, "batch": b, "median_ms": 1e3 * secs[label],
+                             "images_per_s": b / secs[label], "compile_s": compile_s})
+            bar.update(len(variants))
     bar.close()
+    if check:
+        machine["after"] = check()
+        machine["changed"] = max(abs(machine["after"][k] / machine["before"][k] - 1) for k in machine["before"])
     for r in rows:
         base = next(x for x in rows if x["runtime"] == r["runtime"] and x["batch"] == r["batch"]
                     and x["variant"].startswith("authors"))
@@ -391,7 +449,8 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
         peak_val = row_peak(r["variant"], peak)
         r["peak_fraction"] = achieved / peak_val if peak_val else None
     return {"model": name, "img_size": size, "gflop_per_image": flops / 1e9, "rows": rows,
-            "soft_split_gflop_per_image": soft_split, "transformer_fusions": fusions, "graphs": {k: str(v) for k, v in graphs.items()}}
+            "soft_split_gflop_per_image": soft_split, "cls_only_gflop_per_image": cls_only, "machine_check": machine,
+            "transformer_fusions": fusions, "graphs": {k: str(v) for k, v in graphs.items()}}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -406,7 +465,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"row's type: int8 for int8-cpu (whose LayerNorms, Softmax and Performer core still run in fp32, so "
              f"the fraction understates the int8 kernels), none for the TensorRT int8 graph (mixed types, its fp16 "
              f"through Casts on a CPU). Same (random) weights everywhere; latency is the median of at least "
-             f"{report['min_iters']} runs and {report['min_time_s']} s.", ""]
+             f"{report['min_iters']} runs and {report['min_time_s']} s, the rows of one runtime and batch timed in "
+             f"5 interleaved rounds (each round visits every row, in a rotated order), so a change of machine speed "
+             f"during the run slows every row alike instead of the one running at the time.", ""]
     gemm = peak.get("gemm_measured")
     if gemm:
         lines[-2] += (f" Measured in the same run, a 2048 x 2048 x 2048 GEMM with {report['threads']} threads reaches "
@@ -416,19 +477,32 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{gemm.get('torch_onednn_fp32_gflops') or float('nan'):.0f} fp32 GFLOP/s through oneDNN "
                       f"(`t2t_vit.layers.OneDNNLinear`): the ceilings a model "
                       f"row can approach. Where a ceiling or a row passes the nominal peak, the cores ran above the "
-                      f"nominal clock (turbo), which this machine does not report.")
+                      f"nominal clock (turbo), which this machine does not report. A 256 MiB copy moves "
+                      f"{gemm.get('copy_gbs') or float('nan'):.1f} GB/s (read + write).")
     for m in report["models"]:
         ss = m.get("soft_split_gflop_per_image", {})
         lines += [f"## {m['model']} ({m['img_size']} px, {m['gflop_per_image']:.2f} GFLOP per image)", "",
                   f"The soft splits as one-hot Convs add {ss.get('grouped', 0):.3f} GFLOP per image in the grouped "
                   f"form and {ss.get('conv', 0):.3f} in the dense form (all but the grouped form's share multiply "
-                  f"by zero); GFLOP/s below count the model's {m['gflop_per_image']:.2f}.", ""]
+                  f"by zero). With the last block for the class token only (the cls-only rows) the model does "
+                  f"{m.get('cls_only_gflop_per_image') or float('nan'):.2f} GFLOP per image. GFLOP/s below count "
+                  f"the whole model's {m['gflop_per_image']:.2f} for every row (work-equivalent rates).", ""]
         table = [[r["runtime"], r["variant"], r["batch"], r["median_ms"], r["images_per_s"],
                   f"{r['speedup_vs_authors']:.2f}x", r["achieved_gflops"],
                   f"{100 * r['peak_fraction']:.1f}%" if r.get("peak_fraction") else "-",
                   r.get("compile_s")] for r in m["rows"]]
         lines += [markdown_table(["runtime", "variant", "batch", "median ms", "images/s", "vs authors",
                                   "GFLOP/s (GOP/s int8)", "of peak", "compile s"], table), ""]
+        mc = m.get("machine_check") or {}
+        if mc.get("after"):
+            b, a = mc["before"], mc["after"]
+            lines += [f"Machine check, ONNX Runtime's 2048^3 GEMMs and a 256 MiB copy just before these rows and "
+                      f"just after them: fp32 "
+                      f"{b['ort_fp32_gflops']:.0f} -> {a['ort_fp32_gflops']:.0f} GFLOP/s, int8 {b['ort_int8_gops']:.0f} "
+                      f"-> {a['ort_int8_gops']:.0f} GOP/s, memory copy {b['copy_gbs']:.1f} -> {a['copy_gbs']:.1f} GB/s"
+                      + (f". **The machine's speed changed by {100 * mc['changed']:.0f}% during these rows** (another "
+                         f"tenant of the host, or the clock): their ratios are less certain than usual."
+                         if mc["changed"] > MACHINE_DRIFT else f" (within {100 * MACHINE_DRIFT:.0f}%)."), ""]
         big = max(r["batch"] for r in m["rows"])
         starts = [[r["variant"], r["session_s"], r["session_from_saved_optimized_s"], r["saved_optimized_ms_max_batch"],
                    r["median_ms"]] for r in m["rows"] if r["runtime"] == "onnxruntime" and r["batch"] == big]
@@ -490,16 +564,17 @@ def _goals(report: dict[str, Any]) -> list[dict[str, Any]]:
 
     for model in ("t2t_vit_7", "t2t_vit_14"):
         ort_base, pt_base = rows(model, "onnxruntime", "authors fp32"), rows(model, "pytorch", "authors fp32 eager")
-        fp32 = rows(model, "onnxruntime", "ours fp32")
+        fp32 = rows(model, "onnxruntime", "ours fp32") + rows(model, "onnxruntime", CLS)
         if fp32:
-            goal(f"{model}: ONNX Runtime fp32 >= 1.3x the authors' export at every batch", fp32, 1.3, ort_base,
-                 gemm.get("ort_fp32_gflops"), "GFLOP/s")
-        int8 = rows(model, "onnxruntime", "ours int8-cpu")
+            goal(f"{model}: ONNX Runtime fp32 >= 1.3x the authors' export at every batch (ours fp32, or cls-only "
+                 f"last block)", fp32, 1.3, ort_base, gemm.get("ort_fp32_gflops"), "GFLOP/s")
+        int8 = rows(model, "onnxruntime", "ours int8-cpu") + rows(model, "onnxruntime", CLS_INT8)
         if int8:
             need = 2.5 if model == "t2t_vit_14" else 2.0
-            goal(f"{model}: int8-cpu >= {need}x the authors' fp32 export", int8, need, ort_base,
-                 gemm.get("ort_int8_gops"), "GOP/s")
-        pt = [r for v in ("ours fp32 eager", "ours fp32 eager, oneDNN Linear", "ours fp32 torch.compile")
+            goal(f"{model}: int8-cpu >= {need}x the authors' fp32 export (either int8-cpu graph)", int8, need,
+                 ort_base, gemm.get("ort_int8_gops"), "GOP/s")
+        pt = [r for v in ("ours fp32 eager", "ours fp32 eager, oneDNN Linear",
+                          "ours fp32 eager, oneDNN Linear, cls-only last block", "ours fp32 torch.compile")
               for r in rows(model, "pytorch", v)]
         if pt:
             ceiling = max(gemm.get("torch_fp32_gflops") or 0, gemm.get("torch_onednn_fp32_gflops") or 0) or None
@@ -583,7 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = DataConfig.from_model(m)
                 calib = load_or_preprocess(select_samples(args.calib_data, args.calib_images, what="--calib-images"),
                                            cfg, Path(args.work) / "calib", progress=False).images.numpy()
-            models.append(bench_model(name, args, threads, peak, Path(args.work) / f"{name}-{args.img_size}", calib))
+            models.append(bench_model(name, args, threads, peak, Path(args.work) / f"{name}-{args.img_size}", calib,
+                                      check=lambda: gemm_ceiling(threads, Path(args.work) / "gemm", seconds=1.0,
+                                                                 torch_too=False)))
         report = {**header, "threads": threads, "peak": peak, "batches": list(args.batches),
                   "min_time_s": args.min_time, "min_iters": args.min_iters, "models": models,
                   "load_average_end": load_average()}

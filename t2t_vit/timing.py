@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import T2TError
 
-__all__ = ["time_calls", "latency_stats", "PeakMemory", "run_case_in_subprocess", "child_process_kwargs",
+__all__ = ["time_calls", "time_interleaved", "latency_stats", "PeakMemory", "run_case_in_subprocess", "child_process_kwargs",
            "run_child", "load_average"]
 
 
@@ -46,6 +46,26 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 1, min_iters: int = 3, mi
         fn()
         sync()
         times.append(clock() - t0)
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, warmup: int = 2, min_iters: int = 5,
+                     min_time_s: float = 3.0, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, timed in ``rounds`` interleaved rounds: every round times each
+    function for ``min_time_s / rounds`` seconds (at least one call; ``min_iters`` calls over all rounds),
+    in an order rotated by one each round. A machine whose speed drifts during the run (turbo, a neighbour
+    on shared cores) then slows every function alike, so their ratios stay fair; timed one after another,
+    the drift would land on whichever function ran at the time."""
+    labels = list(fns)
+    for label in labels:
+        for _ in range(warmup):
+            fns[label]()
+    per_round = max(1, math.ceil(min_iters / rounds))
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            times[label] += time_calls(fns[label], warmup=0, min_iters=per_round, min_time_s=min_time_s / rounds,
+                                       clock=clock)
     return times
 
 

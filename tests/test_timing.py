@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from t2t_vit.errors import T2TError
-from t2t_vit.timing import PeakMemory, latency_stats, run_case_in_subprocess, time_calls
+from t2t_vit.timing import PeakMemory, latency_stats, run_case_in_subprocess, time_calls, time_interleaved
 
 
 def test_latency_stats_against_numpy():
@@ -40,6 +40,38 @@ def test_time_calls_warmup_min_iters_and_min_time():
     assert times == [0.25] * 4 and len(calls) == 6  # 2 warm-up calls are not timed
     assert len(time_calls(fn, warmup=0, min_iters=3, min_time_s=0.0, clock=clock)) == 3
     assert len(time_calls(fn, warmup=0, min_iters=1, min_time_s=100.0, max_iters=5, clock=clock)) == 5
+
+
+def test_interleaved_timing_spreads_a_drifting_machine_over_every_function():
+    """A machine that slows down steadily (each call 1% slower than the last): two functions doing the same
+    work, timed one after the other, differ by the drift; interleaved, their medians agree within a round's
+    worth of drift, and each round visits them in a rotated order."""
+    t, speed, order = [0.0], [1.0], []
+
+    def clock():
+        return t[0]
+
+    def work(label):
+        def fn():
+            order.append(label)
+            t[0] += 0.1 * speed[0]
+            speed[0] *= 1.01
+        return fn
+
+    fns = {"a": work("a"), "b": work("b")}
+    a = time_calls(fns["a"], warmup=0, min_iters=1, min_time_s=1.0, clock=clock)
+    b = time_calls(fns["b"], warmup=0, min_iters=1, min_time_s=1.0, clock=clock)
+    assert np.median(b) / np.median(a) > 1.08  # sequential: the drift reads as a 10% difference
+    order.clear()
+    times = time_interleaved(fns, rounds=10, warmup=1, min_iters=1, min_time_s=2.0, clock=clock)
+    assert order[:2] == ["a", "b"]  # warm-up, untimed
+    timed = order[2:]
+    runs = [x for i, x in enumerate(timed) if i == 0 or x != timed[i - 1]]
+    # Rounds a|b, b|a, a|b, ...: a rotated order joins each round's last function to the next round's first,
+    # so 10 rounds make 11 runs of one function (in a fixed order they would make 20).
+    assert runs[0] == "a" and len(runs) == 11
+    assert len(times["a"]) >= 10 and len(times["b"]) >= 10
+    assert abs(np.median(times["b"]) / np.median(times["a"]) - 1) < 0.03
 
 
 def test_peak_memory_sees_an_allocation():
