@@ -77,6 +77,7 @@ _logger = logging.getLogger(__name__)
 __all__ = ["model_flops", "cpu_peak", "ort_profile", "get_args_parser", "main"]
 
 CLS = "ours fp32, cls-only last block"
+ROUNDS = 5  # interleaved timing rounds per runtime and batch (t2t_vit.timing.time_interleaved)
 MACHINE_DRIFT = 0.10  # a GEMM rate change around a model's rows past which its ratios are flagged
 CLS_INT8 = "ours int8-cpu, cls-only last block"
 
@@ -173,13 +174,11 @@ def gemm_ceiling(threads: int, work: Path, n: int = 2048, seconds: float = 2.0, 
     b = rng.standard_normal((n, n)).astype(np.float32)
     out: dict[str, float] = {}
 
-    def rate(call) -> float:
-        call()
-        calls, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or calls < 3:
-            call()
-            calls += 1
-        return 2 * n ** 3 * calls / (time.perf_counter() - t0) / 1e9
+    def rate(call, work: float = 2 * n ** 3) -> float:
+        """``work`` (FLOP, OP or bytes) per call, in billions per second; the first call (page faults,
+        kernel selection) is not timed."""
+        times = time_calls(call, warmup=1, min_iters=3, min_time_s=seconds)
+        return work * len(times) / sum(times) / 1e9
 
     inp = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
     outp = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
@@ -204,12 +203,7 @@ def gemm_ceiling(threads: int, work: Path, n: int = 2048, seconds: float = 2.0, 
     # GEMMs above run from cache and barely notice them, while a model's LayerNorms and transposes do.
     src = np.ones(2 ** 26, np.float32)
     dst = np.empty_like(src)
-    np.copyto(dst, src)  # first touch (page faults) outside the timing
-    copies, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or copies < 3:
-        np.copyto(dst, src)
-        copies += 1
-    out["copy_gbs"] = 2 * src.nbytes * copies / (time.perf_counter() - t0) / 1e9
+    out["copy_gbs"] = rate(lambda: np.copyto(dst, src), 2 * src.nbytes)
     if not torch_too:
         return out
     before = torch.get_num_threads()
@@ -339,7 +333,7 @@ def _time(fn: Callable[[], Any], min_time: float, min_iters: int) -> float:
 def _time_all(fns: dict[str, Callable[[], Any]], min_time: float, min_iters: int) -> dict[str, float]:
     """Median seconds per call of each function, timed side by side in interleaved rounds (``min_time`` and
     ``min_iters`` per function over all rounds)."""
-    times = time_interleaved(fns, warmup=2, min_iters=min_iters, min_time_s=min_time)
+    times = time_interleaved(fns, rounds=ROUNDS, warmup=2, min_iters=min_iters, min_time_s=min_time)
     return {label: statistics.median(t) for label, t in times.items()}
 
 
@@ -378,7 +372,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     graphs["ours int8 (TensorRT graph)"] = q["int8"]
     rows: list[dict[str, Any]] = []
     xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
-    onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its two rows
+    onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its three rows
     per_batch = 3 + (1 if args.compile else 0) + (3 if onednn else 0)
     bar = tqdm(total=len(graphs) * len(args.batches) + per_batch * len(args.batches), desc=name, unit="run",
                disable=args.no_progress)
@@ -466,7 +460,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"the fraction understates the int8 kernels), none for the TensorRT int8 graph (mixed types, its fp16 "
              f"through Casts on a CPU). Same (random) weights everywhere; latency is the median of at least "
              f"{report['min_iters']} runs and {report['min_time_s']} s, the rows of one runtime and batch timed in "
-             f"5 interleaved rounds (each round visits every row, in a rotated order), so a change of machine speed "
+             f"{ROUNDS} interleaved rounds (each round visits every row, in a rotated order), so a change of machine speed "
              f"during the run slows every row alike instead of the one running at the time.", ""]
     gemm = peak.get("gemm_measured")
     if gemm:

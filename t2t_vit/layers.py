@@ -265,19 +265,20 @@ class Attention(nn.Module):
         self.query_tokens: int | None = None  # set: outputs for the first query_tokens tokens only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.query_tokens:
-            return self._forward_first(x, self.query_tokens)
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim): 4-D MatMuls for TensorRT's fusion
+        b, t, c = x.shape
+        n = self.query_tokens or t
+        q, k, v = self._qkv(x, n)  # (B, heads, tokens, head_dim): 4-D MatMuls for TensorRT's fusion
         drop = self.attn_drop if self.training else 0.0
         y = _attention(q, k, v, self.scale, self.fused_attn, drop)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, c)))
 
-    def _forward_first(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """``forward(x)[:, :n]`` computed for those ``n`` tokens only: queries from the first ``n`` tokens,
-        keys and values from all of them, so the q projection, q @ k^T, attn @ v and proj run on ``n`` rows."""
+    def _qkv(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q for the first ``n`` tokens, k and v for all of them. With ``n`` below the token count
+        (``query_tokens``) the q projection runs on those ``n`` rows only, so q @ k^T, attn @ v and proj do too."""
         b, t, c = x.shape
+        if n == t:
+            qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
         if type(self.qkv) is nn.Linear:
             w, bias = self.qkv.weight, self.qkv.bias
             kv = F.linear(x, w[c:], None if bias is None else bias[c:])
@@ -286,10 +287,7 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
             q, kv = qkv[:, :n, :c], qkv[..., c:]
         k, v = kv.reshape(b, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = q.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        drop = self.attn_drop if self.training else 0.0
-        y = _attention(q, k, v, self.scale, self.fused_attn, drop)
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, c)))
+        return q.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2), k, v
 
 
 class Block(nn.Module):
@@ -308,7 +306,7 @@ class Block(nn.Module):
     @property
     def query_tokens(self) -> int | None:
         """None: every token's output (the default). n: the first n tokens' outputs only, (B, n, C); the
-        attention output, residual and MLP are computed for those tokens alone (:meth:`Attention._forward_first`)."""
+        attention output, residual and MLP are computed for those tokens alone (:meth:`Attention._qkv`)."""
         return self.attn.query_tokens
 
     @query_tokens.setter
