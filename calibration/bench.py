@@ -4,8 +4,9 @@
 
     python -m calibration.bench --models t2t_vit_7,t2t_vit_14 --img-size 224 --batch-sizes 1,8 --out reports
 
-For each model the fp32/fp16 graphs are exported (``export.to_onnx.export_model``, random weights:
-throughput does not depend on their values) into ``--work``, and the int8 graph is built exactly as
+For each model the fp32/fp16 graphs are exported (``export.to_onnx.export_model``, random weights with
+a trained model's nonzero biases and LayerNorm affines, :func:`t2t_vit.model.trained_like_`) into
+``--work``, and the int8 graph is built exactly as
 ``make calib`` builds it (default policy, entropy calibration on ``--calib-images`` images: real ones
 from ``--calib-data`` when given, else Gaussian noise, which only sets ranges). Also timed: ``int8-fp32``,
 the same Q/DQ placement over an fp32 graph, which is the form ONNX Runtime's CPU provider can fuse into
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from export.to_onnx import export_model
 from t2t_vit.checkpoint import build_model
+from t2t_vit.model import trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.files import atomic_save_onnx
@@ -76,7 +78,7 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
     paths = {"fp32": out / f"{model_name}.fp32.onnx", "fp16": out / f"{model_name}.fp16.onnx",
              "int8": out / f"{model_name}.int8.onnx", "int8-fp32": out / f"{model_name}.int8-fp32.onnx"}
     if not (paths["fp32"].is_file() and paths["fp16"].is_file()):
-        model = build_model(model_name, img_size=img_size).eval()
+        model = trained_like_(build_model(model_name, img_size=img_size).eval())
         export_model(model, out)
     if not (paths["int8"].is_file() and paths["int8-fp32"].is_file()):
         fp32 = ensure_opset(onnx.load(str(paths["fp32"])))

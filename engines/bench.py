@@ -30,6 +30,7 @@ import torch
 
 from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, make_hint, onnx_path
 from t2t_vit.checkpoint import build_model
+from t2t_vit.model import trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
@@ -203,6 +204,8 @@ def _baseline_factories(args: argparse.Namespace, out: Path, img_size: int, thre
                 _logger.warning("no --checkpoint: PyTorch baselines use RANDOM weights (timings are unaffected)")
             model_holder["m"] = build_model(args.model, args.checkpoint, img_size=img_size,
                                             weights=args.weights).eval()
+            if args.checkpoint is None:  # the biases `make onnx` gives a model without checkpoint
+                trained_like_(model_holder["m"])
         return model_holder["m"]
 
     for name in wanted:

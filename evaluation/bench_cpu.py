@@ -1,7 +1,9 @@
 """CPU inference speed against the authors' formulation, side by side in one run (``make bench-cpu``).
 
 For each model (default t2t_vit_7 and t2t_vit_14 at 224 px) and batch (default 1 and 8), with the same
-weights everywhere (random: speed does not depend on their values):
+weights everywhere (random, with the nonzero biases and LayerNorm affines of a trained model:
+:func:`t2t_vit.model.trained_like_`; a fresh init's zero biases would let onnxslim drop Adds from our graphs
+that the unsimplified baseline still runs, and that no checkpoint's graph loses):
 
 ONNX Runtime CPU (default graph optimizations):
 
@@ -66,7 +68,7 @@ from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import ort_session, ort_session_options
 from t2t_vit.layers import OneDNNLinear, onednn_linears
-from t2t_vit.model import ARCHS
+from t2t_vit.model import ARCHS, trained_like_
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 from t2t_vit.timing import load_average, time_calls, time_interleaved
 
@@ -345,7 +347,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     from tqdm import tqdm
 
     torch.manual_seed(0)
-    model = build_model(name, img_size=args.img_size).eval()
+    model = trained_like_(build_model(name, img_size=args.img_size).eval())
     size = model.img_size
     work.mkdir(parents=True, exist_ok=True)
     flops = model_flops(model, size)

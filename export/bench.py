@@ -1,7 +1,8 @@
 """Benchmark the exported graphs on ONNX Runtime's CPU provider (``make bench-onnx``).
 
-For each model (default t2t_vit_7 and t2t_vit_14 at 224 px, random weights: throughput does not depend
-on the weights) and in one run:
+For each model (default t2t_vit_7 and t2t_vit_14 at 224 px, random weights with the nonzero biases and
+LayerNorm affines of a trained model, :func:`t2t_vit.model.trained_like_`, so no graph loses an Add of
+zeros that a checkpoint's graph keeps) and in one run:
 
 * ``patterned fp32`` - :func:`export.to_onnx.export_onnx` (one-hot Conv soft splits, explicit
   attention, onnxslim), the graph ``make onnx`` ships;
@@ -31,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from t2t_vit.checkpoint import build_model
+from t2t_vit.model import trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.graphs import ort_session
 from t2t_vit.reports import host_line, report_header, write_report
@@ -71,7 +73,7 @@ def throughput(path: Path, batch: int, img_size: int, min_runs: int = 5, min_sec
 def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, ...] = (1, 8),
                 dynamo_row: bool = True, min_seconds: float = 3.0, threads: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = build_model(name, img_size=img_size).eval()
+    model = trained_like_(build_model(name, img_size=img_size).eval())
     size = model.img_size
     work = out / f".bench-{name}"
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,8 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
         rows.append(row)
         path.unlink()
     work.rmdir()
-    return {"model": name, "img_size": size, "weights": "random (throughput does not depend on them)", "rows": rows}
+    return {"model": name, "img_size": size, "rows": rows,
+            "weights": "random, trained-like biases and LayerNorm affines (t2t_vit.model.trained_like_)"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ from torch import nn
 import t2t_vit
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.checkpoint import build_model
+from t2t_vit.model import trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.errors import T2TError, ThresholdMissed
@@ -365,6 +366,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                         weights=getattr(args, "weights", None)).eval()
     if args.checkpoint is None:
         _warn_random_weights(args.model)
+        # Nonzero biases and LayerNorm affines: the graphs (and engines built from them) keep every Add a
+        # checkpoint's graph has, instead of losing the Adds of zero biases to onnxslim.
+        trained_like_(model)
     out = Path(args.out) if args.out else default_out(args.model)
     t0 = time.perf_counter()
     with OutputLock(out):

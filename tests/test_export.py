@@ -462,3 +462,22 @@ def test_bad_arguments(tiny, tmp_path):
         export_onnx(tiny[0], tmp_path / "m.onnx", fp16_io=True)
     with pytest.raises(GraphError, match="not found"):
         read_metadata(tmp_path / "missing.onnx")
+
+
+def test_trained_like_weights_keep_every_bias_in_the_graph(tmp_path):
+    """A fresh init's zero biases are Adds of zeros that onnxslim drops, so a benchmark of such a model
+    times a graph cheaper than any checkpoint's; with trained_like_ every bias reaches the graph."""
+    from t2t_vit.model import trained_like_
+
+    torch.manual_seed(0)
+    model = timm.create_model("t2t_vit_test", num_classes=10, img_size=64).eval()
+    biased = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    fresh = _census(export_onnx(model, tmp_path / "fresh.onnx", "fp32"))
+    trained_like_(model)
+    path = export_onnx(model, tmp_path / "trained-like.onnx", "fp32")
+    kept = _census(path)
+    assert fresh["Add"] + len(biased) - 1 <= kept["Add"]  # every Linear's bias Add but the head's (a Gemm)
+    values = [onnx.numpy_helper.to_array(i).ravel() for i in onnx.load(str(path)).graph.initializer]
+    for linear in biased:
+        bias = linear.bias.detach().numpy()
+        assert any(v.shape == bias.shape and np.allclose(v, bias, atol=1e-7) for v in values), linear

@@ -493,3 +493,24 @@ def test_benchmark_smoke(tmp_path):
         assert r["images_per_s"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] / (r.get("latency_ms_median") or r["step_ms_median"]) * 1e3)
     assert report["host"]["torch"] == torch.__version__ and report["tool"] == "t2t_vit.benchmark"
+
+
+def test_trained_like_sets_every_bias_and_layernorm_affine_from_the_seed():
+    from t2t_vit.model import trained_like_
+
+    def state(seed):
+        torch.manual_seed(0)
+        return trained_like_(timm.create_model("t2t_vit_test", img_size=32), seed=seed).state_dict()
+
+    torch.manual_seed(0)
+    fresh = timm.create_model("t2t_vit_test", img_size=32).state_dict()
+    a, b, other = state(0), state(0), state(1)
+    changed = {k for k in fresh if not torch.equal(fresh[k], a[k])}
+    linears_norms = {k for k in fresh if k.endswith(".bias") or ("norm" in k and k.endswith(".weight"))}
+    assert changed == linears_norms  # biases, norm scales and shifts: all of them, and nothing else
+    for k in changed:
+        assert torch.equal(a[k], b[k]) and not torch.equal(a[k], other[k])
+        if k.endswith(".bias"):
+            assert a[k].abs().min() > 0
+        else:
+            assert (a[k] - 1).abs().max() > 0.05
