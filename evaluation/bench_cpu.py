@@ -81,6 +81,9 @@ __all__ = ["model_flops", "cpu_peak", "ort_profile", "get_args_parser", "main"]
 CLS = "ours fp32, cls-only last block"
 ROUNDS = 5  # interleaved timing rounds per runtime and batch (t2t_vit.timing.time_interleaved)
 MACHINE_DRIFT = 0.10  # a GEMM rate change around a model's rows past which its ratios are flagged
+# The CPU int8 graph's batch-1 latency on 1 thread over that on all threads, below which a model's rows are
+# flagged: the extra threads are not paying off for graphs of many short ops (docs/cpu-speed.md, "two speeds").
+THREAD_GAIN_MIN = 1.3
 CLS_INT8 = "ours int8-cpu, cls-only last block"
 
 
@@ -332,6 +335,20 @@ def _time(fn: Callable[[], Any], min_time: float, min_iters: int) -> float:
     return statistics.median(time_calls(fn, warmup=2, min_iters=min_iters, min_time_s=min_time))
 
 
+def thread_gain(path: Path, threads: int, x: np.ndarray, min_time: float) -> float | None:
+    """Latency of ``path`` on one thread over its latency on ``threads`` threads, the two sessions timed side by
+    side in interleaved rounds; None with one thread. Unlike a large GEMM, which keeps every thread busy, a graph
+    of many short ops wakes the other threads for each op, so this is where a host that is slow to wake them
+    shows."""
+    if threads <= 1:
+        return None
+    one, many = ort_session(path, threads=1), ort_session(path, threads=threads)
+    name = one.get_inputs()[0].name
+    secs = _time_all({"one": lambda: one.run(None, {name: x}), "many": lambda: many.run(None, {name: x})},
+                     min_time, 3)
+    return secs["one"] / secs["many"]
+
+
 def _time_all(fns: dict[str, Callable[[], Any]], min_time: float, min_iters: int) -> dict[str, float]:
     """Median seconds per call of each function, timed side by side in interleaved rounds (``min_time`` and
     ``min_iters`` per function over all rounds)."""
@@ -385,6 +402,8 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
                         **_startup(path, threads, xs[max(args.batches)], args.min_time, args.min_iters),
                         "profile": ort_profile(path, xs[max(args.batches)], threads)}
         sessions[label] = ort_session(path, threads=threads)
+    probe = lambda: thread_gain(graphs[CLS_INT8], threads, xs[min(args.batches)], min(args.min_time, 2.0))  # noqa: E731
+    machine["thread_gain"] = [probe()]
     # Every graph of a batch in interleaved rounds: machine drift lands on all of them alike.
     seconds: dict[tuple[str, int], float] = {}
     for b in args.batches:
@@ -433,6 +452,9 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
                              "images_per_s": b / secs[label], "compile_s": compile_s})
             bar.update(len(variants))
     bar.close()
+    machine["thread_gain"].append(probe())
+    gains = [g for g in machine["thread_gain"] if g is not None]
+    machine["threads_not_paying"] = bool(gains) and min(gains) < THREAD_GAIN_MIN
     if check:
         machine["after"] = check()
         machine["changed"] = max(abs(machine["after"][k] / machine["before"][k] - 1) for k in machine["before"])
@@ -499,6 +521,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                       + (f". **The machine's speed changed by {100 * mc['changed']:.0f}% during these rows** (another "
                          f"tenant of the host, or the clock): their ratios are less certain than usual."
                          if mc["changed"] > MACHINE_DRIFT else f" (within {100 * MACHINE_DRIFT:.0f}%)."), ""]
+        gains = [g for g in mc.get("thread_gain") or [] if g is not None]
+        if gains:
+            lines += [f"Thread check, the CPU int8 graph (cls-only last block) at batch {min(r['batch'] for r in m['rows'])}"
+                      f": one thread's latency over {report['threads']} threads' before the ONNX Runtime rows and after "
+                      f"the PyTorch rows: " + " -> ".join(f"{g:.2f}x" for g in gains)
+                      + (f". **Below {THREAD_GAIN_MIN}x: the extra threads were not paying off for graphs of many short "
+                         f"ops** (a host slow to wake them; on the development VM, its slow state: docs/cpu-speed.md): "
+                         f"this model's int8 and batch-1 rows understate what its graphs do; run again." if min(gains) < THREAD_GAIN_MIN
+                         else f" (at least {THREAD_GAIN_MIN}x)."), ""]
         big = max(r["batch"] for r in m["rows"])
         starts = [[r["variant"], r["session_s"], r["session_from_saved_optimized_s"], r["saved_optimized_ms_max_batch"],
                    r["median_ms"]] for r in m["rows"] if r["runtime"] == "onnxruntime" and r["batch"] == big]
@@ -520,6 +551,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         load = (report.get("host") or {}).get("load_average") or [0.0]
         busy = f" The machine was not idle (load average {load[0]} at the start): speed-ups are less certain." \
             if load and load[0] > 0.5 else ""
+        if any((m.get("machine_check") or {}).get("threads_not_paying") for m in report["models"]):
+            busy += " The thread check flagged a model (see its section): its goals are judged on understated rows."
         lines += ["## Goals", "", "Judged at 224 px, batches 1 and 8, against the authors' code in the same run." + busy,
                   "", markdown_table(["goal", "measured", "met", "it needs (worst batch)"],
                                      [[g["goal"], g["measured"], "yes" if g["met"] else "**no**", g.get("needs", "-")]

@@ -11,7 +11,8 @@ zeros that a checkpoint's graph keeps) and in one run:
 * ``patterned fp16`` - the fp16 graph (float32 I/O);
 * ``patterned fp32 (dynamo)`` - the patterned graph from the other exporter, for the exporter choice.
 
-Each row: node count, file size, export time and ORT CPU throughput at batch 1 and 8. Writes
+Each row: node count, file size, export time and ORT CPU throughput at batch 1 and 8 (the graphs of a
+batch timed side by side in interleaved rounds, :func:`t2t_vit.timing.time_interleaved`). Writes
 ``<out>/bench-onnx-cpu.{json,md}`` with the hardware named.
 """
 from __future__ import annotations
@@ -36,12 +37,12 @@ from t2t_vit.model import trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.graphs import ort_session
 from t2t_vit.reports import host_line, report_header, write_report
-from t2t_vit.timing import load_average, time_calls
+from t2t_vit.timing import load_average, time_interleaved
 
 from . import to_onnx
 from .patterns import apply_export_patterns, op_census
 
-__all__ = ["plain_export", "throughput", "bench_model", "get_args_parser", "main"]
+__all__ = ["plain_export", "throughput_side_by_side", "bench_model", "get_args_parser", "main"]
 
 
 def plain_export(model: torch.nn.Module, path: Path, opset: int = to_onnx.DEFAULT_OPSET) -> Path:
@@ -56,18 +57,25 @@ def plain_export(model: torch.nn.Module, path: Path, opset: int = to_onnx.DEFAUL
     return path
 
 
-def throughput(path: Path, batch: int, img_size: int, min_runs: int = 5, min_seconds: float = 3.0,
-               threads: int | None = None) -> dict[str, Any]:
-    """Images/s and median latency of one ORT CPU session (3 warm-up runs, then >= min_runs and
-    >= min_seconds of timed runs)."""
-    sess = ort_session(path, threads=threads)
-    inp = sess.get_inputs()[0]
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(dtype)
-    times = time_calls(lambda: sess.run(None, {inp.name: x}), warmup=3, min_iters=min_runs, min_time_s=min_seconds)
-    med = statistics.median(times)
-    return {"batch": batch, "runs": len(times), "median_ms": round(1e3 * med, 2),
-            "images_per_s": round(batch / med, 2)}
+def throughput_side_by_side(paths: Sequence[Path], batch: int, img_size: int, min_runs: int = 5,
+                            min_seconds: float = 3.0, threads: int | None = None) -> list[dict[str, Any]]:
+    """ONNX Runtime CPU throughput (median latency, images/s) of several graphs, in the order given, timed in
+    interleaved rounds (:func:`t2t_vit.timing.time_interleaved`): ``min_seconds`` and ``min_runs`` per graph
+    over all rounds."""
+    fns = {}
+    for i, path in enumerate(paths):
+        sess = ort_session(path, threads=threads)
+        inp = sess.get_inputs()[0]
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(dtype)
+        fns[i] = (lambda s=sess, n=inp.name, x=x: s.run(None, {n: x}))
+    times = time_interleaved(fns, warmup=3, min_iters=min_runs, min_time_s=min_seconds)
+    out = []
+    for i in range(len(paths)):
+        med = statistics.median(times[i])
+        out.append({"batch": batch, "runs": len(times[i]), "median_ms": round(1e3 * med, 2),
+                    "images_per_s": round(batch / med, 2)})
+    return out
 
 
 def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, ...] = (1, 8),
@@ -85,18 +93,21 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
     if dynamo_row:
         variants.append(("patterned fp32 (dynamo exporter)", lambda p: to_onnx.export_onnx(model, p, "fp32",
                                                                                          exporter="dynamo")))
-    rows = []
+    rows, paths = [], []
     for label, make in tqdm(variants, desc=name, unit="graph"):
         path = work / (label.split(" (")[0].replace(" ", "-") + ("-dynamo" if "dynamo" in label else "") + ".onnx")
         t0 = time.perf_counter()
         make(path)
         export_s = time.perf_counter() - t0
         proto = onnx.load(str(path))
-        census = op_census(proto)
-        row = {"graph": label, "nodes": len(proto.graph.node), "file_mib": round(path.stat().st_size / 2**20, 2),
-               "export_s": round(export_s, 1), "op_census": census,
-               "throughput": [throughput(path, b, size, min_seconds=min_seconds, threads=threads) for b in batches]}
-        rows.append(row)
+        rows.append({"graph": label, "nodes": len(proto.graph.node), "file_mib": round(path.stat().st_size / 2**20, 2),
+                     "export_s": round(export_s, 1), "op_census": op_census(proto), "throughput": []})
+        paths.append(path)
+    # Every graph of a batch in interleaved rounds, so a change of machine speed reaches them alike.
+    for b in batches:
+        for row, t in zip(rows, throughput_side_by_side(paths, b, size, min_seconds=min_seconds, threads=threads)):
+            row["throughput"].append(t)
+    for path in paths:
         path.unlink()
     work.rmdir()
     return {"model": name, "img_size": size, "rows": rows,
@@ -108,7 +119,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"`{report['command']}`", "",
              f"Host: {host_line(report['host'])}; load average at the end {report['load_average_end']}. "
              f"ONNX Runtime CPUExecutionProvider, {report['threads']} threads. Throughput is images/s at the "
-             f"median run latency.", ""]
+             f"median run latency; the graphs of one batch are timed side by side in interleaved rounds.", ""]
     for m in report["models"]:
         batches = [t["batch"] for t in m["rows"][0]["throughput"]]
         lines += [f"## {m['model']} ({m['img_size']} px)", "",

@@ -163,6 +163,15 @@ def test_report_has_every_row_side_by_side(tmp_path):
     assert "speed changed by 25% during these rows" in bench_cpu.render_markdown(report)
     mc["changed"] = 0.05
     assert "speed changed" not in bench_cpu.render_markdown(report)
+    # One thread (this run): no thread check. With more, a gain below THREAD_GAIN_MIN flags the model.
+    assert mc["thread_gain"] == [None, None] and not mc["threads_not_paying"]
+    assert "Thread check" not in bench_cpu.render_markdown(report)
+    mc["thread_gain"] = [1.7, 1.1]
+    mc["threads_not_paying"] = True
+    md = bench_cpu.render_markdown(report)
+    assert "1.70x -> 1.10x. **Below 1.3x" in md
+    mc["thread_gain"] = [1.7, 1.6]
+    assert "1.70x -> 1.60x (at least 1.3x)" in bench_cpu.render_markdown(report)
     assert report["peak"]["cores"] == 1
     assert np.isfinite([r["median_ms"] for r in m["rows"]]).all()
 
@@ -198,3 +207,24 @@ def test_authors_model_takes_the_same_linear_kernel():
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
     # Every Linear of one forward ran through the kernel, none through F.linear.
     assert sorted(calls) == sorted(m.out_features for m in linears)
+
+
+def test_thread_gain_compares_one_thread_with_more(tmp_path, monkeypatch):
+    """The thread check runs one graph on a one-thread and a two-thread session, timed side by side, and gives
+    the one-thread latency over the two-thread one; None with one thread."""
+    from export.to_onnx import export_onnx
+    from t2t_vit.checkpoint import build_model
+
+    torch.manual_seed(0)
+    path = export_onnx(build_model("t2t_vit_test", img_size=32).eval(), tmp_path / "m.onnx", "fp32")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert bench_cpu.thread_gain(path, 1, x, 0.1) is None
+    ran = {}
+
+    def fake_time_all(fns, min_time, min_iters):
+        ran.update({k: fn()[0].shape for k, fn in fns.items()})  # both sessions run the graph on x
+        return {"one": 0.3, "many": 0.2}
+
+    monkeypatch.setattr(bench_cpu, "_time_all", fake_time_all)
+    assert bench_cpu.thread_gain(path, 2, x, 0.2) == pytest.approx(1.5)
+    assert set(ran) == {"one", "many"} and all(shape[0] == 1 for shape in ran.values())

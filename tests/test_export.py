@@ -481,3 +481,20 @@ def test_trained_like_weights_keep_every_bias_in_the_graph(tmp_path):
     for linear in biased:
         bias = linear.bias.detach().numpy()
         assert any(v.shape == bias.shape and np.allclose(v, bias, atol=1e-7) for v in values), linear
+
+
+def test_side_by_side_throughput_keeps_each_graph_its_own_times(tmp_path):
+    """bench-onnx times its graphs in interleaved rounds; each result belongs to the graph at its position
+    (t2t_vit_7 does about 30x t2t_vit_test's work at 64 px, so the order of the medians tells)."""
+    from export.bench import throughput_side_by_side
+
+    paths = []
+    for name in ("t2t_vit_test", "t2t_vit_7", "t2t_vit_test"):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=10, img_size=64).eval()
+        paths.append(export_onnx(model, tmp_path / f"{name}-{len(paths)}.onnx", "fp32"))
+    small, big, small2 = throughput_side_by_side(paths, 2, 64, min_runs=5, min_seconds=0.5, threads=1)
+    for r in (small, big, small2):
+        assert r["batch"] == 2 and r["runs"] >= 5
+        assert r["images_per_s"] == pytest.approx(2e3 / r["median_ms"], rel=0.05)  # median_ms is rounded to 0.01
+    assert big["median_ms"] > 5 * max(small["median_ms"], small2["median_ms"])
