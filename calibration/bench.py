@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
+import torch
 from tqdm import tqdm
 
 from export.to_onnx import export_model
@@ -72,14 +73,23 @@ def time_session(path: str | Path, batch: int, img_size: int, min_time: float, m
             "latency_ms_min": 1000 * min(times), "images_per_s": batch / med}
 
 
+WEIGHTS = "random, t2t_vit.model.trained_like_(seed=0)"  # what the cached graphs in --work were exported from
+
+
 def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | None, calib_images: int) -> dict[str, Path]:
     """fp32, fp16 (exporter), int8 (mixed fp16, as `make calib`) and int8-fp32 graphs of one model."""
     out = work / f"{model_name}-{img_size}"
     paths = {"fp32": out / f"{model_name}.fp32.onnx", "fp16": out / f"{model_name}.fp16.onnx",
              "int8": out / f"{model_name}.int8.onnx", "int8-fp32": out / f"{model_name}.int8-fp32.onnx"}
-    if not (paths["fp32"].is_file() and paths["fp16"].is_file()):
+    stamp = out / "weights.txt"  # graphs cached in --work from other weights (a fresh init's zero biases) are redone
+    if not (paths["fp32"].is_file() and paths["fp16"].is_file()) or not stamp.is_file() \
+            or stamp.read_text() != WEIGHTS:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        torch.manual_seed(0)
         model = trained_like_(build_model(model_name, img_size=img_size).eval())
         export_model(model, out)
+        stamp.write_text(WEIGHTS)
     if not (paths["int8"].is_file() and paths["int8-fp32"].is_file()):
         fp32 = ensure_opset(onnx.load(str(paths["fp32"])))
         if calib_data:

@@ -201,7 +201,8 @@ def _baseline_factories(args: argparse.Namespace, out: Path, img_size: int, thre
     def get_model():
         if "m" not in model_holder:
             if args.checkpoint is None:
-                _logger.warning("no --checkpoint: PyTorch baselines use RANDOM weights (timings are unaffected)")
+                _logger.warning("no --checkpoint: PyTorch baselines use RANDOM weights (with the nonzero biases that "
+                                "`make onnx` gives a model without a checkpoint)")
             model_holder["m"] = build_model(args.model, args.checkpoint, img_size=img_size,
                                             weights=args.weights).eval()
             if args.checkpoint is None:  # the biases `make onnx` gives a model without checkpoint
@@ -420,7 +421,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
         "kind": "bench-engines",
         "model": args.model,
         "img_size": img_size,
-        "weights": args.checkpoint or "random (no --checkpoint; timings do not depend on weights)",
+        "weights": args.checkpoint or "random, trained-like biases (no --checkpoint: t2t_vit.model.trained_like_)",
         "onnx_graphs": describe_graphs(out, args.model),
         # Other processes on the machine distort timings; the report says how busy it was.
         "load_average_during": {"before": load_before and load_before[0], "after": load_after and load_after[0]},

@@ -280,5 +280,6 @@ def trained_like_(model: nn.Module, seed: int = 0) -> nn.Module:
                 module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
+                if module.bias is not None:
+                    module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
     return model

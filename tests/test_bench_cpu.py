@@ -171,7 +171,13 @@ def test_report_has_every_row_side_by_side(tmp_path):
     md = bench_cpu.render_markdown(report)
     assert "1.70x -> 1.10x. **Below 1.3x" in md
     mc["thread_gain"] = [1.7, 1.6]
+    mc["threads_not_paying"] = False
     assert "1.70x -> 1.60x (at least 1.3x)" in bench_cpu.render_markdown(report)
+    # A flagged model is named in the goals too.
+    report["goals"] = [{"goal": "g", "measured": "b1 1.00x", "met": False}]
+    assert "thread check flagged" not in bench_cpu.render_markdown(report)
+    mc["threads_not_paying"] = True
+    assert "The thread check flagged a model" in bench_cpu.render_markdown(report)
     assert report["peak"]["cores"] == 1
     assert np.isfinite([r["median_ms"] for r in m["rows"]]).all()
 
@@ -214,6 +220,7 @@ def test_thread_gain_compares_one_thread_with_more(tmp_path, monkeypatch):
     the one-thread latency over the two-thread one; None with one thread."""
     from export.to_onnx import export_onnx
     from t2t_vit.checkpoint import build_model
+    from t2t_vit.graphs import ort_session
 
     torch.manual_seed(0)
     path = export_onnx(build_model("t2t_vit_test", img_size=32).eval(), tmp_path / "m.onnx", "fp32")
@@ -225,6 +232,14 @@ def test_thread_gain_compares_one_thread_with_more(tmp_path, monkeypatch):
         ran.update({k: fn()[0].shape for k, fn in fns.items()})  # both sessions run the graph on x
         return {"one": 0.3, "many": 0.2}
 
+    opened = []
+
+    def recording_session(p, threads=None, **kwargs):
+        opened.append(threads)
+        return ort_session(p, threads=threads, **kwargs)
+
     monkeypatch.setattr(bench_cpu, "_time_all", fake_time_all)
+    monkeypatch.setattr(bench_cpu, "ort_session", recording_session)
     assert bench_cpu.thread_gain(path, 2, x, 0.2) == pytest.approx(1.5)
+    assert opened == [1, 2]  # "one" is the one-thread session, "many" the two-thread one
     assert set(ran) == {"one", "many"} and all(shape[0] == 1 for shape in ran.values())

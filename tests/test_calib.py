@@ -569,3 +569,21 @@ def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, caps
     quantized = int(meta["quantized_nodes"])
     assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops.get("DynamicQuantizeMatMul", 0) >= quantized - 1
     assert ops["MatMul"] < sum(n.op_type == "MatMul" for n in model.graph.node)
+
+
+def test_bench_calib_redoes_graphs_cached_from_other_weights(tmp_path):
+    """bench-calib keeps its graphs in --work between runs; graphs without its weights stamp (a run before
+    trained-like biases, whose zero bias Adds were simplified away) are exported and quantized again."""
+    from calibration import bench
+
+    paths = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 4)
+    stamp = paths["fp32"].parent / "weights.txt"
+    assert stamp.read_text() == bench.WEIGHTS
+    kept = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    assert {k: p.stat().st_mtime_ns for k, p in bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 4).items()} == kept
+    stamp.unlink()
+    paths["fp32"].write_bytes(b"an old graph")
+    again = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 4)
+    assert stamp.read_text() == bench.WEIGHTS
+    assert onnx.load(str(again["fp32"])).graph.node  # exported again
+    assert all(again[k].stat().st_mtime_ns > kept[k] for k in ("fp16", "int8", "int8-fp32"))

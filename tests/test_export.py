@@ -365,6 +365,12 @@ def test_cli_writes_graphs_and_report(tmp_path, capsys):
                                                "t2t_vit_test.export.json", "t2t_vit_test.export.md"}
     report = json.loads((out / "t2t_vit_test.export.json").read_text())
     assert report["weights"] == "random" and report["validation"]["n_images"] == 30
+    # Random weights with trained-like biases: the graph keeps every bias Add a checkpoint's graph has.
+    graph = onnx.load(str(out / "t2t_vit_test.fp32.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    bias_adds = [n for n in graph.node if n.op_type == "Add"
+                 and any(i in inits and inits[i].ndim == 1 and np.abs(inits[i]).min() > 0 for i in n.input)]
+    assert len(bias_adds) >= 3 * len(timm.create_model("t2t_vit_test").blocks)  # proj, fc1, fc2 of each block
     for prec in ("fp32", "fp16"):
         g = report["graphs"][prec]
         assert g["file_bytes"] == (out / f"t2t_vit_test.{prec}.onnx").stat().st_size
@@ -483,18 +489,21 @@ def test_trained_like_weights_keep_every_bias_in_the_graph(tmp_path):
         assert any(v.shape == bias.shape and np.allclose(v, bias, atol=1e-7) for v in values), linear
 
 
-def test_side_by_side_throughput_keeps_each_graph_its_own_times(tmp_path):
-    """bench-onnx times its graphs in interleaved rounds; each result belongs to the graph at its position
-    (t2t_vit_7 does about 30x t2t_vit_test's work at 64 px, so the order of the medians tells)."""
-    from export.bench import throughput_side_by_side
+def test_side_by_side_throughput_keeps_each_graph_its_own_times(tiny, monkeypatch):
+    """bench-onnx times its graphs in interleaved rounds; each result carries the times of the graph at its
+    position, and each graph's session runs on its own input."""
+    from export import bench
 
-    paths = []
-    for name in ("t2t_vit_test", "t2t_vit_7", "t2t_vit_test"):
-        torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=10, img_size=64).eval()
-        paths.append(export_onnx(model, tmp_path / f"{name}-{len(paths)}.onnx", "fp32"))
-    small, big, small2 = throughput_side_by_side(paths, 2, 64, min_runs=5, min_seconds=0.5, threads=1)
-    for r in (small, big, small2):
-        assert r["batch"] == 2 and r["runs"] >= 5
-        assert r["images_per_s"] == pytest.approx(2e3 / r["median_ms"], rel=0.05)  # median_ms is rounded to 0.01
-    assert big["median_ms"] > 5 * max(small["median_ms"], small2["median_ms"])
+    _, fp32, fp16, _ = tiny
+    ran = {}
+
+    def fake_interleaved(fns, **kwargs):
+        ran.update({k: fn()[0].shape for k, fn in fns.items()})
+        return {k: [0.01 * (i + 1)] * 5 for i, k in enumerate(fns)}  # 10, 20, 30 ms in the order given
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_interleaved)
+    rows = bench.throughput_side_by_side([fp32, fp16, fp32], 2, 64, threads=1)
+    assert [r["median_ms"] for r in rows] == [10.0, 20.0, 30.0]
+    assert [r["images_per_s"] for r in rows] == [200.0, 100.0, pytest.approx(66.67)]
+    assert all(r["batch"] == 2 and r["runs"] == 5 for r in rows)
+    assert len(ran) == 3 and all(shape == (2, 10) for shape in ran.values())
