@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from export.to_onnx import export_model
 from t2t_vit.checkpoint import build_model
-from t2t_vit.model import trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import ort_session, read_metadata
+from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import load_average, time_calls
 

@@ -30,11 +30,11 @@ import torch
 
 from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, make_hint, onnx_path
 from t2t_vit.checkpoint import build_model
-from t2t_vit.model import trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.graphs import graph_inputs, read_metadata
+from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
 from t2t_vit.timing import latency_stats, load_average, time_calls
@@ -200,12 +200,11 @@ def _baseline_factories(args: argparse.Namespace, out: Path, img_size: int, thre
 
     def get_model():
         if "m" not in model_holder:
+            model_holder["m"] = build_model(args.model, args.checkpoint, img_size=img_size,
+                                            weights=args.weights).eval()
             if args.checkpoint is None:
                 _logger.warning("no --checkpoint: PyTorch baselines use RANDOM weights (with the nonzero biases that "
                                 "`make onnx` gives a model without a checkpoint)")
-            model_holder["m"] = build_model(args.model, args.checkpoint, img_size=img_size,
-                                            weights=args.weights).eval()
-            if args.checkpoint is None:  # the biases `make onnx` gives a model without checkpoint
                 trained_like_(model_holder["m"])
         return model_holder["m"]
 

@@ -82,12 +82,12 @@ _logger = logging.getLogger(__name__)
 __all__ = ["model_flops", "cpu_peak", "ort_profile", "get_args_parser", "main"]
 
 CLS = "ours fp32, cls-only last block"
+CLS_INT8 = "ours int8-cpu, cls-only last block"
 ROUNDS = 5  # interleaved timing rounds per runtime and batch (t2t_vit.timing.time_interleaved)
 MACHINE_DRIFT = 0.10  # a GEMM rate change around a model's rows past which its ratios are flagged
 # The CPU int8 graph's batch-1 latency on 1 thread over that on all threads, below which a model's rows are
 # flagged: the extra threads are not paying off for graphs of many short ops (docs/cpu-speed.md, "two speeds").
 THREAD_GAIN_MIN = 1.3
-CLS_INT8 = "ours int8-cpu, cls-only last block"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 from t2t_vit.checkpoint import build_model
-from t2t_vit.model import trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.graphs import ort_session
+from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, report_header, write_report
 from t2t_vit.timing import load_average, time_interleaved
 

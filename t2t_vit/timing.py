@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 
 from .errors import T2TError
 
-__all__ = ["time_calls", "time_interleaved", "latency_stats", "PeakMemory", "run_case_in_subprocess", "child_process_kwargs",
-           "run_child", "load_average"]
+__all__ = ["time_calls", "time_interleaved", "latency_stats", "PeakMemory", "run_case_in_subprocess",
+           "child_process_kwargs", "run_child", "load_average"]
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, min_iters: int = 3, min_time_s: float = 1.0,
