@@ -3,20 +3,27 @@
 ``<out>/<model>.<precision>.onnx`` (from ``make onnx`` / ``make calib``) -> ``<out>/<model>.<precision>.engine``
 plus its sidecar ``<model>.<precision>.engine.json`` (see :mod:`engines.sidecar`).
 
+Every engine of the project is built by :func:`build_serialized_engine`, on Polygraphy's TensorRT loaders
+(``NetworkFromOnnxPath`` -> ``CreateConfig`` -> ``EngineBytesFromNetwork``); ``make layers`` builds its
+every-tensor-an-output engine through it too. Which TensorRT calls those loaders make for the options used
+here, on 10.x and 11.x, is in docs/tensorrt.md.
+
 Precision is a property of the ONNX graph: fp16 by fp16-typed tensors, int8 by Q/DQ nodes. The network
 is strongly typed (the creation flag on TensorRT 10.x, the only mode on 11.x) and no precision builder
 flag or calibrator is ever set, so the engine computes in the types the graph declares on both major
 versions. TF32 is the one precision TensorRT enables by itself (``BuilderFlag.TF32`` is on by default in
 10.x and 11.x, strongly typed networks included): it rounds the inputs of fp32 MatMul/Conv to a 10-bit
 mantissa, in the fp32 engine and in the fp32 Performer island of the fp16/int8 engines. The build clears
-it, so fp32 in the graph means fp32 in the engine; ``--tf32`` keeps TensorRT's default (recorded in the
-sidecar). What TF32 costs in accuracy is measured by ``make precision`` (reports/precision-tf32-*).
+it (``CreateConfig(tf32=False)``), so fp32 in the graph means fp32 in the engine; ``--tf32`` allows it
+(recorded in the sidecar). What TF32 costs in accuracy is measured by ``make precision``
+(reports/precision-tf32-*).
 
 One optimization profile covers the batch axis (min/opt/max, default 1/32/128). The timing cache file is
-read before every build and merged into (``ITimingCache.combine``, under a file lock) after it, so builds
-that share it, one after another or at the same time, keep each other's entries and later builds on the
-same GPU and TensorRT version skip most tactic timing. Builder optimization level 0 does not use the
-timing cache (TensorRT: "this will also not respect a timing cache").
+read before every build and merged into (``ITimingCache.combine``, under Polygraphy's lock on the file)
+after it, so builds that share it, one after another or at the same time, keep each other's entries and
+later builds on the same GPU and TensorRT version skip most tactic timing. A cache from another TensorRT
+or GPU is refused, not merged. Builder optimization level 0 does not use the timing cache (TensorRT: "this
+will also not respect a timing cache").
 
 Usage::
 
@@ -58,6 +65,8 @@ __all__ = [
     "profile_shapes",
     "plan_build",
     "default_timing_cache",
+    "BuiltEngine",
+    "build_serialized_engine",
     "build_engine",
     "get_args_parser",
     "main",
@@ -186,57 +195,55 @@ def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
     return Path(".cache") / "tensorrt" / f"timing-trt{tensorrt_version}-{slug}.cache"
 
 
-def _build_serialized(trt: Any, onnx_file: Path, shapes: dict[str, dict[str, list[int]]], settings: BuildSettings,
-                      cache_bytes: bytes) -> tuple[Any, Any]:
-    """The TensorRT part: parse, configure, build. Returns (serialized engine, the builder config, whose
-    timing cache now holds this build's tactic timings too)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_creation_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file (not parse) so weights stored as ONNX external data next to the file are found.
-    if not parser.parse_from_file(str(onnx_file)):
-        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_file}:\n  {errors}")
+@dataclass(frozen=True)
+class BuiltEngine:
+    """A serialized engine and the facts about its build that a sidecar records."""
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mib) << 20)
-    config.builder_optimization_level = int(settings.opt_level)
-    if not settings.tf32:
-        # On by default in TensorRT (strongly typed networks too): fp32 MatMul/Conv inputs would be rounded
-        # to 10 mantissa bits. Cleared, so the graph's fp32 (the fp32 engine, the Performer island) is fp32.
-        config.clear_flag(trt.BuilderFlag.TF32)
+    serialized: Any  # trt.IHostMemory (bytes-like)
+    tensorrt_version: str
+    gpu: dict[str, str]
+    timing_cache: Path
+    build_time_s: float
+    network_creation_flags: int
+    polygraphy_version: str
 
-    profile = builder.create_optimization_profile()
+
+def _check_network_inputs(network: Any, shapes: dict[str, dict[str, list[int]]]) -> None:
+    """TensorRT's view of the inputs must be the graph's: a profile name Polygraphy cannot match is fatal, but an
+    input the profile misses would silently get Polygraphy's default static shape (1 for a dynamic axis)."""
+    seen = []
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        if tensor.name not in shapes:
-            raise BuildError(f"TensorRT sees input {tensor.name!r}, the ONNX graph lists {sorted(shapes)}")
-        s = shapes[tensor.name]
-        profile.set_shape(tensor.name, s["min"], s["opt"], s["max"])
-    config.add_optimization_profile(profile)
+        seen.append(tensor.name)
+    if sorted(seen) != sorted(shapes):
+        raise BuildError(f"TensorRT sees inputs {sorted(seen)}, the ONNX graph lists {sorted(shapes)}")
 
-    # A cache from another TensorRT/GPU is rejected (ignore_mismatch=False): start an empty one instead.
+
+def _use_timing_cache(config: Any, cache_bytes: bytes) -> None:
+    """Attach the saved timing cache, refusing one from another TensorRT/GPU (``ignore_mismatch=False``).
+
+    Polygraphy's ``CreateConfig(load_timing_cache=...)`` does not check ``set_timing_cache``'s result, so a
+    mismatched cache would pass silently: the check is ours. ``CreateConfig`` has already attached an empty
+    cache, which stays when there is nothing saved or the saved one does not match."""
+    if not cache_bytes:
+        return
     timing_cache = config.create_timing_cache(cache_bytes)
     if timing_cache is None or not config.set_timing_cache(timing_cache, False):
         _logger.warning("the timing cache does not match this TensorRT/GPU; starting an empty one")
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BuildError(f"TensorRT failed to build an engine from {onnx_file}; the builder's errors are above "
-                         f"(try a larger --workspace-mib, or check the graph with `polygraphy inspect model`)")
-    return serialized, config
-
 
 def _merge_timing_cache(config: Any, cache_file: Path, timing_cache: Any) -> None:
-    """Merge this build's timing cache into the file: re-read it under an exclusive lock (another build may
-    have written it meanwhile), combine, write. A file from another TensorRT version or GPU is replaced."""
-    import fcntl
+    """Merge this build's timing cache into the file: re-read it under the lock (another build may have written
+    it meanwhile), combine, write atomically. A file from another TensorRT version or GPU is replaced.
+
+    The lock is Polygraphy's ``util.LockFile`` (``fcntl.lockf`` on ``<cache>.lock``), the one its own timing
+    cache readers and writers take. Polygraphy's ``save_timing_cache`` is not used: it combines with
+    ``ignore_mismatch=True`` (keeping another GPU's timings) and writes the file in place, not atomically."""
+    from polygraphy import util as pg_util
 
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_file.with_name(cache_file.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with pg_util.LockFile(str(cache_file)):
         on_disk = cache_file.read_bytes() if cache_file.is_file() else b""
         disk_cache = config.create_timing_cache(on_disk)
         if on_disk and disk_cache is not None and disk_cache.combine(timing_cache, False):
@@ -246,10 +253,74 @@ def _merge_timing_cache(config: Any, cache_file: Path, timing_cache: Any) -> Non
         atomic_write_bytes(cache_file, merged)
 
 
+def build_serialized_engine(onnx_file: str | os.PathLike, shapes: dict[str, dict[str, list[int]]],
+                            settings: BuildSettings = BuildSettings(), *,
+                            mark_all_outputs: bool = False) -> BuiltEngine:
+    """The one engine build of the project, on Polygraphy's TensorRT loaders (``make engine`` and ``make layers``).
+
+    ``NetworkFromOnnxPath`` parses the file (``parse_from_file``, so external weights next to it are found) into
+    a strongly typed network (the creation flag on 10.x, none on 11.x: :func:`network_creation_flags`);
+    ``mark_all_outputs`` marks every tensor an output (``ModifyNetworkOutputs(MARK_ALL)``, for layer-wise
+    comparison). ``CreateConfig`` adds one profile (``shapes``: input -> min/opt/max), the workspace limit, the
+    optimization level and clears TF32 unless ``settings.tf32``; no precision flag or calibrator is set.
+    ``EngineBytesFromNetwork`` builds and serializes. The timing cache (``settings.timing_cache`` or
+    :func:`default_timing_cache`) is read before and merged into after the build. Nothing else is written.
+
+    Raises:
+        TensorRTUnavailable: TensorRT or a GPU is missing.
+        BuildError: TensorRT rejected the graph or the build failed (its errors are logged above).
+    """
+    trt = import_tensorrt()
+    import polygraphy
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, ModifyNetworkOutputs,
+                                        NetworkFromOnnxPath, Profile)
+    from polygraphy.constants import MARK_ALL
+    from polygraphy.exception import PolygraphyException
+
+    settings.validate()
+    gpu = gpu_info()
+    cache_file = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu["name"])
+    cache_in = cache_file.read_bytes() if cache_file.is_file() else b""
+    if settings.opt_level == 0:
+        _logger.warning("--opt-level 0 does not use the timing cache (TensorRT picks the first tactic that runs)")
+    flags = network_creation_flags(trt)
+    load_network = NetworkFromOnnxPath(str(onnx_file), strongly_typed=bool(flags))
+    if mark_all_outputs:
+        load_network = ModifyNetworkOutputs(load_network, outputs=MARK_ALL)
+    batch_profile = Profile()
+    for name, s in shapes.items():
+        batch_profile.add(name, s["min"], s["opt"], s["max"])
+    make_config = CreateConfig(tf32=settings.tf32, profiles=[batch_profile],
+                               memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(settings.workspace_mib) << 20},
+                               builder_optimization_level=int(settings.opt_level))
+    try:
+        builder, network, parser = load_network()
+    except PolygraphyException as e:
+        raise BuildError(f"TensorRT's ONNX parser rejected {onnx_file} ({e}); its errors are above") from e
+    _check_network_inputs(network, shapes)
+    try:
+        config = make_config(builder, network)
+    except PolygraphyException as e:
+        raise BuildError(f"cannot configure the TensorRT build of {onnx_file}: {e}") from e
+    _use_timing_cache(config, cache_in)
+    t0 = time.perf_counter()
+    try:
+        serialized = EngineBytesFromNetwork((builder, network, parser), config=config)()
+    except PolygraphyException as e:
+        raise BuildError(f"TensorRT failed to build an engine from {onnx_file}; the builder's errors are above "
+                         f"(try a larger --workspace-mib, or check the graph with `polygraphy inspect model`)") from e
+    build_time = time.perf_counter() - t0
+    _merge_timing_cache(config, cache_file, config.get_timing_cache())
+    return BuiltEngine(serialized=serialized, tensorrt_version=trt.__version__, gpu=gpu, timing_cache=cache_file,
+                       build_time_s=build_time, network_creation_flags=flags,
+                       polygraphy_version=polygraphy.__version__)
+
+
 def build_engine(model: str, precision: str, out: str | os.PathLike, settings: BuildSettings = BuildSettings(),
                  onnx_file: str | os.PathLike | None = None, engine_file: str | os.PathLike | None = None,
                  img_size: int | None = None, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Build ``<out>/<model>.<precision>.engine`` and its sidecar; returns the sidecar.
+    """Build ``<out>/<model>.<precision>.engine`` (:func:`build_serialized_engine`) and its sidecar; returns the
+    sidecar.
 
     TensorRT is imported first, so without it nothing is read or written.
 
@@ -257,30 +328,23 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
         TensorRTUnavailable: TensorRT or a GPU is missing.
         BuildError: bad input, or the build failed.
     """
-    trt = import_tensorrt()
+    import_tensorrt()
     plan = plan_build(model, precision, out, settings, onnx_file, engine_file, img_size, checkpoint)
     onnx_file, engine_file = Path(plan["onnx"]), Path(plan["engine"])
-    gpu = gpu_info()
-    cache_file = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu["name"])
-    cache_in = cache_file.read_bytes() if cache_file.is_file() else b""
-    if settings.opt_level == 0:
-        _logger.warning("--opt-level 0 does not use the timing cache (TensorRT picks the first tactic that runs)")
-
     with OutputLock(engine_file.parent):  # a second build into the same folder is refused, not interleaved
-        t0 = time.perf_counter()
-        serialized, config = _build_serialized(trt, onnx_file, plan["profile"], settings, cache_in)
-        build_time = time.perf_counter() - t0
+        built = build_serialized_engine(onnx_file, plan["profile"], settings)
+        serialized = built.serialized
         atomic_write_bytes(engine_file, serialized)
-        _merge_timing_cache(config, cache_file, config.get_timing_cache())
         sidecar = make_sidecar(
             model=model, precision=precision, profile=plan["profile"], onnx_path=onnx_file,
             onnx_sha256=file_sha256(onnx_file), engine_sha256=hashlib.sha256(memoryview(serialized)).hexdigest(),
-            tensorrt_version=trt.__version__, gpu=gpu, build_time_s=build_time,
+            tensorrt_version=built.tensorrt_version, gpu=built.gpu, build_time_s=built.build_time_s,
             built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             onnx_metadata=plan["onnx_metadata"], data_config=plan["data_config"],
-            builder={**asdict(settings), "timing_cache": str(cache_file), "strongly_typed": True,
+            builder={**asdict(settings), "timing_cache": str(built.timing_cache), "strongly_typed": True,
                      "tf32": "allowed (--tf32)" if settings.tf32 else "cleared: fp32 tensors compute in fp32",
-                     "network_creation_flags": network_creation_flags(trt)},
+                     "network_creation_flags": built.network_creation_flags,
+                     "polygraphy": built.polygraphy_version},
         )
         # The sidecar goes last: an engine without one (or with a stale one, by engine_sha256) is refused.
         write_sidecar(engine_file, sidecar)

@@ -35,6 +35,8 @@ __all__ = [
     "gpu_info",
     "TRT_NAMES_USED",
     "TRT_NAMES_VERSION_GATED",
+    "TRT_NAMES_VIA_POLYGRAPHY",
+    "TRT_NAMES_VIA_POLYGRAPHY_10_ONLY",
     "TRT_NAMES_REMOVED_IN_11",
     "TRT_NAMES_FORBIDDEN",
     "TRT_OBJECT_NAMES",
@@ -49,17 +51,14 @@ MIN_VERSION = (10, 1)
 # collects them from the source by AST (see TRT_OBJECT_NAMES) and requires this list to match exactly.
 TRT_NAMES_USED: frozenset[str] = frozenset({
     # module level
-    "__version__", "Logger", "WARNING", "Builder", "Runtime", "OnnxParser",
+    "__version__", "Logger", "WARNING", "Runtime",
     "NetworkDefinitionCreationFlag", "STRONGLY_TYPED", "MemoryPoolType", "WORKSPACE",
     "TensorIOMode", "INPUT",
     "float32", "float16", "bfloat16", "int8", "int32", "int64", "uint8",
-    # builder, network, parser
-    "create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network",
-    "num_inputs", "get_input", "name", "parse_from_file", "num_errors", "get_error",
-    # builder config (the one builder flag: TF32 is cleared), optimization profile, timing cache
-    "set_memory_pool_limit", "builder_optimization_level", "BuilderFlag", "TF32", "clear_flag", "set_shape",
-    "add_optimization_profile", "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize",
-    "combine",
+    # network (the rest of the build is Polygraphy's: TRT_NAMES_VIA_POLYGRAPHY)
+    "num_inputs", "get_input", "name",
+    # timing cache: attached with a mismatch check, merged after the build
+    "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize", "combine",
     # runtime, engine, execution context
     "deserialize_cuda_engine", "create_execution_context", "num_io_tensors", "get_tensor_name",
     "get_tensor_mode", "get_tensor_dtype", "get_tensor_profile_shape", "set_input_shape",
@@ -69,6 +68,40 @@ TRT_NAMES_USED: frozenset[str] = frozenset({
 # Names used only on one side of a version check: name -> the major versions whose code path uses it.
 # STRONGLY_TYPED is read only when major == 10 (on 11 it is deprecated and ignored).
 TRT_NAMES_VERSION_GATED: dict[str, tuple[int, ...]] = {"STRONGLY_TYPED": (10,)}
+
+# What Polygraphy's loaders read on the module and on TensorRT objects on our behalf, for the options
+# engines.build.build_serialized_engine uses (NetworkFromOnnxPath strongly typed, ModifyNetworkOutputs(MARK_ALL),
+# CreateConfig with a profile, TF32, workspace and optimization level, EngineBytesFromNetwork), in Polygraphy
+# 0.53's source (backend/trt/loader.py, config.py, profile.py, util.py; docs/tensorrt.md says where). The
+# recording TensorRT of tests/test_build.py runs the real loaders and requires this list to match what they
+# read; the names test checks it against both binding wheels.
+TRT_NAMES_VIA_POLYGRAPHY: frozenset[str] = frozenset({
+    # module, logger (Polygraphy's own subclasses trt.ILogger and maps the severities), plugins
+    "__version__", "Builder", "OnnxParser", "ILogger", "Logger", "INTERNAL_ERROR", "ERROR", "WARNING", "INFO",
+    "VERBOSE", "init_libnvinfer_plugins",
+    # CreateNetwork (strongly_typed only on 10.x, see network_creation_flags), NetworkFromOnnxPath
+    "NetworkDefinitionCreationFlag", "STRONGLY_TYPED", "create_network", "parse_from_file", "num_errors",
+    # CreateConfig: profile (Profile.fill_defaults / to_trt), profiling verbosity, workspace, timing cache,
+    # optimization level, TF32 (cleared, or set with --tf32), the layer-precision warning
+    "create_builder_config", "create_optimization_profile", "num_inputs", "get_input", "name", "is_shape_tensor",
+    "shape", "dtype", "set_shape", "add_optimization_profile", "profiling_verbosity", "ProfilingVerbosity",
+    "DETAILED", "set_memory_pool_limit", "create_timing_cache", "set_timing_cache", "builder_optimization_level",
+    "BuilderFlag", "TF32", "clear_flag", "set_flag", "precision_is_set",
+    # EngineBytesFromNetwork: its calibrator hook (a read), its configuration summary, the build
+    "int8_calibrator", "DLA_core", "default_device_type", "DeviceType", "DLA", "__members__", "get_flag",
+    "engine_capability", "MemoryPoolType", "get_memory_pool_limit", "TacticSource", "get_tactic_sources",
+    "num_optimization_profiles", "PreviewFeature", "get_preview_feature", "QuantizationFlag",
+    "get_quantization_flag", "build_serialized_network",
+    # ModifyNetworkOutputs(MARK_ALL) (make layers): mark_layerwise / mark_outputs
+    "LayerType", "TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT", "SHAPE", "CONSTANT", "type", "num_outputs",
+    "get_output", "is_network_output", "unmark_output", "mark_output",
+})
+
+# Of those, the names TensorRT 11 removed: Polygraphy reads them only under ``except AttributeError`` or
+# ``hasattr`` (its engine summary, its calibrator hook, its layer-precision warning), never to set anything.
+TRT_NAMES_VIA_POLYGRAPHY_10_ONLY: frozenset[str] = frozenset({
+    "int8_calibrator", "QuantizationFlag", "get_quantization_flag", "precision_is_set",
+})
 
 # Removed in TensorRT 11 (precision flags, implicit calibration, implicit batch; deprecated since 10.1-10.12).
 TRT_NAMES_REMOVED_IN_11: frozenset[str] = frozenset({

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,13 +34,14 @@ import numpy as np
 import onnx
 
 from calibration.policy import PolicyError, performer_core_nodes
+from engines.build import BuildSettings, build_serialized_engine, profile_shapes
 from engines.trt_runtime import TensorRTRunner
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagenette_root, scan_image_folder
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock
-from t2t_vit.graphs import GraphError, read_metadata, value_types
+from t2t_vit.graphs import GraphError, graph_inputs, read_metadata, value_types
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 
 _logger = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ def _rename_tensors(model: onnx.ModelProto, mapping: dict[str, str]) -> onnx.Mod
 
 
 def _runners(ref: onnx.ModelProto, cand: onnx.ModelProto, names: list[str], precision: str, cand_path: Path,
-             tensorrt: bool) -> tuple[list[Any], str]:
+             tensorrt: bool, batch_size: int = 8) -> tuple[list[Any], str]:
     """Polygraphy runners: fp32 and the candidate on ONNX Runtime CPU, plus TensorRT when asked and available."""
     from polygraphy.backend.onnx import ModifyOutputs
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -132,14 +134,18 @@ def _runners(ref: onnx.ModelProto, cand: onnx.ModelProto, names: list[str], prec
     if tensorrt:
         ok, why = TensorRTRunner.availability()
         if ok:
-            # Thin on purpose: Polygraphy's own loaders, strongly typed, every tensor of the candidate
-            # marked (tensors TensorRT fuses away are reported as not compared).
-            from polygraphy.backend.trt import (EngineFromNetwork, ModifyNetworkOutputs, NetworkFromOnnxPath,
-                                                TrtRunner)
-            from polygraphy.constants import MARK_ALL
+            # The project's one engine build (engines.build), for batches of 1..batch_size, every tensor marked an
+            # output (tensors TensorRT fuses away are reported as not compared). Built from the renamed candidate,
+            # as ONNX Runtime runs it, so TensorRT's outputs carry the names the comparison looks up.
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-            network = ModifyNetworkOutputs(NetworkFromOnnxPath(str(cand_path), strongly_typed=True), outputs=MARK_ALL)
-            runners.append(TrtRunner(EngineFromNetwork(network), name=f"tensorrt-{precision}"))
+            settings = BuildSettings(min_batch=1, opt_batch=batch_size, max_batch=batch_size)
+            with tempfile.TemporaryDirectory() as tmp:
+                renamed = Path(tmp) / cand_path.name
+                onnx.save(cand, str(renamed))
+                built = build_serialized_engine(renamed, profile_shapes(graph_inputs(renamed), settings), settings,
+                                                mark_all_outputs=True)
+            runners.append(TrtRunner(EngineFromBytes(built.serialized), name=f"tensorrt-{precision}"))
             why = ""
     return runners, why
 
@@ -188,7 +194,7 @@ def compare_layers(fp32_path: Path, cand_path: Path, precision: str, images: np.
                          f"(and `make calib` for int8) from the same model")
     cand = _rename_tensors(cand, {p["candidate_tensor"]: p["tensor"] for p in pairs})
     names = [p["tensor"] for p in pairs]
-    runners, trt_reason = _runners(ref, cand, names, precision, cand_path, tensorrt)
+    runners, trt_reason = _runners(ref, cand, names, precision, cand_path, tensorrt, batch_size)
     input_name = ref.graph.input[0].name
     feeds = [{input_name: images[i:i + batch_size].astype(np.float32)} for i in range(0, len(images), batch_size)]
     results = Comparator.run(runners, data_loader=feeds)

@@ -1,22 +1,23 @@
-"""engines.build: the plan from a small ONNX (shapes, data config, errors), the builder wiring against a
-recording stand-in (it produces no engine), and the no-TensorRT failure mode that writes nothing."""
+"""engines.build: the plan from a small ONNX (shapes, data config, errors), the build (our code and Polygraphy's
+real TensorRT loaders) against a recording stand-in for tensorrt (it produces no engine), and the no-TensorRT
+failure mode that writes nothing."""
 from __future__ import annotations
 
-import enum
 import json
 import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from engines import build as B
 from engines import sidecar as S
+from engines import trt_compat as T
 from tests.engine_helpers import (INSTALL, REPO, data_meta, listing, no_trt,
                                   tiny_out, write_onnx)
+from tests.recording_trt import REMOVED_IN_11, Recorder, install, make_recording_trt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,133 +128,23 @@ def test_make_targets_without_tensorrt(tmp_path, target):
 
 
 # ----------------------------------------------------------------------------------------------------
-# build: the builder wiring, against a recording stand-in for the tensorrt module (no engine is built)
+# build: our code and Polygraphy's real loaders against a recording stand-in for tensorrt (no engine is built)
 # ----------------------------------------------------------------------------------------------------
-class _Recorder:
-    def __init__(self):
-        self.calls: list[tuple] = []
+def _fake(monkeypatch, rec, **kw):
+    trt = make_recording_trt(rec, **kw)
+    monkeypatch.setattr(B, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(B, "gpu_info", lambda: {"name": "Test GPU", "compute_capability": "9.0"})
+    install(monkeypatch, trt)
+    return trt
 
 
-class _Strict:
-    """Raises on any attribute our code is not expected to touch (e.g. set_flag, int8_calibrator)."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"unexpected TensorRT API use: {type(self).__name__}.{name}")
-
-
-class _FakeCache(_Strict):
-    """A timing cache as a set of entries; serialized as sorted entries joined by '+'."""
-
-    def __init__(self, data: bytes):
-        self.entries = set(data.decode().split("+")) - {""}
-
-    def serialize(self):
-        return "+".join(sorted(self.entries)).encode()
-
-    def combine(self, other, ignore_mismatch):
-        assert ignore_mismatch is False
-        self.entries |= other.entries
-        return True
-
-
-def make_recording_trt(rec: _Recorder, version="10.13.3.9", input_name="input", serialized=b"FAKE-ENGINE",
-                       timings="T1", during_build=None):
-    class Flag(enum.IntEnum):
-        STRONGLY_TYPED = 3
-
-    class BuilderFlag(enum.IntEnum):
-        TF32 = 7
-
-    class Tensor(_Strict):
-        name = input_name
-
-    class Network(_Strict):
-        num_inputs = 1
-
-        def get_input(self, i):
-            return Tensor()
-
-    class Parser(_Strict):
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            rec.calls.append(("parse_from_file", path))
-            return True
-
-    class Profile(_Strict):
-        def set_shape(self, name, lo, opt, hi):
-            rec.calls.append(("set_shape", name, list(lo), list(opt), list(hi)))
-
-    class Config(_Strict):
-        def __init__(self):
-            self._cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            rec.calls.append(("set_memory_pool_limit", pool, size))
-
-        def __setattr__(self, name, value):
-            if name == "builder_optimization_level":
-                rec.calls.append(("builder_optimization_level", value))
-            elif name != "_cache":
-                raise AssertionError(f"unexpected config attribute {name}")
-            object.__setattr__(self, name, value)
-
-        def add_optimization_profile(self, profile):
-            rec.calls.append(("add_optimization_profile",))
-
-        def clear_flag(self, flag):
-            rec.calls.append(("clear_flag", flag.name))
-
-        def create_timing_cache(self, data):
-            rec.calls.append(("create_timing_cache", bytes(data)))
-            return _FakeCache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            rec.calls.append(("set_timing_cache", ignore_mismatch))
-            self._cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return _FakeCache(self._cache.serialize() + b"+" + timings.encode())
-
-    class Builder(_Strict):
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            rec.calls.append(("create_network", flags))
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            rec.calls.append(("build_serialized_network",))
-            if during_build:
-                during_build()
-            return serialized
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity):
-            pass
-
-    return types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=Flag, Logger=Logger,
-                                 Builder=Builder, OnnxParser=Parser, BuilderFlag=BuilderFlag,
-                                 MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
+def _flag_calls(rec):
+    return [c for c in rec.calls if c[0] in ("set_flag", "clear_flag")]
 
 
 def test_build_wiring_with_recording_stand_in(tmp_path, monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec))
-    monkeypatch.setattr(B, "gpu_info", lambda: {"name": "Test GPU", "compute_capability": "9.0"})
+    rec = Recorder()
+    _fake(monkeypatch, rec)
     out = tiny_out(tmp_path / "out")
     cache = tmp_path / "cache" / "timing.cache"
     settings = B.BuildSettings(min_batch=1, opt_batch=4, max_batch=8, workspace_mib=256, opt_level=5,
@@ -264,49 +155,98 @@ def test_build_wiring_with_recording_stand_in(tmp_path, monkeypatch):
     assert engine.read_bytes() == b"FAKE-ENGINE"
     calls = rec.calls
     assert ("create_network", 1 << 3) in calls  # the enum member's bit, on 10.x
+    assert ("parse_from_file", str(out / "t2t_vit_test.fp32.onnx")) in calls  # external weights are found
     assert ("set_memory_pool_limit", "WORKSPACE", 256 * 2**20) in calls
-    assert ("builder_optimization_level", 5) in calls
+    assert ("set", "builder_optimization_level", 5) in calls
     assert ("set_shape", "input", [1, 3, 64, 64], [4, 3, 64, 64], [8, 3, 64, 64]) in calls
+    assert calls.count(("add_optimization_profile",)) == 1
     assert ("set_timing_cache", False) in calls and ("create_timing_cache", b"") in calls
-    assert ("clear_flag", "TF32") in calls  # fp32 means fp32 unless --tf32
+    assert _flag_calls(rec) == [("clear_flag", "TF32")]  # fp32 means fp32 unless --tf32; no precision flag
+    assert not [c for c in calls if c[0] in ("mark_output", "unmark_output")]
     assert cache.read_bytes() == b"T1"
     # the sidecar describes this build
     on_disk = S.read_sidecar(engine)
     assert on_disk == json.loads(json.dumps(side))
     import hashlib
 
+    import polygraphy
+
     assert on_disk["engine_sha256"] == hashlib.sha256(b"FAKE-ENGINE").hexdigest()
     assert on_disk["onnx_sha256"] == hashlib.sha256((out / "t2t_vit_test.fp32.onnx").read_bytes()).hexdigest()
     assert on_disk["gpu"] == {"name": "Test GPU", "compute_capability": "9.0"}
     assert on_disk["tensorrt_version"] == "10.13.3.9"
     assert on_disk["builder"]["workspace_mib"] == 256 and on_disk["builder"]["network_creation_flags"] == 8
+    assert on_disk["builder"]["polygraphy"] == polygraphy.__version__
     assert on_disk["data_config"] == data_meta(64)
     assert on_disk["profile"]["input"]["opt"] == [4, 3, 64, 64]
     assert on_disk["builder"]["tf32"].startswith("cleared") and on_disk["builder"]["tf32"] is not True
 
     # A second build (here on "11.x": no creation flag, TF32 allowed) starts from the saved timing cache, and
     # a third build that wrote the file meanwhile keeps its entries: the caches are merged, not overwritten.
-    rec2 = _Recorder()
+    rec2 = Recorder()
 
     def concurrent_build():
         cache.write_bytes(b"T1+T3")
 
-    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec2, version="11.4.0.106", timings="T2",
-                                                                         during_build=concurrent_build))
+    _fake(monkeypatch, rec2, version="11.4.0.106", timings="T2", during_build=concurrent_build)
     side2 = B.build_engine("t2t_vit_test", "fp32", out, B.BuildSettings(**{**settings.__dict__, "tf32": True}))
     assert ("create_timing_cache", b"T1") in rec2.calls
     assert ("create_network", 0) in rec2.calls
-    assert not [c for c in rec2.calls if c[0] == "clear_flag"] and side2["builder"]["tf32"].startswith("allowed")
+    assert _flag_calls(rec2) == [("set_flag", "TF32")] and side2["builder"]["tf32"].startswith("allowed")
+    assert ("combine", False) in rec2.calls  # our merge: another GPU's timings are never taken in
     assert cache.read_bytes() == b"T1+T2+T3"
     assert not [p for p in out.rglob("*.tmp")]
 
 
-def test_failed_build_writes_nothing(tmp_path, monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(B, "import_tensorrt", lambda: make_recording_trt(rec, serialized=None))
-    monkeypatch.setattr(B, "gpu_info", lambda: {"name": "Test GPU", "compute_capability": "9.0"})
+def test_polygraphy_reads_exactly_the_listed_names(tmp_path, monkeypatch):
+    """The names the build path reads (ours and Polygraphy's loaders, on 10.x and 11.x, with and without every
+    tensor marked) are the names trt_compat lists, which the names test checks against both binding wheels."""
+    out = tiny_out(tmp_path / "out")
+    seen: set[str] = set()
+    for version in ("10.13.3.9", "11.4.0.106"):
+        for mark_all, tf32 in ((False, False), (True, False), (False, True)):
+            rec = Recorder()
+            _fake(monkeypatch, rec, version=version)
+            settings = B.BuildSettings(1, 2, 4, timing_cache=str(tmp_path / f"{version}.cache"), tf32=tf32)
+            shapes = B.profile_shapes({"input": ["batch", 3, 64, 64]}, settings)
+            built = B.build_serialized_engine(out / "t2t_vit_test.fp32.onnx", shapes, settings,
+                                              mark_all_outputs=mark_all)
+            assert built.serialized == b"FAKE-ENGINE" and built.tensorrt_version == version
+            marked = [c[1] for c in rec.calls if c[0] == "mark_output"]
+            # ModifyNetworkOutputs(MARK_ALL): every layer's output, the graph output re-marked
+            assert marked == (["pooled", "logits"] if mark_all else [])
+            # the one builder flag: TF32, cleared unless asked for; never a precision flag
+            assert _flag_calls(rec) == [("set_flag" if tf32 else "clear_flag", "TF32")]
+            assert rec.missing == (T.TRT_NAMES_VIA_POLYGRAPHY_10_ONLY - {"get_quantization_flag"}
+                                   if version.startswith("11") else set())
+            seen |= rec.names
+    listed = T.TRT_NAMES_USED | T.TRT_NAMES_VIA_POLYGRAPHY
+    assert not seen - listed, f"read on the build path but not listed in trt_compat: {sorted(seen - listed)}"
+    stale = T.TRT_NAMES_VIA_POLYGRAPHY - seen
+    assert not stale, f"TRT_NAMES_VIA_POLYGRAPHY lists names the build path no longer reads: {sorted(stale)}"
+    assert REMOVED_IN_11 == T.TRT_NAMES_VIA_POLYGRAPHY_10_ONLY  # the stand-in's 11.x lacks exactly these
+
+
+@pytest.mark.parametrize("fault,message", [
+    ({"serialized": None}, "failed to build"),  # the builder returns no engine
+    ({"parse_errors": ("In node 0 (GlobalAveragePool): UNSUPPORTED_NODE",)}, "parser rejected"),
+])
+def test_failed_build_writes_nothing(tmp_path, monkeypatch, fault, message):
+    _fake(monkeypatch, Recorder(), **fault)
     out = tiny_out(tmp_path / "out")
     before = listing(tmp_path)
-    with pytest.raises(B.BuildError, match="failed to build"):
+    with pytest.raises(B.BuildError, match=message):
         B.build_engine("t2t_vit_test", "fp32", out, B.BuildSettings(timing_cache=str(tmp_path / "c" / "t.cache")))
     assert listing(tmp_path) == before
+
+
+def test_mismatched_timing_cache_is_replaced_not_merged(tmp_path, monkeypatch):
+    rec = Recorder()
+    _fake(monkeypatch, rec, timings="NEW")
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"FOREIGN+OLD")  # written by another TensorRT version or GPU
+    out = tiny_out(tmp_path / "out")
+    B.build_engine("t2t_vit_test", "fp32", out, B.BuildSettings(timing_cache=str(cache)))
+    assert ("create_timing_cache", b"FOREIGN+OLD") in rec.calls  # offered to TensorRT, which refused it
+    assert cache.read_bytes() == b"NEW"  # the foreign entries are gone, this build's are kept
+    assert ("combine", True) not in rec.calls

@@ -1,10 +1,12 @@
-"""Every TensorRT name the engines code uses exists in TensorRT 10.13 and 11.4; removed names are never used.
+"""Every TensorRT name the engines code uses, or Polygraphy's loaders use on its behalf, exists in TensorRT 10.13
+and 11.4; removed names are never used; every engine is built by one function.
 
 TensorRT cannot be installed here, so the check is static. ``make install`` downloads the binding
 wheels ``tensorrt-cu12-bindings==10.13.3.9`` and ``tensorrt-cu13-bindings==11.4.0.106`` into
 ``.cache/tensorrt-bindings/``; this test opens them with zipfile (no install), reads the printable
 strings of the compiled ``tensorrt.so`` (like binutils' ``strings``) plus the names its ``__init__.py``
-defines, and looks up every name in ``engines.trt_compat.TRT_NAMES_USED``.
+defines, and looks up every name in ``engines.trt_compat.TRT_NAMES_USED`` and ``TRT_NAMES_VIA_POLYGRAPHY``
+(the names Polygraphy's loaders read for the build, recorded by tests/test_build.py against a stand-in).
 
 A name counts as present when a string equals it or is an identifier ending with it: linkers merge a
 string into the tail of a longer one (``Logger`` is stored as the end of ``ILogger``). The source side
@@ -22,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from engines.trt_compat import (TRT_MODULES, TRT_NAMES_FORBIDDEN, TRT_NAMES_REMOVED_IN_11, TRT_NAMES_USED,
-                                TRT_NAMES_VERSION_GATED, TRT_OBJECT_NAMES)
+                                TRT_NAMES_VERSION_GATED, TRT_NAMES_VIA_POLYGRAPHY, TRT_NAMES_VIA_POLYGRAPHY_10_ONLY,
+                                TRT_OBJECT_NAMES)
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".cache" / "tensorrt-bindings"
@@ -169,30 +172,78 @@ def test_forbidden_names_never_used_in_engines():
     assert not (TRT_NAMES_USED & TRT_NAMES_FORBIDDEN)
 
 
-def test_the_only_builder_flag_is_tf32_and_it_is_cleared():
-    """Precision belongs to the ONNX graph: the one builder flag the code touches is TF32, cleared."""
-    seen = []
+def test_our_code_sets_no_builder_flag():
+    """Precision belongs to the ONNX graph: our code touches no builder flag; the one flag Polygraphy's CreateConfig
+    touches for us is TF32 (cleared, or set with --tf32), which tests/test_build.py records."""
     for path in TRT_PATHS:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr == "BuilderFlag":
-                seen.append(node.lineno)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_flag"):
-                assert node.func.attr == "clear_flag", f"{path.name}:{node.lineno}: {node.func.attr}"
-                (arg,) = node.args
-                assert ast.unparse(arg) == "trt.BuilderFlag.TF32", f"{path.name}:{node.lineno}: {ast.unparse(arg)}"
-    assert len(seen) == 1
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "BuilderFlag" and not node.attr.endswith("_flag"), f"{_rel(path)}:{node.lineno}"
 
 
-def test_no_hardcoded_network_flag_bit():
-    # 1 << 0, 1 << 1, ... as a create_network argument would encode an enum value that changes between
-    # releases; the flag must come from the enum.
-    for path in TRT_PATHS:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "create_network"):
-                for arg in node.args:
-                    assert not isinstance(arg, (ast.Constant, ast.BinOp)), \
-                        f"{path.name}:{node.lineno}: create_network gets a literal; use network_creation_flags(trt)"
+# Polygraphy's loaders that make a TensorRT network, builder config or engine (classes and their function forms).
+BUILD_LOADERS = ("CreateNetwork", "NetworkFromOnnxPath", "NetworkFromOnnxBytes", "CreateConfig", "EngineFromNetwork",
+                 "EngineBytesFromNetwork", "create_network", "network_from_onnx_path", "network_from_onnx_bytes",
+                 "create_config", "engine_from_network", "engine_bytes_from_network")
+CREATE_CONFIG_KEYWORDS = {"tf32", "profiles", "memory_pool_limits", "builder_optimization_level"}
+STAGE_PACKAGES = ("t2t_vit", "train", "export", "calibration", "engines", "evaluation")
+
+
+def _imports_and_calls(tree: ast.AST, names) -> dict[str, list[int]]:
+    """Function name -> lines where it imports or calls one of ``names`` (module level counts as ``<module>``)."""
+    out: dict[str, list[int]] = {}
+
+    def visit(node: ast.AST, fn: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else fn
+            if (isinstance(child, ast.alias) and child.name in names or isinstance(child, ast.Call)
+                    and isinstance(child.func, (ast.Name, ast.Attribute))
+                    and (getattr(child.func, "id", None) or getattr(child.func, "attr", None)) in names):
+                out.setdefault(fn, []).append(getattr(child, "lineno", 0))
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    return out
+
+
+def test_one_engine_path():
+    """Every engine is built by engines.build.build_serialized_engine: no other function in the stage packages
+    imports or calls Polygraphy's network/config/engine loaders, or builds with TensorRT's Builder directly."""
+    hits = {}
+    for package in STAGE_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for fn, lines in _imports_and_calls(tree, BUILD_LOADERS + ("build_serialized_network",)).items():
+                hits[f"{_rel(path)}:{fn}"] = lines
+    assert set(hits) == {"engines/build.py:build_serialized_engine"}, hits
+
+
+def test_build_loader_options():
+    """What build_serialized_engine asks of Polygraphy: a strongly typed network by the version check (a literal
+    True would set the creation flag 11.x deprecates), and no precision flag, calibrator or precision constraint."""
+    tree = ast.parse((REPO / "engines" / "build.py").read_text())
+    calls = {node.func.id: node for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in BUILD_LOADERS}
+    assert set(calls) == {"NetworkFromOnnxPath", "CreateConfig", "EngineBytesFromNetwork"}
+    strongly = {k.arg: k.value for k in calls["NetworkFromOnnxPath"].keywords}["strongly_typed"]
+    assert ast.unparse(strongly) == "bool(flags)", ast.unparse(strongly)
+    config = {k.arg: k.value for k in calls["CreateConfig"].keywords}
+    assert set(config) == CREATE_CONFIG_KEYWORDS and ast.unparse(config["tf32"]) == "settings.tf32"
+
+
+def test_one_engine_path_checker_sees_other_builders(tmp_path):
+    import textwrap
+
+    sample = ast.parse(textwrap.dedent("""
+        from polygraphy.backend.trt import EngineFromNetwork
+        def build(trt, path):
+            from polygraphy.backend.trt import NetworkFromOnnxPath
+            return trt.Builder(None).build_serialized_network(NetworkFromOnnxPath(path), None)
+        def harmless():
+            return 1
+    """))
+    hits = _imports_and_calls(sample, BUILD_LOADERS + ("build_serialized_network",))
+    assert set(hits) == {"<module>", "build"} and len(hits["build"]) == 3
 
 
 def test_ast_collector_sees_names_in_a_sample(tmp_path):
@@ -221,6 +272,26 @@ def test_every_used_name_exists(major):
     needed = {n for n in TRT_NAMES_USED if major in TRT_NAMES_VERSION_GATED.get(n, (major,))}
     missing = sorted(n for n in needed if not b.has(n))
     assert not missing, f"{b.wheel} lacks {missing}"
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_every_name_polygraphy_reads_for_us_exists(major):
+    """The names Polygraphy's loaders read on the build path (recorded by tests/test_build.py): all exist in both
+    majors, except the few 11.x removed, which Polygraphy reads only under an AttributeError guard."""
+    b = bindings(major)
+    needed = TRT_NAMES_VIA_POLYGRAPHY - (TRT_NAMES_VIA_POLYGRAPHY_10_ONLY if major >= 11 else set())
+    missing = sorted(n for n in needed if not b.has(n))
+    assert not missing, f"{b.wheel} lacks {missing}"
+    if major >= 11:
+        present = sorted(n for n in TRT_NAMES_VIA_POLYGRAPHY_10_ONLY if b.has(n))
+        assert not present, f"{b.wheel} still has {present}: drop them from TRT_NAMES_VIA_POLYGRAPHY_10_ONLY"
+
+
+def test_polygraphy_touches_no_precision_api_for_us():
+    # The forbidden names Polygraphy reads for us are set_flag (TF32 only, with --tf32) and int8_calibrator (read,
+    # never assigned: the recording config refuses an assignment); tests/test_build.py checks both.
+    assert TRT_NAMES_VIA_POLYGRAPHY & TRT_NAMES_FORBIDDEN == {"set_flag", "int8_calibrator"}
+    assert TRT_NAMES_VIA_POLYGRAPHY_10_ONLY <= TRT_NAMES_VIA_POLYGRAPHY
 
 
 def test_version_gated_names_exist_where_used():

@@ -132,3 +132,35 @@ def test_performer_core_is_judged_at_its_output(graphs):
     flagged = {t["tensor"] for t in judged["tensors"] if t["inside_performer_core"]}
     assert flagged and flagged == {t["tensor"] for t in judged["tensors"]} & internal
     assert judged["core_internal"] == len(flagged)
+
+
+def test_tensorrt_engine_comes_from_the_one_build(graphs, monkeypatch):
+    """Where TensorRT exists, the candidate's engine is engines.build's (a profile of 1..batch_size, every tensor an
+    output), built from the renamed candidate so TensorRT's outputs carry the names the comparison looks up."""
+    from polygraphy.backend import trt as pg_trt
+
+    from engines import build as B
+
+    ref = onnx.load(str(graphs / f"{MODEL}.fp32.onnx"))
+    cand = onnx.load(str(graphs / f"{MODEL}.fp16.onnx"))
+    pairs = L.shared_tensors(ref, cand)
+    assert any(p["tensor"] != p["candidate_tensor"] for p in pairs)  # the fp16 export's /model/ scope
+    renamed = L._rename_tensors(cand, {p["candidate_tensor"]: p["tensor"] for p in pairs})
+    names = [p["tensor"] for p in pairs]
+    seen = {}
+
+    def fake_build(path, shapes, settings, *, mark_all_outputs=False):
+        built = onnx.load(str(path))
+        seen.update(shapes=shapes, settings=settings, mark_all=mark_all_outputs,
+                    tensors={o for n in built.graph.node for o in n.output})
+        return B.BuiltEngine(b"ENGINE", "10.13.3.9", {"name": "GPU"}, Path("c"), 0.0, 8, "0")
+
+    monkeypatch.setattr(L.TensorRTRunner, "availability", classmethod(lambda cls: (True, "")))
+    monkeypatch.setattr(L, "build_serialized_engine", fake_build)
+    monkeypatch.setattr(pg_trt, "EngineFromBytes", lambda data: ("engine from", data))
+    monkeypatch.setattr(pg_trt, "TrtRunner", lambda engine, name: (name, engine))
+    runners, why = L._runners(ref, renamed, names, "fp16", graphs / f"{MODEL}.fp16.onnx", True, batch_size=4)
+    assert why == "" and runners[-1] == ("tensorrt-fp16", ("engine from", b"ENGINE"))
+    assert seen["mark_all"] is True and set(names) <= seen["tensors"]
+    assert seen["shapes"] == {"input": {"min": [1, 3, 64, 64], "opt": [4, 3, 64, 64], "max": [4, 3, 64, 64]}}
+    assert (seen["settings"].min_batch, seen["settings"].max_batch, seen["settings"].tf32) == (1, 4, False)
