@@ -5,7 +5,8 @@ and its names are checked statically instead: ``tests/test_engines_trt_names.py`
 bindings of TensorRT 10.13 and 11.4 (downloaded by ``make install``, never installed) and checks that
 every name in :data:`TRT_NAMES_USED` exists in both, and that the source uses no TensorRT name outside
 that list. Names that exist in one major version only are used behind a version check and listed in
-:data:`TRT_NAMES_VERSION_GATED`.
+:data:`TRT_NAMES_VERSION_GATED`. Engines are built with Polygraphy's TensorRT loaders; the names they read
+on our behalf are :data:`TRT_NAMES_VIA_POLYGRAPHY`, recorded by tests/test_build.py and checked the same way.
 
 How the variants differ (NVIDIA TensorRT developer guide, "Strongly Typed Networks"; TensorRT 10.x release
 notes on the deprecated precision flags and calibrators; TensorRT 11 migration notes):
