@@ -92,7 +92,13 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
         model = trained_like_(build_model(model_name, img_size=img_size).eval())
         export_model(model, out)
         stamp.write_text(WEIGHTS)
-    if not (paths["int8"].is_file() and paths["int8-fp32"].is_file()):
+    # int8 graphs cached in --work by another build (not make calib's build_int8, which records the target and
+    # the calibration in the metadata) or from other calibration images are redone.
+    meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(calib_images),
+            "calib_data": str(calib_data) if calib_data else "gaussian noise"}
+    targets = {"int8": "tensorrt", "int8-fp32": "cpu"}
+    if not all(paths[k].is_file() and read_metadata(paths[k]).items() >= {**meta, "target": t}.items()
+               for k, t in targets.items()):
         fp32 = ensure_opset(onnx.load(str(paths["fp32"])))
         if calib_data:
             cfg = DataConfig.from_metadata(read_metadata(paths["fp32"]))
@@ -102,12 +108,10 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
             images = np.random.default_rng(0).standard_normal((calib_images, 3, img_size, img_size), dtype=np.float32)
         placement = Placement.from_model(fp32, DEFAULT_POLICY)
         reader = TensorDataReader(images, fp32.graph.input[0].name)
-        meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(len(images)),
-                "calib_data": str(calib_data) if calib_data else "gaussian noise"}
         with tempfile.TemporaryDirectory(prefix="t2t-bench-calib-") as tmp:  # one calibration, both targets
             cache = Path(tmp) / "ranges-entropy.json"
-            build_int8(fp32, placement, "entropy", reader, paths["int8"], cache=cache, meta=meta)
-            build_int8(fp32, placement, "entropy", reader, paths["int8-fp32"], target="cpu", cache=cache, meta=meta)
+            for key, target in targets.items():
+                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta)
     return paths
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "QuantizationError",
     "TensorDataReader",
     "build_int8",
+    "int8_metadata",
     "ensure_opset",
     "quiet_onnxruntime",
     "quantize_model",

@@ -647,3 +647,16 @@ def test_bench_calib_redoes_graphs_cached_from_other_weights(tmp_path):
     assert stamp.read_text() == bench.WEIGHTS
     assert onnx.load(str(again["fp32"])).graph.node  # exported again
     assert all(again[k].stat().st_mtime_ns > kept[k] for k in ("fp16", "int8", "int8-fp32"))
+    # The benchmarked int8 graphs are make calib's (build_int8's metadata names the target): one written by
+    # anything else, or from other calibration images, is built again.
+    assert read_metadata(again["int8"])["target"] == "tensorrt" and read_metadata(again["int8-fp32"])["target"] == "cpu"
+    kept = {k: p.stat().st_mtime_ns for k, p in again.items()}
+    plain = onnx.load(str(again["int8-fp32"]))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(again["int8-fp32"]))
+    redone = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 4)
+    assert read_metadata(redone["int8-fp32"])["target"] == "cpu" and redone["int8"].stat().st_mtime_ns > kept["int8"]
+    assert redone["fp32"].stat().st_mtime_ns == kept["fp32"]
+    kept = {k: p.stat().st_mtime_ns for k, p in redone.items()}
+    other = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 2)
+    assert read_metadata(other["int8"])["calib_size"] == "2" and other["int8"].stat().st_mtime_ns > kept["int8"]
