@@ -6,12 +6,13 @@
 
 For each model the fp32/fp16 graphs are exported (``export.to_onnx.export_model``, random weights with
 a trained model's nonzero biases and LayerNorm affines, :func:`t2t_vit.model.trained_like_`) into
-``--work``, and the int8 graph is built exactly as
-``make calib`` builds it (default policy, entropy calibration on ``--calib-images`` images: real ones
-from ``--calib-data`` when given, else Gaussian noise, which only sets ranges). Also timed: ``int8-fp32``,
-the same Q/DQ placement over an fp32 graph, which is the form ONNX Runtime's CPU provider can fuse into
-its int8 (VNNI) kernels; the deployed ``int8`` graph keeps fp16 elsewhere for TensorRT, and the CPU
-provider runs fp16 ops by inserting casts to fp32 around them.
+``--work``, and the int8 graph is built by ``make calib``'s own function
+(:func:`calibration.quantize.build_int8`: default policy, entropy calibration on ``--calib-images`` images:
+real ones from ``--calib-data`` when given, else Gaussian noise, which only sets ranges; checked, with its
+metadata). Also timed: ``int8-fp32``, ``make calib TARGET=cpu``'s graph from the same ranges (the same Q/DQ
+placement over fp32), which is the form ONNX Runtime's CPU provider can fuse into its int8 (VNNI) kernels;
+the deployed ``int8`` graph keeps fp16 elsewhere for TensorRT, and the CPU provider runs fp16 ops by
+inserting casts to fp32 around them.
 Writes ``<out>/bench-calib-cpu.{json,md}`` with the hardware named.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +33,6 @@ from export.to_onnx import export_model
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
-from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import ort_session, read_metadata
 from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
@@ -39,7 +40,7 @@ from t2t_vit.timing import load_average, time_calls
 
 from .data import load_or_preprocess, select_samples
 from .policy import DEFAULT_POLICY, Placement
-from .quantize import TensorDataReader, ensure_opset, quantize_model, to_mixed_fp16
+from .quantize import TensorDataReader, build_int8, ensure_opset
 
 __all__ = ["get_args_parser", "time_session", "run", "main"]
 
@@ -77,7 +78,8 @@ WEIGHTS = "random, t2t_vit.model.trained_like_(seed=0)"  # what the cached graph
 
 
 def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | None, calib_images: int) -> dict[str, Path]:
-    """fp32, fp16 (exporter), int8 (mixed fp16, as `make calib`) and int8-fp32 graphs of one model."""
+    """fp32, fp16 (exporter), int8 (`make calib`'s TensorRT graph) and int8-fp32 (`make calib TARGET=cpu`'s)
+    graphs of one model."""
     out = work / f"{model_name}-{img_size}"
     paths = {"fp32": out / f"{model_name}.fp32.onnx", "fp16": out / f"{model_name}.fp16.onnx",
              "int8": out / f"{model_name}.int8.onnx", "int8-fp32": out / f"{model_name}.int8-fp32.onnx"}
@@ -90,7 +92,13 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
         model = trained_like_(build_model(model_name, img_size=img_size).eval())
         export_model(model, out)
         stamp.write_text(WEIGHTS)
-    if not (paths["int8"].is_file() and paths["int8-fp32"].is_file()):
+    # int8 graphs cached in --work by another build (not make calib's build_int8, which records the target and
+    # the calibration in the metadata) or from other calibration images are redone.
+    meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(calib_images),
+            "calib_data": str(calib_data) if calib_data else "gaussian noise"}
+    targets = {"int8": "tensorrt", "int8-fp32": "cpu"}
+    if not all(paths[k].is_file() and read_metadata(paths[k]).items() >= {**meta, "target": t}.items()
+               for k, t in targets.items()):
         fp32 = ensure_opset(onnx.load(str(paths["fp32"])))
         if calib_data:
             cfg = DataConfig.from_metadata(read_metadata(paths["fp32"]))
@@ -98,10 +106,12 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
                                         progress=False).images.numpy()
         else:
             images = np.random.default_rng(0).standard_normal((calib_images, 3, img_size, img_size), dtype=np.float32)
-        nodes = Placement.from_model(fp32, DEFAULT_POLICY).node_names
-        qdq = quantize_model(fp32, nodes, "entropy", reader=TensorDataReader(images, fp32.graph.input[0].name))
-        atomic_save_onnx(qdq, paths["int8-fp32"])
-        atomic_save_onnx(to_mixed_fp16(qdq), paths["int8"])
+        placement = Placement.from_model(fp32, DEFAULT_POLICY)
+        reader = TensorDataReader(images, fp32.graph.input[0].name)
+        with tempfile.TemporaryDirectory(prefix="t2t-bench-calib-") as tmp:  # one calibration, both targets
+            cache = Path(tmp) / "ranges-entropy.json"
+            for key, target in targets.items():
+                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta)
     return paths
 
 
@@ -129,7 +139,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                          [[r["model"], r["precision"], r["batch"], r["images_per_s"], r["latency_ms_median"],
                            f"{r['speedup_vs_fp32']:.2f}x"] for r in rows]), "",
           "`int8` is the deployed graph (Q/DQ on the policy's MatMul/Gemm inputs, fp16 elsewhere); `int8-fp32` "
-          "is the same Q/DQ placement over fp32, the form the CPU provider fuses into int8 kernels. The CPU "
+          "is `make calib TARGET=cpu`'s graph, the same Q/DQ placement over fp32, the form the CPU provider fuses "
+          "into int8 kernels. The CPU "
           "provider has few fp16 kernels and wraps fp16 ops in casts, so fp16 and int8 graphs are slower than "
           "fp32 on a CPU: these graphs are built for TensorRT, and this table is a smoke-level cost check.", ""]
     write_report(Path(args.out) / args.name, report, "\n".join(md))

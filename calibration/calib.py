@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -39,16 +38,15 @@ from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
 from t2t_vit.errors import T2TError, ThresholdMissed
-from t2t_vit.files import OutputLock, atomic_save_onnx, file_sha256
-from t2t_vit.graphs import check_graph, describe_graph, read_metadata, set_metadata
+from t2t_vit.files import OutputLock, file_sha256
+from t2t_vit.graphs import read_metadata
 from t2t_vit.metrics import accuracy, compare_logits
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 
 from .data import folder_label_space, load_or_preprocess, select_samples
 from .evaluate import evaluate_graphs
 from .policy import DEFAULT_POLICY, POLICIES, Placement, group_nodes
-from .quantize import (FP32_ISLAND_REASON, METHODS, TensorDataReader, check_qdq, ensure_opset, fp32_island,
-                       quantize_model, to_cpu_int8, to_mixed_fp16)
+from .quantize import FP32_ISLAND_REASON, METHODS, TARGET_PRECISION, TARGETS, TensorDataReader, build_int8, ensure_opset
 
 _logger = logging.getLogger("calibration")
 
@@ -143,53 +141,6 @@ def _range_cache(out: Path, model: str, method: str, fp32_sha: str, data_key: st
     return out / "calib-cache" / f"{model}.ranges-{method}-{key}.json"
 
 
-TARGETS = ("tensorrt", "cpu")
-# The int8 graph each target gets: TensorRT's (fp16 everywhere but the Q/DQ layers and the fp32 island) or
-# ONNX Runtime CPU's (the same Q/DQ placement over fp32, which ORT fuses into MatMulIntegerToFloat).
-TARGET_PRECISION = {"tensorrt": "int8", "cpu": "int8-cpu"}
-
-
-def _int8_metadata(meta: dict[str, str], target: str = "tensorrt", **extra: Any) -> dict[str, str]:
-    out = dict(meta)
-    out.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in extra.items()})
-    out["precision"] = TARGET_PRECISION[target]
-    out["target"] = target
-    return out
-
-
-def build_int8(fp32_model, nodes: list[str], method: str, reader, cache: Path, percentile: float,
-               meta: dict[str, str], path: Path, layernorm: str = DEFAULT_LAYERNORM,
-               target: str = "tensorrt") -> dict[str, Any]:
-    """Quantize, convert to the target's graph, check the Q/DQ pattern and the ONNX checker, write ``path``.
-
-    ``target="tensorrt"``: fp16 everywhere except the Q/DQ layers and the Performer's fp32 island.
-    ``target="cpu"``: the same Q/DQ placement over the fp32 graph, the form ONNX Runtime's CPU provider
-    fuses into integer kernels (DequantizeLinear + MatMul -> MatMulIntegerToFloat); fp16 would make it
-    insert Casts it cannot fuse.
-    """
-    t0 = time.perf_counter()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    reused = cache.is_file()
-    qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=cache,
-                         percentile=percentile)
-    if target == "cpu":
-        graph = to_cpu_int8(qdq)
-        check = check_qdq(graph, nodes, mixed_fp16=False)
-    else:
-        graph = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
-        check = check_qdq(graph, nodes, layernorm=layernorm)
-    # The CPU graph is fp32 throughout: no island to speak of (the structural search would name the core).
-    island = fp32_island(graph) if target != "cpu" else {"pattern": "none", "nodes": [], "fp32_tensors": []}
-    # What the graph is (opset, islands, LayerNorm type) is read from the graph itself, with the same keys and
-    # values as the fp16 export's metadata; precision names the target's graph (int8 / int8-cpu).
-    derived = describe_graph(graph)
-    set_metadata(graph, {**meta, **derived, "precision": meta.get("precision", derived["precision"])})
-    check_graph(graph)
-    atomic_save_onnx(graph, path)
-    return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island, "ranges_cache": str(cache),
-            "ranges_reused": reused, "seconds": round(time.perf_counter() - t0, 2)}
-
-
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The whole calibration run; returns the report (also written to ``<out>/<model>.calib[-cpu].{json,md}``)."""
     out = Path(args.out) if args.out else default_out(args.model)
@@ -249,14 +200,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         base = TARGET_PRECISION[args.target]
         path = onnx_path(out, args.model, base if i == 0 else f"{base}-{method}")
         cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
-        info = _int8_metadata(meta, args.target, calib_method=method, calib_policy=args.policy, calib_exclude_t2t=str(args.exclude_t2t).lower(),
-                              calib_size=str(len(cached.paths)), calib_data_key=data_key,
-                              calib_percentile=str(args.percentile) if method == "percentile" else "",
-                              quantized_nodes=str(len(nodes)),
-                              float_dtype="float32" if args.target == "cpu" else "float16")
+        info = {"calib_policy": args.policy, "calib_exclude_t2t": str(args.exclude_t2t).lower(),
+                "calib_size": str(len(cached.paths)), "calib_data_key": data_key}
         print(f"[{method}] calibrating and quantizing {len(nodes)} nodes -> {path}", flush=True)
-        int8[method] = build_int8(fp32_model, nodes, method, reader, cache, args.percentile, info, path,
-                                  layernorm=args.layernorm_precision, target=args.target)
+        int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target, cache=cache,
+                                  percentile=args.percentile, layernorm=args.layernorm_precision, meta=info)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)
@@ -268,9 +216,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
         for g, cands in groups.items():
             path = out / "sensitivity" / f"{args.model}.{TARGET_PRECISION[args.target]}-{method}-only-{g}.onnx"
-            build_int8(fp32_model, [c.name for c in cands], method, reader, cache, args.percentile,
-                       _int8_metadata(meta, args.target, calib_method=method, sensitivity_group=g), path,
-                       layernorm=args.layernorm_precision, target=args.target)
+            build_int8(fp32_model, [c.name for c in cands], method, reader, path, target=args.target, cache=cache,
+                       percentile=args.percentile, layernorm=args.layernorm_precision, meta={"sensitivity_group": g})
             sens_graphs[g] = path
 
     report: dict[str, Any] = {

@@ -16,32 +16,47 @@ calibration). The steps added here are:
    ReduceMax/Exp/ReduceSum, the normaliser, the rescaled epsilon, the division) stays fp32 behind
    Casts, because an fp16 core is measurably wrong (``FP32_ISLAND_REASON``);
 4. :func:`check_qdq` asserts the pattern TensorRT accepts, and that the island is there.
+
+:func:`build_int8` chains the steps for a target (``tensorrt``: the mixed fp16 graph above; ``cpu``: the same
+Q/DQ over fp32, for ONNX Runtime's integer kernels), checks the result and writes it with its metadata: the
+one way every stage (``make calib``, its sensitivity sweep, the CPU benchmarks) makes an int8 graph.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
 from export.patterns import FP32_ISLAND_REASON, fp32_tensor_reasons
+from export.to_onnx import DEFAULT_LAYERNORM
 from t2t_vit.errors import T2TError
-from t2t_vit.graphs import default_opset, fp32_tensors, producers, toposort
+from t2t_vit.files import atomic_save_onnx
+from t2t_vit.graphs import (check_graph, consumers, default_opset, describe_graph, fp32_tensors, producers,
+                            set_metadata, toposort)
 
-from .policy import NEVER_QUANTIZED_OPS, performer_core_nodes
+from .policy import NEVER_QUANTIZED_OPS, Placement, performer_core_nodes
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
+    "TARGETS",
+    "TARGET_PRECISION",
     "QuantizationError",
     "TensorDataReader",
+    "build_int8",
+    "int8_metadata",
     "ensure_opset",
+    "quiet_onnxruntime",
     "quantize_model",
     "to_mixed_fp16",
     "to_cpu_int8",
@@ -53,6 +68,10 @@ __all__ = [
 # CLI name -> onnxruntime CalibrationMethod attribute name.
 METHODS = {"entropy": "Entropy", "percentile": "Percentile", "max": "MinMax"}
 MIN_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear need opset 19
+TARGETS = ("tensorrt", "cpu")
+# The int8 graph each target gets: TensorRT's (fp16 everywhere but the Q/DQ layers and the fp32 island) or
+# ONNX Runtime CPU's (the same Q/DQ placement over fp32, which ORT fuses into MatMulIntegerToFloat).
+TARGET_PRECISION = {"tensorrt": "int8", "cpu": "int8-cpu"}
 
 
 class QuantizationError(T2TError, RuntimeError):
@@ -168,8 +187,7 @@ def quantize_model(fp32_model: onnx.ModelProto, nodes: Sequence[str], method: st
     TensorDataReader.register()
     if reader is not None:
         reader.rewind()
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-process nag
-    with tempfile.TemporaryDirectory(prefix="t2t-calib-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="t2t-calib-") as tmp, quiet_onnxruntime():
         src = Path(tmp) / "fp32.onnx"
         dst = Path(tmp) / "qdq.onnx"
         onnx.save(fp32_model, src)
@@ -187,6 +205,114 @@ def quantize_model(fp32_model: onnx.ModelProto, nodes: Sequence[str], method: st
             extra_options=_extra_options(method, percentile, len(reader) if reader is not None else None),
         )
         return onnx.load(dst)
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime(level: int = logging.ERROR) -> Iterator[None]:
+    """Drop ONNX Runtime's own log records below ``level`` while the block runs (its pre-processing nag and
+    per-tensor notes), and nothing else; everything is restored on exit.
+
+    ``onnxruntime.quantization`` logs through the root logger (module-level ``logging.warning``), so no level
+    on a named logger reaches those records, and a root level would silence every other logger too. A filter
+    on the root logger sees only records logged on it directly, not the ones its children propagate: this one
+    drops those whose source file is in the onnxruntime package. Its named loggers (``onnxruntime.*``) get
+    ``level`` for the block as well.
+    """
+    import onnxruntime
+
+    package = os.path.join(os.path.dirname(os.path.abspath(onnxruntime.__file__)), "")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= level or not os.path.abspath(record.pathname).startswith(package)
+
+    root, named = logging.getLogger(), logging.getLogger("onnxruntime")
+    named_level = named.level
+    root.addFilter(keep)
+    named.setLevel(max(named_level, level))
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        named.setLevel(named_level)
+
+
+def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str], method: str,
+               reader: TensorDataReader | None, path: str | os.PathLike, *, target: str = "tensorrt",
+               cache: str | os.PathLike | None = None, percentile: float = 99.99, layernorm: str = DEFAULT_LAYERNORM,
+               meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An fp32 graph -> the checked int8 graph of ``target``, with its metadata, written (atomically) to ``path``.
+
+    1. :func:`quantize_model` on the placement's nodes (ranges read from ``cache`` when it holds them, else
+       calibrated on ``reader`` and kept there);
+    2. ``target="tensorrt"``: :func:`to_mixed_fp16`, fp16 everywhere except the Q/DQ layers and the Performer's
+       fp32 island (LayerNorms per ``layernorm``); ``target="cpu"``: :func:`to_cpu_int8`, the same Q/DQ over
+       fp32, the form ONNX Runtime's CPU provider fuses into integer kernels (DequantizeLinear + MatMul ->
+       MatMulIntegerToFloat; fp16 would make it insert Casts it cannot fuse);
+    3. :func:`check_qdq` for the target's pattern, and the full ONNX checker (:func:`t2t_vit.graphs.check_graph`);
+    4. metadata: the fp32 graph's, the calibration method, ``meta``, the percentile, the node count, the float
+       type, ``precision`` (``TARGET_PRECISION``) and ``target``, then what the graph itself says
+       (:func:`t2t_vit.graphs.describe_graph`: opset, fp32 islands, LayerNorm type).
+
+    Args:
+        fp32_model: the exported fp32 graph (raised to opset 19 here when older).
+        placement: a :class:`calibration.policy.Placement`, or the names of the MatMul/Gemm nodes to quantize.
+        method: "entropy", "percentile" or "max".
+        reader: calibration batches; may be None when ``cache`` already holds the ranges.
+        path: where the graph is written.
+        target: "tensorrt" or "cpu".
+        cache: ORT calibration cache (JSON of tensor ranges), reused when it exists; None: not kept.
+        percentile: the percentile for ``method="percentile"``.
+        layernorm: "fp32" or "fp16" LayerNorms in the TensorRT graph (the CPU graph is fp32 throughout).
+        meta: further metadata from the caller (policy, calibration data); values that are not strings are
+            JSON-encoded.
+
+    Returns:
+        path, target, the :func:`check_qdq` summary, the fp32 island, the range cache and whether it was
+        reused, and the seconds it took.
+
+    Raises:
+        QuantizationError: bad settings, or a graph without the target's Q/DQ pattern.
+    """
+    if target not in TARGETS:
+        raise QuantizationError(f"unknown int8 target {target!r}; choose one of {list(TARGETS)}")
+    t0 = time.perf_counter()
+    nodes = placement.node_names if isinstance(placement, Placement) else list(placement)
+    fp32_model = ensure_opset(fp32_model)
+    reused = cache is not None and Path(cache).is_file()
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=cache,
+                         percentile=percentile)
+    if target == "cpu":
+        graph = to_cpu_int8(qdq)
+        check = check_qdq(graph, nodes, mixed_fp16=False)
+        # fp32 throughout: no island to speak of (the structural search would name the core).
+        island = {"pattern": "none", "nodes": [], "fp32_tensors": []}
+    else:
+        graph = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
+        check = check_qdq(graph, nodes, layernorm=layernorm)
+        island = fp32_island(graph)
+    set_metadata(graph, int8_metadata(fp32_model, graph, nodes, method, target, percentile, meta))
+    check_graph(graph)
+    atomic_save_onnx(graph, path)
+    return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island,
+            "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def int8_metadata(fp32_model: onnx.ModelProto, graph: onnx.ModelProto, nodes: Sequence[str], method: str,
+                  target: str, percentile: float, meta: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The int8 graph's metadata (see :func:`build_int8`). What the graph is (opset, islands, LayerNorm type)
+    is read from the graph itself, with the fp16 export's keys and values; ``precision`` names the target's
+    graph (int8 / int8-cpu)."""
+    out = {p.key: p.value for p in fp32_model.metadata_props}
+    out["calib_method"] = method
+    out.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
+    out.update({"calib_percentile": str(percentile) if method == "percentile" else "",
+                "quantized_nodes": str(len(nodes)), "float_dtype": "float32" if target == "cpu" else "float16",
+                "precision": TARGET_PRECISION[target], "target": target})
+    derived = describe_graph(graph)
+    return {**out, **derived, "precision": out["precision"]}
 
 
 def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None = None,
@@ -249,10 +375,7 @@ def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
     graph = model.graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
     outputs = {o.name for o in graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    readers = consumers(graph)
     nodes: list[onnx.NodeProto] = []
     added = 0
     for n in graph.node:
@@ -260,7 +383,7 @@ def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
         if n.name not in island:
             continue
         for o in n.output:
-            outside = [c for c in consumers.get(o, []) if c.name not in island]
+            outside = [c for c in readers.get(o, []) if c.name not in island]
             if not outside:
                 continue
             if o in outputs or types.get(o) != TensorProto.FLOAT:
@@ -297,11 +420,7 @@ def _own_island_initializers(model: onnx.ModelProto, island: set[str]) -> int:
     """
     graph = model.graph
     floats = {i.name: i for i in graph.initializer if i.data_type == TensorProto.FLOAT}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for t in n.input:
-            if t in floats:
-                users.setdefault(t, []).append(n)
+    users = {t: nodes for t, nodes in consumers(graph).items() if t in floats}
     copied = 0
     for name, nodes in users.items():
         inside = [n for n in nodes if n.name in island]
@@ -363,48 +482,82 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
         QuantizationError: listing every violation.
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    prod = producers(graph)
     expected = set(expected_nodes)
-    problems: list[str] = []
-    n_weight = n_act = 0
     by_name = {n.name: n for n in graph.node}
-    for name in sorted(expected - set(by_name)):
-        problems.append(f"{name}: expected quantized node is missing from the graph")
+    problems = [f"{name}: expected quantized node is missing from the graph" for name in sorted(expected - set(by_name))]
+    problems += _qdq_node_problems(graph, expected, mixed_fp16)
+    counts = _policy_input_problems(graph, [by_name[n] for n in sorted(expected & set(by_name))], problems)
+    island: set[str] = set()
+    if mixed_fp16:
+        island = set(performer_core_nodes(model)) if fp32_island else set()
+        # With fp32 LayerNorms, the LayerNormalization nodes (and the converter's Casts around them) are fp32 too.
+        ln = _layernorm_fp32_nodes(model) if layernorm == "fp32" else set()
+        readers = consumers(graph)
+        for i in graph.initializer:
+            names = {c.name for c in readers.get(i.name, [])}
+            if i.data_type == TensorProto.FLOAT and not (names and names <= island | ln):
+                problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph outside the fp32 island")
+        if fp32_island:
+            problems += _island_problems(model, island, ln)
+    if problems:
+        head = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise QuantizationError(f"the int8 graph does not have the Q/DQ pattern TensorRT accepts:\n  {head}{more}")
+    return {"quantized_nodes": len(expected), "weight_dq": counts["weight"], "activation_qdq": counts["activation"],
+            "q_nodes": sum(n.op_type == "QuantizeLinear" for n in graph.node),
+            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node),
+            "fp32_island_nodes": len(island)}
 
-    def zero_point_ok(node: onnx.NodeProto) -> None:
-        if len(node.input) < 3 or not node.input[2]:
-            problems.append(f"{node.name}: no explicit zero point (TensorRT needs an int8 zero point 0)")
-            return
-        zp = inits.get(node.input[2])
-        if zp is None:
-            problems.append(f"{node.name}: zero point is not an initializer")
-            return
-        if zp.data_type != TensorProto.INT8:
-            problems.append(f"{node.name}: zero point type {TensorProto.DataType.Name(zp.data_type)}, want INT8")
-        if np.any(numpy_helper.to_array(zp) != 0):
-            problems.append(f"{node.name}: non-zero zero point (asymmetric)")
 
+def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: bool) -> list[str]:
+    """Every Q/DQ node: an int8 zero point 0 (initializer), an fp16 scale in the mixed graph; every DQ output
+    read only by policy nodes."""
+    inits = {i.name: i for i in graph.initializer}
+    readers = consumers(graph)
+    problems: list[str] = []
     for node in graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            zero_point_ok(node)
-            scale = inits.get(node.input[1])
-            if mixed_fp16 and scale is not None and scale.data_type != TensorProto.FLOAT16:
-                problems.append(f"{node.name}: scale is {TensorProto.DataType.Name(scale.data_type)}, want FLOAT16")
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        problems += _zero_point_problems(node, inits)
+        scale = inits.get(node.input[1])
+        if mixed_fp16 and scale is not None and scale.data_type != TensorProto.FLOAT16:
+            problems.append(f"{node.name}: scale is {TensorProto.DataType.Name(scale.data_type)}, want FLOAT16")
         if node.op_type == "DequantizeLinear":
-            consumers = [c for c in graph.node if node.output[0] in c.input]
-            for c in consumers:
+            for c in {id(c): c for c in readers.get(node.output[0], [])}.values():  # each reader once
                 if c.op_type in NEVER_QUANTIZED_OPS:
                     problems.append(f"{c.name} ({c.op_type}) consumes int8 data: the policy forbids it")
                 elif c.name not in expected:
                     problems.append(f"{c.name} ({c.op_type}) consumes a DQ output but is not in the policy")
-    for name in sorted(expected & set(by_name)):
-        node = by_name[name]
+    return problems
+
+
+def _zero_point_problems(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> list[str]:
+    if len(node.input) < 3 or not node.input[2]:
+        return [f"{node.name}: no explicit zero point (TensorRT needs an int8 zero point 0)"]
+    zp = inits.get(node.input[2])
+    if zp is None:
+        return [f"{node.name}: zero point is not an initializer"]
+    problems = []
+    if zp.data_type != TensorProto.INT8:
+        problems.append(f"{node.name}: zero point type {TensorProto.DataType.Name(zp.data_type)}, want INT8")
+    if np.any(numpy_helper.to_array(zp) != 0):
+        problems.append(f"{node.name}: non-zero zero point (asymmetric)")
+    return problems
+
+
+def _policy_input_problems(graph: onnx.GraphProto, expected: Sequence[onnx.NodeProto],
+                           problems: list[str]) -> dict[str, int]:
+    """Both data inputs of every policy node come from DequantizeLinear: weights per-channel int8 along the
+    output axis, activations per-tensor behind a QuantizeLinear. Appends to ``problems``; returns the counts."""
+    inits = {i.name: i for i in graph.initializer}
+    prod = producers(graph)
+    counts = {"weight": 0, "activation": 0}
+    for node in expected:
         for idx in range(2):
             t = node.input[idx]
             dq = prod.get(t)
             if dq is None or dq.op_type != "DequantizeLinear":
-                problems.append(f"{name}: input {idx} ({t}) does not come from DequantizeLinear")
+                problems.append(f"{node.name}: input {idx} ({t}) does not come from DequantizeLinear")
                 continue
             x = dq.input[0]
             scale = inits.get(dq.input[1])
@@ -413,7 +566,7 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
                 continue
             scale_arr = numpy_helper.to_array(scale)
             if x in inits:  # weight
-                n_weight += 1
+                counts["weight"] += 1
                 w = inits[x]
                 axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
                 if w.data_type != TensorProto.INT8:
@@ -426,34 +579,13 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
                 if axis % len(w.dims) != want_axis:
                     problems.append(f"{dq.name}: per-channel axis {axis}, want the output-channel axis {want_axis}")
             else:  # activation
-                n_act += 1
+                counts["activation"] += 1
                 q = prod.get(x)
                 if q is None or q.op_type != "QuantizeLinear":
                     problems.append(f"{dq.name}: activation DQ is not fed by QuantizeLinear")
                 if scale_arr.size != 1:
                     problems.append(f"{dq.name}: activation scale has {scale_arr.size} values, want per-tensor")
-    island: set[str] = set()
-    if mixed_fp16:
-        island = set(performer_core_nodes(model)) if fp32_island else set()
-        # With fp32 LayerNorms, the LayerNormalization nodes (and the converter's Casts around them) are fp32 too.
-        ln = _layernorm_fp32_nodes(model) if layernorm == "fp32" else set()
-        readers: dict[str, list[str]] = {}
-        for n in graph.node:
-            for t in n.input:
-                readers.setdefault(t, []).append(n.name)
-        for i in graph.initializer:
-            if i.data_type == TensorProto.FLOAT and not (readers.get(i.name) and set(readers[i.name]) <= island | ln):
-                problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph outside the fp32 island")
-        if fp32_island:
-            problems += _island_problems(model, island, ln)
-    if problems:
-        head = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise QuantizationError(f"the int8 graph does not have the Q/DQ pattern TensorRT accepts:\n  {head}{more}")
-    return {"quantized_nodes": len(expected), "weight_dq": n_weight, "activation_qdq": n_act,
-            "q_nodes": sum(n.op_type == "QuantizeLinear" for n in graph.node),
-            "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node),
-            "fp32_island_nodes": len(island)}
+    return counts
 
 
 def _layernorm_fp32_nodes(model: onnx.ModelProto) -> set[str]:
@@ -478,10 +610,7 @@ def _island_problems(model: onnx.ModelProto, island: set[str], fp32_ok: set[str]
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
-    consumers: dict[str, list[str]] = {}
-    for n in model.graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n.name)
+    readers = consumers(model.graph)
     problems = []
     for n in model.graph.node:
         for o in n.output:
@@ -493,6 +622,6 @@ def _island_problems(model: onnx.ModelProto, island: set[str], fp32_ok: set[str]
                                 f"{TensorProto.DataType.Name(t)}: the fp32 island was dropped")
             elif n.name not in island and n.name not in fp32_ok and t == TensorProto.FLOAT:
                 problems.append(f"{n.name} ({n.op_type}) outputs FLOAT outside the fp32 island")
-            elif n.name not in island and n.op_type == "Cast" and any(c in island for c in consumers.get(o, [])):
+            elif n.name not in island and n.op_type == "Cast" and any(c.name in island for c in readers.get(o, [])):
                 problems.append(f"{n.name} rounds a tensor of the fp32 island to fp16 between two of its nodes")
     return problems

@@ -61,7 +61,7 @@ import torch
 
 from calibration.data import load_or_preprocess, select_samples
 from calibration.policy import DEFAULT_POLICY, Placement
-from calibration.quantize import TensorDataReader, ensure_opset, quantize_model, to_cpu_int8, to_mixed_fp16
+from calibration.quantize import TensorDataReader, build_int8, ensure_opset
 from export.to_onnx import export_onnx
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import apply_threads, comma_list, run_command
@@ -260,16 +260,21 @@ def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
 
 
 def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray, tensorrt: bool = True) -> dict[str, Path]:
-    """The CPU (and, with ``tensorrt``, the TensorRT) int8 graph of an fp32 graph (default policy, max
-    calibration), written beside it."""
+    """The CPU (and, with ``tensorrt``, the TensorRT) int8 graph of an fp32 graph, as ``make calib TARGET=cpu``
+    (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here max
+    calibration, both targets from one calibration; checked, with metadata), written beside it."""
     fp32 = ensure_opset(onnx.load(str(fp32_path)))
-    nodes = Placement.from_model(fp32, DEFAULT_POLICY).node_names
-    qdq = quantize_model(fp32, nodes, "max", reader=TensorDataReader(calib_images, fp32.graph.input[0].name))
+    placement = Placement.from_model(fp32, DEFAULT_POLICY)
+    reader = TensorDataReader(calib_images, fp32.graph.input[0].name)
     paths = {"int8-cpu": work / f"{fp32_path.stem}.int8-cpu.onnx"}
     if tensorrt:
         paths["int8"] = work / f"{fp32_path.stem}.int8-tensorrt.onnx"
-        atomic_save_onnx(to_mixed_fp16(onnx.ModelProto.FromString(qdq.SerializeToString())), paths["int8"])
-    atomic_save_onnx(to_cpu_int8(qdq), paths["int8-cpu"])
+    meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(len(calib_images))}
+    with tempfile.TemporaryDirectory(prefix="t2t-bench-cpu-") as tmp:
+        cache = Path(tmp) / "ranges-max.json"
+        for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
+            if key in paths:
+                build_int8(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta)
     return paths
 
 

@@ -171,31 +171,51 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, optimize: b
 
 
 def toposort(model: Any) -> Any:
-    """Reorder the main graph's nodes topologically (in place; stable: a node keeps its relative order
-    among the nodes that are ready). Graph rewrites that append nodes (fp16 converters) leave a node
-    before its producer; ONNX requires producers first.
+    """Reorder the main graph's nodes topologically (in place). Graph rewrites that append nodes (fp16
+    converters) leave a node before its producer; ONNX requires producers first.
+
+    A layered Kahn sort, linear in nodes and edges: a node's level is one more than its latest producer's
+    (0 when it reads only graph inputs and initializers); nodes come out level by level, each level in
+    the graph's order. A sorted graph is left as it is.
 
     Raises:
         GraphError: the graph has a cycle or reads a tensor nothing produces.
     """
     graph = model.graph
+    nodes = list(graph.node)
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(t in available for t in n.input)]
-        if not ready:
-            missing = sorted({t for n in pending for t in n.input if t not in available})[:5]
-            raise GraphError(f"the graph cannot be ordered: {len(pending)} nodes wait for {missing}")
-        ready_ids = {id(n) for n in ready}
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-        pending = [n for n in pending if id(n) not in ready_ids]
-    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
-        copies = [type(n)() for n in ordered]
-        for c, n in zip(copies, ordered):
-            c.CopyFrom(n)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
+    readers: dict[int, list[int]] = {}
+    waiting = [0] * len(nodes)  # producers not yet placed
+    for i, n in enumerate(nodes):
+        for p in {made_by[t] for t in n.input if t not in available and t in made_by}:
+            readers.setdefault(p, []).append(i)
+            waiting[i] += 1
+    unmade = {i for i, n in enumerate(nodes) if any(t not in available and t not in made_by for t in n.input)}
+    level = [0] * len(nodes)
+    queue = [i for i in range(len(nodes)) if not waiting[i] and i not in unmade]
+    placed = 0
+    while placed < len(queue):
+        i = queue[placed]
+        placed += 1
+        for r in readers.get(i, ()):
+            level[r] = max(level[r], level[i] + 1)
+            waiting[r] -= 1
+            if not waiting[r] and r not in unmade:
+                queue.append(r)
+    if placed < len(nodes):
+        done = set(queue)
+        known = available | {o for i in done for o in nodes[i].output}
+        missing = sorted({t for i, n in enumerate(nodes) if i not in done for t in n.input if t not in known})[:5]
+        raise GraphError(f"the graph cannot be ordered: {len(nodes) - placed} nodes wait for {missing}")
+    by_level: list[list[int]] = [[] for _ in range(max(level, default=0) + 1)]
+    for i in range(len(nodes)):  # graph order within a level
+        by_level[level[i]].append(i)
+    order = [i for same in by_level for i in same]
+    if order != list(range(len(nodes))):
+        copies = [type(nodes[i])() for i in order]
+        for c, i in zip(copies, order):
+            c.CopyFrom(nodes[i])
         del graph.node[:]
         graph.node.extend(copies)
     return model

@@ -535,6 +535,66 @@ def test_strided_max_calibration_covers_every_image(fp32, tmp_path):
     assert min(got["lowest"]["data"]) == pytest.approx(-want, rel=1e-5)
 
 
+def test_warnings_survive_a_quantization(fp32, caplog):
+    """Quantizing silences ONNX Runtime's own sub-ERROR records (it logs them on the root logger) for the
+    call only: afterwards the root level is what it was, and a warning from anywhere reaches the handlers."""
+    import logging
+
+    import onnxruntime
+
+    from calibration.quantize import quiet_onnxruntime
+
+    root = logging.getLogger()
+    level, filters = root.level, list(root.filters)
+    placement = Placement.from_model(fp32, "linear")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x))
+    assert root.level == level and root.filters == filters
+    logging.getLogger("calibration.after").warning("a warning logged after a quantization")
+    assert [r.getMessage() for r in caplog.records if r.name == "calibration.after"] == \
+        ["a warning logged after a quantization"]
+    # Inside the block: a root-logger record from ONNX Runtime's source is dropped, one from elsewhere is not.
+    ort_file = str(Path(onnxruntime.__file__).parent / "quantization" / "quantize.py")
+    caplog.clear()
+    with quiet_onnxruntime():
+        for path, msg in ((ort_file, "ort nag"), (__file__, "ours")):
+            root.handle(logging.makeLogRecord({"name": "root", "levelno": logging.WARNING, "levelname": "WARNING",
+                                               "pathname": path, "msg": msg}))
+        logging.getLogger("onnxruntime.transformers").warning("ort named")
+    assert [r.getMessage() for r in caplog.records] == ["ours"]
+    root.handle(logging.makeLogRecord({"name": "root", "levelno": logging.WARNING, "levelname": "WARNING",
+                                       "pathname": ort_file, "msg": "ort nag"}))
+    assert [r.getMessage() for r in caplog.records] == ["ours", "ort nag"]  # restored after the block
+
+
+def test_build_int8_checks_and_labels_every_target(fp32, tmp_path):
+    """The one int8 step: each target's graph is checked and says what it is; a graph that fails the Q/DQ
+    check is not written."""
+    from calibration.quantize import build_int8
+
+    placement = Placement.from_model(fp32, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    cache = tmp_path / "ranges.json"
+    trt = build_int8(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.int8.onnx", cache=cache,
+                     meta={"calib_policy": "linear-attn"})
+    cpu = build_int8(fp32, placement, "max", None, tmp_path / "a.int8-cpu.onnx", target="cpu", cache=cache)
+    assert not trt["ranges_reused"] and cpu["ranges_reused"]  # the second target reads the first one's ranges
+    for info, precision, float_dtype in ((trt, "int8", "float16"), (cpu, "int8-cpu", "float32")):
+        meta = read_metadata(info["path"])
+        assert (meta["precision"], meta["target"], meta["float_dtype"]) == (precision, info["target"], float_dtype)
+        assert meta["calib_method"] == "max" and meta["quantized_nodes"] == str(len(placement.node_names))
+        assert meta["model"] == "t2t_vit_test"  # the fp32 graph's metadata is kept
+        assert info["qdq_check"]["quantized_nodes"] == len(placement.node_names)
+    assert read_metadata(trt["path"])["calib_policy"] == "linear-attn"
+    # A LayerNorm among the "policy" nodes: it reads no DQ output, so the check fails and nothing is written.
+    ln = next(n.name for n in fp32.graph.node if n.op_type == "LayerNormalization")
+    with pytest.raises(QuantizationError, match="does not come from DequantizeLinear"):
+        build_int8(fp32, [*placement.node_names, ln], "max", None, tmp_path / "bad.onnx", cache=cache)
+    assert not (tmp_path / "bad.onnx").exists()
+    with pytest.raises(QuantizationError, match="unknown int8 target"):
+        build_int8(fp32, placement, "max", None, tmp_path / "bad.onnx", target="gpu", cache=cache)
+
+
 def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, capsys):
     """TARGET=cpu: the same placement over fp32 (no fp16, no island), written as <model>.int8-cpu.onnx, and
     ONNX Runtime's CPU provider turns every quantized MatMul into an integer kernel."""
@@ -587,3 +647,16 @@ def test_bench_calib_redoes_graphs_cached_from_other_weights(tmp_path):
     assert stamp.read_text() == bench.WEIGHTS
     assert onnx.load(str(again["fp32"])).graph.node  # exported again
     assert all(again[k].stat().st_mtime_ns > kept[k] for k in ("fp16", "int8", "int8-fp32"))
+    # The benchmarked int8 graphs are make calib's (build_int8's metadata names the target): one written by
+    # anything else, or from other calibration images, is built again.
+    assert read_metadata(again["int8"])["target"] == "tensorrt" and read_metadata(again["int8-fp32"])["target"] == "cpu"
+    kept = {k: p.stat().st_mtime_ns for k, p in again.items()}
+    plain = onnx.load(str(again["int8-fp32"]))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(again["int8-fp32"]))
+    redone = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 4)
+    assert read_metadata(redone["int8-fp32"])["target"] == "cpu" and redone["int8"].stat().st_mtime_ns > kept["int8"]
+    assert redone["fp32"].stat().st_mtime_ns == kept["fp32"]
+    kept = {k: p.stat().st_mtime_ns for k, p in redone.items()}
+    other = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 2)
+    assert read_metadata(other["int8"])["calib_size"] == "2" and other["int8"].stat().st_mtime_ns > kept["int8"]

@@ -7,12 +7,11 @@ import onnx
 import pytest
 import torch
 
-from calibration.calib import build_int8
 from calibration.policy import Placement
-from calibration.quantize import TensorDataReader, ensure_opset
+from calibration.quantize import TensorDataReader, build_int8, ensure_opset
 from export.to_onnx import export_model
 from t2t_vit.checkpoint import build_model
-from t2t_vit.graphs import describe_graph, read_metadata
+from t2t_vit.graphs import describe_graph
 
 DERIVED = ("opset", "precision", "io_dtype", "fp32_islands", "layernorm_precision")
 
@@ -29,20 +28,17 @@ def graphs(request, tmp_path_factory):
     fp32 = ensure_opset(onnx.load(str(out / f"{name}.fp32.onnx")))
     nodes = Placement.from_model(fp32, "linear-attn").node_names
     images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
-    meta = {**read_metadata(out / f"{name}.fp32.onnx"), "precision": "int8"}
     paths = {"fp32": out / f"{name}.fp32.onnx", "fp16": out / f"{name}.fp16.onnx",
              "fp16-ln32": out / "ln32" / f"{name}.fp16.onnx"}
     for ln in ("fp16", "fp32"):
         path = out / f"{name}.int8-ln{ln}.onnx"
-        build_int8(fp32, nodes, "max", TensorDataReader(images), out / f"ranges-{ln}.json", 99.99, meta, path,
-                   layernorm=ln)
+        build_int8(fp32, nodes, "max", TensorDataReader(images), path, cache=out / f"ranges-{ln}.json", layernorm=ln)
         paths[f"int8-ln{ln}"] = path
     cpu = out / f"{name}.int8-cpu.onnx"
-    build_int8(fp32, nodes, "max", None, out / "ranges-fp16.json", 99.99, {**meta, "precision": "int8-cpu"}, cpu,
-               target="cpu")
+    build_int8(fp32, nodes, "max", None, cpu, target="cpu", cache=out / "ranges-fp16.json")
     paths["int8-cpu"] = cpu
     only = out / "sensitivity" / f"{name}.int8-max-only-head.onnx"
-    build_int8(fp32, [n for n in nodes if n == nodes[-1]], "max", None, out / "ranges-fp16.json", 99.99, meta, only)
+    build_int8(fp32, [n for n in nodes if n == nodes[-1]], "max", None, only, cache=out / "ranges-fp16.json")
     paths["sensitivity"] = only
     return name, paths
 
@@ -81,3 +77,41 @@ def test_metadata_says_what_the_graph_is(graphs, kind):
     assert derived["layernorm_precision"] == want_ln
     if want_precision == "int8":
         assert derived["opset"] == "19"  # raised for fp16 Q/DQ scales, not the fp32 graph's 18
+
+
+def _chain_graph(order: list[str]) -> onnx.ModelProto:
+    """x -> a -> b -> d, x -> c -> d (d reads b and c), nodes listed in ``order``."""
+    from onnx import TensorProto, helper
+
+    spec = {"a": (["x"], ["ta"]), "b": (["ta"], ["tb"]), "c": (["x", "w"], ["tc"]), "d": (["tb", "tc"], ["y"])}
+    nodes = [helper.make_node("Add" if len(spec[n][0]) == 2 else "Relu",
+                              spec[n][0], spec[n][1], name=n) for n in order]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_toposort_orders_level_by_level_in_graph_order():
+    """Producers first; a node's level is one past its latest producer's, and nodes of one level keep their
+    order in the graph (so an already sorted graph, or one with only an appended Cast, barely moves)."""
+    from t2t_vit.graphs import toposort
+
+    model = toposort(_chain_graph(["d", "c", "b", "a"]))
+    assert [n.name for n in model.graph.node] == ["c", "a", "b", "d"]  # levels: c, a = 0; b = 1; d = 2
+    onnx.checker.check_model(model, full_check=True)
+    ordered = _chain_graph(["a", "c", "b", "d"])
+    assert [n.name for n in toposort(ordered).graph.node] == ["a", "c", "b", "d"]
+
+
+def test_toposort_names_what_a_graph_waits_for():
+    from t2t_vit.graphs import GraphError, toposort
+
+    model = _chain_graph(["a", "b", "c", "d"])
+    model.graph.node[0].input[0] = "tb"  # a reads b's output: a cycle a -> b -> a
+    with pytest.raises(GraphError, match=r"3 nodes wait for \['ta', 'tb'\]"):
+        toposort(model)
+    model = _chain_graph(["a", "b", "c", "d"])
+    model.graph.node[2].input[1] = "nowhere"
+    with pytest.raises(GraphError, match=r"2 nodes wait for \['nowhere', 'tc'\]"):
+        toposort(model)
