@@ -52,7 +52,7 @@ from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
-from t2t_vit.graphs import graph_mismatch, read_metadata
+from t2t_vit.graphs import GraphError, graph_mismatch, read_metadata
 from t2t_vit.labels import model_class_names, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
@@ -204,7 +204,11 @@ def check_artifacts(specs: Sequence[BackendSpec], model: torch.nn.Module, model_
     for spec in specs:
         if spec.make is None or not spec.artifact:
             continue
-        why = _onnx_mismatch(_artifact_metadata(spec), model, model_name, spec.precision, data_cfg, ckpt_sha)
+        try:
+            meta = _artifact_metadata(spec)
+        except GraphError as e:  # 0 bytes, truncated, not ONNX: the message says which file and why
+            raise ParityError(f"{spec.name}: {e} with {_fix_hint(spec, model_name, checkpoint, out)}") from e
+        why = _onnx_mismatch(meta, model, model_name, spec.precision, data_cfg, ckpt_sha)
         if why:
             raise ParityError(f"{spec.name}: {spec.artifact} {why}: re-create it with "
                               f"{_fix_hint(spec, model_name, checkpoint, out)}, or leave it out (BACKENDS=)")

@@ -167,8 +167,6 @@ def test_make_parity_require_batch_size_and_not_run_listed_once(exported, tmp_pa
 
 
 def test_parity_refuses_a_wrong_or_unreadable_graph(exported, tmp_path, images):
-    from evaluation.parity import main
-
     args = ["--model", MODEL, "--data", str(images), "--backends", "onnxruntime-cpu-fp32", *PARITY_ARGS]
     out = _folder(exported, tmp_path / "swapped", fp32="fp16")
     proc = _run("evaluation.parity", "--out", str(out), *args)
@@ -177,7 +175,9 @@ def test_parity_refuses_a_wrong_or_unreadable_graph(exported, tmp_path, images):
     assert not (out / f"parity-{MODEL}.json").exists()
     (tmp_path / "zero").mkdir()
     (tmp_path / "zero" / f"{MODEL}.fp32.onnx").write_bytes(b"")
-    assert main(["--out", str(tmp_path / "zero"), *args]) == 2
+    proc = _run("evaluation.parity", "--out", str(tmp_path / "zero"), *args)
+    line = _one_line_error(proc, "evaluation.parity")
+    assert "holds no ONNX graph (0 bytes" in line and f"`make onnx MODEL={MODEL}" in line
 
 
 # ------------------------------------------------------------------------------------------------
