@@ -21,6 +21,7 @@ CALIB_METHOD ?= entropy
 LIMIT       ?=
 LABELS      ?=
 BACKENDS    ?=
+REQUIRE     ?=
 ARGS        ?=
 PYTEST_ARGS ?=
 
@@ -146,11 +147,12 @@ trtexec-log:
 # ----- parity and demo -----
 DEMO_DIR    ?= artifacts/demo
 
-## parity       accuracy of every backend vs PyTorch fp32 on the same batches: make parity MODEL=.. CHECKPOINT=.. DATA=/path/val [LIMIT=N] [LABELS=LOC_val_solution.csv] [BACKENDS=pytorch,onnxruntime,tensorrt] -> <OUT>/parity-<MODEL>.{json,md,png}
+## parity       accuracy of every backend vs PyTorch fp32 on the same batches: make parity MODEL=.. CHECKPOINT=.. DATA=/path/val [LIMIT=N] [LABELS=LOC_val_solution.csv] [BACKENDS=pytorch,onnxruntime,tensorrt] [REQUIRE=tensorrt] [BATCH_SIZE=32] -> <OUT>/parity-<MODEL>.{json,md,png}
 parity:
 	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/val (synset folders, or a flat folder with LABELS=...), e.g. make parity DATA=../shared/data/imagenette2/val"; exit 2; }
 	$(PYTHON) -m evaluation.parity $(STAGE_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) \
-		$(call opt,--labels,$(LABELS)) $(call opt,--backends,$(BACKENDS)) $(ARGS)
+		$(call opt,--labels,$(LABELS)) $(call opt,--backends,$(BACKENDS)) $(call opt,--require,$(REQUIRE)) \
+		$(call opt,--batch-size,$(BATCH_SIZE)) $(ARGS)
 
 ## demo         the whole pipeline on a small real dataset in a few minutes on a CPU -> artifacts/demo/ (DEMO_DIR=...; Imagenette when ../shared/data exists, else scikit-learn digits)
 demo:

@@ -5,8 +5,9 @@
     python -m calibration.calib --model t2t_vit_7 --checkpoint ckpt.pth --out artifacts/t2t_vit_7 \\
         --calib-data /data/imagenette2/train --val-data /data/imagenette2/val --method entropy,percentile,max
 
-1. reads ``<out>/<model>.fp32.onnx`` (exported first, in this process, with :func:`export.to_onnx.run` when
-   missing or made from another checkpoint) and its data config from the ONNX metadata;
+1. reads ``<out>/<model>.fp32.onnx`` and its data config from the ONNX metadata; a missing graph, or one made
+   from another model, precision or checkpoint, is refused with the ``make onnx`` command that makes it
+   (calibration never exports: the export's validation and report are ``make onnx``'s);
 2. selects ``--calib-size`` images (seeded, class-balanced), preprocesses them with the model's eval
    transform through :class:`t2t_vit.data.ImageBatcher` and caches the tensor under ``<out>/``;
 3. for each method: calibrates with onnxruntime.quantization (range cache kept under ``<out>/``),
@@ -31,7 +32,6 @@ from typing import Any, Sequence
 
 import onnx
 
-from export import to_onnx
 from export.patterns import LAYERNORM_PRECISIONS
 from export.to_onnx import DEFAULT_LAYERNORM
 from t2t_vit.artifacts import default_out, onnx_path
@@ -39,7 +39,7 @@ from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, file_sha256
-from t2t_vit.graphs import read_metadata
+from t2t_vit.graphs import expect_graph, read_metadata, recorded_checkpoint
 from t2t_vit.metrics import accuracy, compare_logits
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 
@@ -64,7 +64,8 @@ class AccuracyDropError(ThresholdMissed):
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="INT8 Q/DQ calibration and accuracy check on ONNX Runtime CPU",
                                 add_help=add_help)
-    add_stage_args(p, checkpoint_help="weights; used to export <out>/<model>.fp32.onnx when it is missing or stale")
+    add_stage_args(p, checkpoint_help="weights the fp32 graph must have been exported from (checked against its "
+                                       "metadata; export it with `make onnx` first)")
     add_run_args(p, batch_size=32, workers=2)
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-data", required=True, help="ImageFolder tree of calibration images (e.g. imagenet/train)")
@@ -107,25 +108,21 @@ def _methods(spec: str) -> list[str]:
 
 
 def ensure_fp32_onnx(args: argparse.Namespace, out: Path) -> Path:
-    """``<out>/<model>.fp32.onnx``, exported first (in this process) when missing or made from another
-    checkpoint. The exporter's own fp16-vs-fp32 verdict is its report's business: this stage needs the
-    graphs and measures int8 against them itself."""
+    """``<out>/<model>.fp32.onnx``, checked to be this model's fp32 graph and, with --checkpoint, made from
+    that checkpoint (:func:`t2t_vit.graphs.expect_graph`).
+
+    Calibration never exports: ``make onnx`` validates the graphs it writes and records that in its export
+    report, and an export made here would have to skip that validation (or replace the report). A missing
+    or stale graph is refused with the ``make onnx`` command that makes the right one.
+
+    Raises:
+        GraphError: missing, unreadable, or another model's, precision's or checkpoint's graph.
+    """
     path = onnx_path(out, args.model, "fp32")
-    reason = None
-    if not path.is_file():
-        reason = f"{path} does not exist"
-    elif args.checkpoint:
-        recorded = read_metadata(path).get("checkpoint_sha256", "")
-        if recorded and recorded != file_sha256(args.checkpoint):
-            reason = f"{path} was exported from another checkpoint (sha256 {recorded[:12]}...)"
-    if reason is None:
-        return path
-    export_argv = ["--model", args.model, "--out", str(out), "--no-fail", "--val-images", "0"]
-    export_argv += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []
-    export_argv += ["--img-size", str(args.img_size)] if args.img_size else []
-    export_argv += ["--weights", args.weights] if getattr(args, "weights", None) else []
-    print(f"{reason}: exporting it first: python -m export.to_onnx {' '.join(export_argv)}", flush=True)
-    to_onnx.run(to_onnx.get_args_parser().parse_args(export_argv), export_argv)
+    checkpoint = args.checkpoint
+    expect_graph(path, model=args.model, precision="fp32", checkpoint=checkpoint,
+                 checkpoint_sha=file_sha256(checkpoint) if checkpoint else None,
+                 out=out)
     return path
 
 
@@ -170,11 +167,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         raise CalibrationError(
             f"no labeled validation folder for the accuracy check: pass --val-data (ARGS=\"--val-data DIR\"; there "
             f"is no 'val' folder beside CALIB_DATA {calib_root}), or --no-eval to quantize without it")
-    if not args.checkpoint:
-        _logger.warning("no --checkpoint: a missing fp32 ONNX will be exported with RANDOM weights")
-
     fp32_path = ensure_fp32_onnx(args, out)
     meta = read_metadata(fp32_path)
+    fp16_path = onnx_path(out, args.model, "fp16")
+    if not args.no_eval and fp16_path.is_file():  # its column must compare the fp32 graph's weights in fp16
+        expect_graph(fp16_path, model=args.model, precision="fp16", checkpoint_sha=recorded_checkpoint(meta),
+                     against=f"the fp32 graph {fp32_path}", checkpoint=args.checkpoint, out=out)
     config = DataConfig.from_metadata(meta)  # preprocessing is recorded, never guessed
     fp32_sha = file_sha256(fp32_path)
 
@@ -246,7 +244,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     if not args.no_eval:
         graphs: dict[str, Path] = {"fp32": fp32_path}
         fp16_path = onnx_path(out, args.model, "fp16")
-        if fp16_path.is_file():
+        if fp16_path.is_file():  # checked at the start
             graphs["fp16"] = fp16_path
         else:
             print(f"note: {fp16_path} not found; the fp16 column is skipped", flush=True)

@@ -33,7 +33,7 @@ from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
-from t2t_vit.graphs import graph_inputs, read_metadata
+from t2t_vit.graphs import expect_graph, graph_inputs, read_metadata
 from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
@@ -45,7 +45,7 @@ from .trtexec import TimingBudget, TrtexecError, find_trtexec, run_trtexec, trte
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["BenchError", "TrtPlan", "plan_tensorrt", "time_runner", "onnx_files", "baseline_backends",
+__all__ = ["BenchError", "TrtPlan", "plan_tensorrt", "time_runner", "onnx_files", "checked_graphs", "baseline_backends",
            "report_stem", "render_markdown", "plot_report", "run_bench", "get_args_parser", "main"]
 
 DEFAULT_BATCHES = (1, 8, 32, 128)
@@ -187,6 +187,25 @@ def time_runner(runner: Any, images: Any, min_time_s: float = 1.0, min_iters: in
 def onnx_files(out: Path, model: str) -> dict[str, Path]:
     """The typed ONNX graphs of ``model`` present in ``out``: precision -> path."""
     return {p: onnx_path(out, model, p) for p in ONNX_PRECISIONS if onnx_path(out, model, p).is_file()}
+
+
+def checked_graphs(args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """The ONNX graphs the selected baselines will time (precision -> path), each checked for its recorded
+    model, precision and (with --checkpoint) checkpoint before anything is timed
+    (:func:`t2t_vit.graphs.expect_graph`): another model's graph, or an fp16 graph in the fp32 slot, is
+    refused, not timed under the wrong name.
+
+    Raises:
+        GraphError: a graph that is unreadable or not the one its name promises (the message names the fix).
+    """
+    wanted = select_backends(args.backends, baseline_backends())
+    precisions = {n.split("-", 2)[2] for n in wanted if n.startswith("onnxruntime-")}
+    ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else None
+    graphs = {p: path for p, path in onnx_files(out, args.model).items() if p in precisions}
+    for precision, path in graphs.items():
+        expect_graph(path, model=args.model, precision=precision, checkpoint_sha=ckpt_sha,
+                     checkpoint=args.checkpoint, out=out)
+    return graphs
 
 
 def _baseline_factories(args: argparse.Namespace, out: Path, img_size: int, threads: int,
@@ -371,10 +390,10 @@ def plot_report(report: dict[str, Any]) -> Any:
     return fig
 
 
-def _resolve_img_size(args: argparse.Namespace, out: Path) -> int:
+def _resolve_img_size(args: argparse.Namespace, graphs: dict[str, Path]) -> int:
     if args.img_size:
         return int(args.img_size)
-    for path in onnx_files(out, args.model).values():
+    for path in graphs.values():
         dims = next(iter(graph_inputs(path).values()))
         if isinstance(dims[-1], int):
             return int(dims[-1])
@@ -388,14 +407,14 @@ _GRAPH_KEYS = ("precision", "checkpoint_sha256", "opset", "exporter", "patterns"
                "calib_policy", "calib_size", "quantized_nodes")
 
 
-def describe_graphs(out: Path, model: str) -> dict[str, dict[str, Any]]:
+def describe_graphs(graphs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Where each timed ONNX graph came from: path, size and the provenance keys of its metadata."""
-    graphs = {}
-    for precision, path in onnx_files(out, model).items():
+    described = {}
+    for precision, path in graphs.items():
         meta = read_metadata(path)
-        graphs[precision] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 1),
-                             **{k: meta[k] for k in _GRAPH_KEYS if meta.get(k)}}
-    return graphs
+        described[precision] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 1),
+                                **{k: meta[k] for k in _GRAPH_KEYS if meta.get(k)}}
+    return described
 
 
 def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -407,7 +426,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
     engine = Path(args.engine) if args.engine else out / f"{args.model}.{args.precision}.engine"
     # TensorRT first: with --tensorrt require this raises before anything is read or written.
     plan = plan_tensorrt(args.tensorrt, engine, args.trtexec)
-    img_size = _resolve_img_size(args, out)
+    graphs = checked_graphs(args, out)
+    img_size = _resolve_img_size(args, graphs)
     threads = apply_threads(args.threads)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -421,7 +441,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
         "model": args.model,
         "img_size": img_size,
         "weights": args.checkpoint or "random, trained-like biases (no --checkpoint: t2t_vit.model.trained_like_)",
-        "onnx_graphs": describe_graphs(out, args.model),
+        "onnx_graphs": describe_graphs(graphs),
         # Other processes on the machine distort timings; the report says how busy it was.
         "load_average_during": {"before": load_before and load_before[0], "after": load_after and load_after[0]},
         "timing": {"min_time_s": args.min_time, "min_iters": args.min_iters, "warmup": args.warmup,

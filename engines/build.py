@@ -49,7 +49,7 @@ from t2t_vit.cli import add_stage_args, run_command
 from t2t_vit.data import DataConfig, DataError
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, atomic_write_bytes, file_sha256
-from t2t_vit.graphs import graph_inputs, read_metadata
+from t2t_vit.graphs import GraphError, expect_graph, graph_inputs, read_metadata
 
 from .sidecar import make_sidecar, sidecar_path, write_sidecar
 from .trt_compat import TensorRTUnavailable, gpu_info, import_tensorrt, network_creation_flags
@@ -165,20 +165,15 @@ def plan_build(model: str, precision: str, out: str | os.PathLike, settings: Bui
     if not onnx_file.is_file():
         raise BuildError(f"{onnx_file} not found: create it with {make_hint(precision, model)} "
                          f"(or pass --onnx PATH)")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise BuildError(f"checkpoint {checkpoint} not found")
+    try:  # the shared check of every stage that takes a graph: model, precision, checkpoint
+        expect_graph(onnx_file, model=model, precision=precision, checkpoint=checkpoint, out=out,
+                     checkpoint_sha=file_sha256(checkpoint) if checkpoint is not None else None)
+    except GraphError as e:
+        raise BuildError(str(e)) from e
     info = inspect_onnx(onnx_file)
     meta = info.metadata
-    if meta.get("precision") and meta["precision"] != precision:
-        raise BuildError(f"{onnx_file} is a {meta['precision']} graph (metadata `precision`) but --precision is "
-                         f"{precision}; precision is a property of the ONNX graph, so build from "
-                         f"{onnx_path(onnx_file.parent, model, precision).name}")
-    if meta.get("model") and meta["model"] != model:
-        raise BuildError(f"{onnx_file} holds {meta['model']} (metadata `model`), not {model}; check --model/--onnx")
-    if checkpoint is not None and meta.get("checkpoint_sha256"):
-        if not Path(checkpoint).is_file():
-            raise BuildError(f"checkpoint {checkpoint} not found")
-        if file_sha256(checkpoint) != meta["checkpoint_sha256"]:
-            raise BuildError(f"{onnx_file} was exported from another checkpoint than {checkpoint} (metadata "
-                             f"checkpoint_sha256); re-export with `make onnx CHECKPOINT={checkpoint}`")
     try:
         data_config = DataConfig.from_metadata(meta).to_metadata()
     except DataError as e:

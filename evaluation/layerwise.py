@@ -40,8 +40,8 @@ from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagenette_root, scan_image_folder
 from t2t_vit.errors import T2TError, ThresholdMissed
-from t2t_vit.files import OutputLock
-from t2t_vit.graphs import GraphError, graph_inputs, read_metadata, value_types
+from t2t_vit.files import OutputLock, file_sha256
+from t2t_vit.graphs import GraphError, expect_graph, graph_inputs, recorded_checkpoint, value_types
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 
 _logger = logging.getLogger(__name__)
@@ -339,8 +339,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Compare every intermediate tensor of a fp16/int8 graph with the fp32 "
                                             "graph (Polygraphy) and name the first layer that diverges",
                                 add_help=add_help)
-    add_stage_args(p, weights=False, checkpoint_help="unused: the weights come from the ONNX files (accepted so "
-                                                     "the make variables of the other stages work)")
+    add_stage_args(p, weights=False, checkpoint_help="the weights come from the ONNX files; if given, both graphs "
+                                                     "must record this checkpoint's sha256")
     add_run_args(p, batch_size=8, workers=None, progress=False)
     g = p.add_argument_group("comparison")
     g.add_argument("--precision", default="int8", choices=sorted(DEFAULT_TOLERANCE),
@@ -363,10 +363,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     out = Path(args.out) if args.out else default_out(args.model)
     fp32 = onnx_path(out, args.model, "fp32")
     cand = Path(args.candidate) if args.candidate else onnx_path(out, args.model, args.precision)
-    for p, hint in ((fp32, "make onnx"), (cand, "make calib" if "int8" in args.precision else "make onnx")):
-        if not p.is_file():
-            raise GraphError(f"{p} not found: create it with `{hint} MODEL={args.model} OUT={out}`")
-    config = DataConfig.from_metadata(read_metadata(fp32))
+    # Both graphs are checked before anything runs: the right model and precision, and the candidate made
+    # from the fp32 graph's weights (and from --checkpoint's, when given).
+    ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else None
+    fp32_meta = expect_graph(fp32, model=args.model, precision="fp32", checkpoint_sha=ckpt_sha,
+                             checkpoint=args.checkpoint, out=out)
+    expect_graph(cand, model=args.model, precision=args.precision, checkpoint=args.checkpoint, out=out,
+                 checkpoint_sha=ckpt_sha if ckpt_sha is not None else recorded_checkpoint(fp32_meta),
+                 against="--checkpoint (CHECKPOINT=)" if ckpt_sha is not None else f"the fp32 graph {fp32}")
+    config = DataConfig.from_metadata(fp32_meta)
     images, root = _images(args.data, config, args.images, args.seed)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.precision]
     with OutputLock(out):

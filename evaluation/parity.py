@@ -9,7 +9,12 @@ One :class:`t2t_vit.data.ImageBatcher` (the model's eval transform, fp32 inputs,
 feeds every runner batch by batch, so all backends see the same tensors: PyTorch fp32 (the reference),
 PyTorch autocast (bf16 on CPU, fp16 on CUDA), ONNX Runtime on ``<out>/<model>.{fp32,fp16,int8,int8-cpu}.onnx``
 (CUDA provider when present, else CPU) and TensorRT engines ``<out>/<model>.<precision>.engine`` when
-TensorRT and a GPU are present. A backend that cannot run is reported as skipped with the reason.
+TensorRT and a GPU are present. A backend that cannot run is reported as skipped with the reason (listed
+once per reason in the report and the summary). A run where every backend asked for was skipped compared
+nothing and is refused (exit 2, one line with each backend's reason), as is a ``--require``'d backend
+that cannot run; a run asked only for the reference is reported as ``REFERENCE ONLY``, not as a pass. An
+ONNX graph or engine whose recorded model, precision or checkpoint is not this run's is refused before
+anything runs (:func:`t2t_vit.graphs.graph_mismatch`, the check every stage shares).
 Backends are named as their runners (``onnxruntime-cpu-int8``, ``tensorrt-fp16``; ``--backends`` takes
 names or prefixes, :func:`t2t_vit.runners.select_backends`).
 
@@ -47,7 +52,7 @@ from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
-from t2t_vit.graphs import read_metadata
+from t2t_vit.graphs import GraphError, graph_mismatch, read_metadata
 from t2t_vit.labels import model_class_names, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
@@ -150,12 +155,6 @@ def parity_backends(device: str, provider: str) -> list[str]:
             + [f"tensorrt-{p}" for p in ENGINE_PRECISIONS])
 
 
-def _sha_field(meta: dict[str, str]) -> str:
-    v = (meta.get("checkpoint_sha256") or "").strip().lower()
-    # The exporter writes "none (random weights)" when it had no checkpoint.
-    return "" if (not v or v.startswith(("none", "null", "random"))) else v
-
-
 def _artifact_metadata(spec: BackendSpec) -> dict[str, str]:
     """The export metadata of an ONNX file, or of the ONNX file an engine was built from (its sidecar)."""
     if spec.family == "onnxruntime":
@@ -167,24 +166,82 @@ def _artifact_metadata(spec: BackendSpec) -> dict[str, str]:
         return {}
 
 
-def _onnx_mismatch(meta: dict[str, str], model: torch.nn.Module, data_cfg: Any, ckpt_sha: str) -> str:
-    """Why an exported file does not belong to this model/checkpoint ('' when it does)."""
-    onnx_sha = _sha_field(meta)
-    if ckpt_sha and onnx_sha and onnx_sha != ckpt_sha:
-        return (f"exported from checkpoint sha256 {onnx_sha[:12]}, not {ckpt_sha[:12]} of --checkpoint; "
-                f"re-run `make onnx`/`make calib` with the same CHECKPOINT")
-    if onnx_sha and not ckpt_sha:
-        return (f"exported from a checkpoint (sha256 {onnx_sha[:12]}) but parity runs without --checkpoint; "
-                f"pass the same CHECKPOINT=")
+def _onnx_mismatch(meta: dict[str, str], model: torch.nn.Module, model_name: str, precision: str,
+                   data_cfg: Any, ckpt_sha: str) -> str:
+    """Why an exported file does not belong to this model/precision/checkpoint ('' when it does)."""
+    # Model, precision and checkpoint: the check every stage shares. Parity's reference is the PyTorch model
+    # with --checkpoint's weights (random without one), so a graph from other weights is always refused.
+    why = graph_mismatch(meta, model=model_name, precision=precision, checkpoint_sha=ckpt_sha)
+    if why:
+        return why
     if meta.get("num_classes") and int(meta["num_classes"]) != int(model.num_classes):
-        return f"has {meta['num_classes']} classes, the model {model.num_classes}; re-export"
+        return f"has {meta['num_classes']} classes, the model {model.num_classes}"
     try:
         theirs = DataConfig.from_metadata(meta)
     except DataError:
         return ""  # older files without a data config: nothing to compare, the batcher decides
     if theirs != data_cfg:
-        return f"exported with data config {theirs.as_dict()}, the model's is {data_cfg.as_dict()}; re-export"
+        return f"was exported with data config {theirs.as_dict()}, the model's is {data_cfg.as_dict()}"
     return ""
+
+
+def _fix_hint(spec: BackendSpec, model_name: str, checkpoint: str | None, out: Path) -> str:
+    """The make command(s) that make the artifact a backend needs from the right weights."""
+    graph = make_hint(spec.precision, model_name, checkpoint, out)
+    if spec.family == "tensorrt":
+        return f"{graph}, then `make engine PRECISION={spec.precision}` with the same MODEL/CHECKPOINT/OUT"
+    return graph
+
+
+def check_artifacts(specs: Sequence[BackendSpec], model: torch.nn.Module, model_name: str, data_cfg: Any,
+                    ckpt_sha: str, checkpoint: str | None, out: Path) -> None:
+    """Refuse, before anything runs, an ONNX graph or engine that is not this model's at the backend's
+    precision with --checkpoint's weights (its recorded metadata says so).
+
+    Raises:
+        ParityError: one line naming the file, what is wrong and the make command that fixes it.
+    """
+    for spec in specs:
+        if spec.make is None or not spec.artifact:
+            continue
+        try:
+            meta = _artifact_metadata(spec)
+        except GraphError as e:  # 0 bytes, truncated, not ONNX: the message says which file and why
+            raise ParityError(f"{spec.name}: {e} with {_fix_hint(spec, model_name, checkpoint, out)}") from e
+        why = _onnx_mismatch(meta, model, model_name, spec.precision, data_cfg, ckpt_sha)
+        if why:
+            raise ParityError(f"{spec.name}: {spec.artifact} {why}: re-create it with "
+                              f"{_fix_hint(spec, model_name, checkpoint, out)}, or leave it out (BACKENDS=)")
+
+
+def not_run_groups(results: Sequence[BackendResult]) -> list[dict[str, Any]]:
+    """Asked-for backends that did not run, grouped by reason (a reason shared by several backends, such as
+    TensorRT missing, is listed once): ``[{"backends": [...], "status": ..., "reason": ...}]``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        if r.status in ("skipped", "error") and "top1" not in r.metrics:
+            groups.setdefault((r.status, r.reason), []).append(r.name)
+    return [{"backends": names, "status": status, "reason": reason} for (status, reason), names in groups.items()]
+
+
+def _not_run_line(groups: Sequence[dict[str, Any]]) -> str:
+    return "; ".join(f"{', '.join(g['backends'])}: {g['reason']}" for g in groups)
+
+
+def check_ran(asked: Sequence[str], required: Sequence[str], results: dict[str, BackendResult]) -> None:
+    """Refuse a run that would compare nothing, or that misses a --require'd backend.
+
+    Raises:
+        ParityError: one line listing the backends asked for and why each did not run.
+    """
+    missing = [n for n in required if n in results]
+    if missing:
+        raise ParityError(f"--require (REQUIRE=) {','.join(required)}: did not run: "
+                          f"{_not_run_line(not_run_groups([results[n] for n in missing]))}")
+    if asked and all(n in results for n in asked):
+        raise ParityError(f"nothing to compare with the reference: every backend asked for did not run "
+                          f"({_not_run_line(not_run_groups([results[n] for n in asked]))}); make the files "
+                          f"named, or pick backends that can run here (BACKENDS=)")
 
 
 def plan_backends(names: Sequence[str], model: torch.nn.Module, model_name: str, out: Path, device: str,
@@ -254,7 +311,11 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
     from tqdm import tqdm
 
     device, provider = _auto_device(args.device), _auto_provider(args.provider)
-    names = select_backends(args.backends, parity_backends(device, provider), device=device, provider=provider)
+    vocabulary = parity_backends(device, provider)
+    names = select_backends(args.backends, vocabulary, device=device, provider=provider)
+    required = select_backends(args.require, vocabulary, device=device, provider=provider) if args.require else []
+    required = [n for n in required if n != vocabulary[0]]  # the reference always runs
+    names = [n for n in vocabulary if n in names or n in required]
     thresholds = Thresholds()
     for prec, val in (args.max_delta_top1 or []):
         thresholds.max_delta_top1[prec] = val
@@ -281,16 +342,14 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
     batcher = ImageBatcher(samples, data_cfg, batch_size=args.batch_size, num_workers=args.workers)
 
     reference, specs = plan_backends(names, model, args.model, out, device, provider, threads=threads)
+    check_artifacts(specs, model, args.model, data_cfg, ckpt_sha, args.checkpoint, out)
     results: dict[str, BackendResult] = {}
     for spec in specs:
         if spec.make is None:
             results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "skipped",
                                                spec.skip_reason, spec.artifact)
-        elif spec.artifact:
-            why = _onnx_mismatch(_artifact_metadata(spec), model, data_cfg, ckpt_sha)
-            if why:
-                results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "error",
-                                                   f"{spec.artifact}: {why}", spec.artifact)
+    asked = [spec.name for spec in specs]
+    check_ran(asked, required, results)
 
     stats: dict[str, LogitStats] = {}
     runners: dict[str, Runner] = {}
@@ -312,6 +371,7 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
                 continue
             runners[spec.name] = runner
             stats[spec.name] = LogitStats()
+        check_ran(asked, required, results)  # again: a runner that could not start did not run either
 
         n_batches = len(batcher)
         bar = tqdm(batcher, total=n_batches, desc=f"parity {args.model}", unit="batch",
@@ -370,6 +430,9 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
         _logger.warning("LABELS: %s", w)
     preds = {r.name: stats[r.name].predictions for r in results_ordered if r.name in stats and r.name != ref_name}
     failed = [r for r in results_ordered if r.status in ("fail", "error")]
+    compared = [r.name for r in results_ordered if r.status in ("pass", "fail")]
+    # A run that compared nothing is not a pass; check_ran refuses one unless only the reference was asked for.
+    verdict = "FAIL" if failed else ("PASS" if compared else "REFERENCE ONLY")
     stem = out / f"parity-{args.model}"
     outputs = {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png",
                "disagreements": f"{stem}-disagreements.csv"}
@@ -395,7 +458,12 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
         "threads": threads,
         "thresholds": thresholds.as_dict(),
         "reference": ref_name,
-        "passed": not failed,
+        "asked": asked,
+        "required": required,
+        "compared": compared,
+        "verdict": verdict,
+        "passed": verdict == "PASS",
+        "not_run": not_run_groups(results_ordered),
         "backends": [r.as_dict() for r in results_ordered],
         "outputs": outputs,
     }
@@ -439,6 +507,10 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+def _verdict(report: dict[str, Any]) -> str:
+    return report.get("verdict") or ("PASS" if report["passed"] else "FAIL")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown page (a table per run, skipped backends with reasons)."""
     d = report["data"]
@@ -451,16 +523,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f" (class-balanced subset of {d['images_found']}, LIMIT={d['limit']})" if d["limit"] else ""),
         f"- reference: {report['reference']}; batch size {report['batch_size']}; {report.get('threads')} threads",
         f"- host: {host_line(report['host'])}",
-        f"- result: **{'PASS' if report['passed'] else 'FAIL'}**",
+        f"- result: **{_verdict(report)}**",
         "",
         "| backend | precision | top-1 | top-5 | Δ top-1 | agreement | mean \\|Δlogit\\| | max \\|Δlogit\\| | KL "
         "| images/s | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    skipped = []
     for b in report["backends"]:
         if b["status"] in ("skipped", "error") and "top1" not in b:
-            skipped.append(b)
             continue
         lines.append(
             f"| {b['name']} | {b['precision']} | {_fmt(b.get('top1'))} | {_fmt(b.get('top5'))} | "
@@ -468,9 +538,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(b.get('mean_abs_dlogit'), '.2e')} | {_fmt(b.get('max_abs_dlogit'), '.2e')} | "
             f"{_fmt(b.get('mean_kl'), '.2e')} | {_fmt(b.get('images_per_s'), '.1f')} | "
             f"{b['status']}{': ' + b['reason'] if b['reason'] else ''} |")
-    if skipped:
-        lines += ["", "Not evaluated:", ""]
-        lines += [f"- {b['name']} ({b['status']}): {b['reason']}" for b in skipped]
+    if report.get("not_run"):
+        lines += ["", "Asked for but not run:", ""]
+        lines += [f"- {', '.join(g['backends'])} ({g['status']}): {g['reason']}" for g in report["not_run"]]
     lab = d.get("labels") or {}
     if d.get("label_warnings"):
         lines += ["", "**LABEL WARNING**: " + " / ".join(d["label_warnings"])]
@@ -514,7 +584,7 @@ def _chart(report: dict[str, Any]) -> Any:
         ax.text(b["top1"], i, " " + label, va="center", fontsize=9)
     ax.set_xlabel("top-1 (%)  [Δ vs PyTorch fp32 in points]")
     ax.set_title(f"Parity {report['model']}: {report['data']['images_evaluated']} images, "
-                 f"{'PASS' if report['passed'] else 'FAIL'}", fontsize=10)
+                 f"{_verdict(report)}", fontsize=10)
     fig.tight_layout()
     _fit_labels(fig, ax)
     return fig
@@ -559,6 +629,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="comma-separated runner names or prefixes (default: all), e.g. onnxruntime,tensorrt-fp16; "
                         "names: pytorch-<dev>-fp32, pytorch-<dev>-<bf16|fp16>-autocast, "
                         "onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu>, tensorrt-<fp32|fp16|int8>")
+    g.add_argument("--require", default=None,
+                   help="backends that must run, comma-separated names or prefixes like --backends (added to them), "
+                        "e.g. tensorrt,onnxruntime-cpu-int8: one that cannot run stops the run with exit 2 (REQUIRE=)")
     g.add_argument("--device", default="auto", help="PyTorch device: auto, cpu, cuda")
     g.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="ONNX Runtime provider")
     g.add_argument("--max-delta-top1", type=_prec_value, action="append", metavar="PREC=POINTS",
@@ -580,8 +653,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 f"  delta {b['delta_top1']:+.2f}  agree {b['top1_agreement']:.2f}%  max|dlogit| {b['max_abs_dlogit']:.2e}")
             lines.append(f"  {b['name']:<32} top-1 {b['top1']:6.2f}{extra}  [{b['status']}]"
                          + (f" {b['reason']}" if b["reason"] and b["status"] != "pass" else ""))
-        else:
-            lines.append(f"  {b['name']:<32} {b['status']}: {b['reason']}")
+    for g in report.get("not_run") or []:  # once per reason, however many backends share it
+        lines.append(f"  not run ({g['status']}): {', '.join(g['backends'])}: {g['reason']}")
     return lines
 
 
@@ -591,13 +664,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         report = run_parity(args, argv)
-        print(f"parity {report['model']} on {report['data']['images_evaluated']} images "
-              f"({'PASS' if report['passed'] else 'FAIL'}):")
+        print(f"parity {report['model']} on {report['data']['images_evaluated']} images ({_verdict(report)}):")
         for w in report["data"]["label_warnings"]:
             print(f"  LABEL WARNING: {w}")
         print("\n".join(summary_lines(report)))
         print(f"report: {report['outputs']['markdown']} (+ .json, .png, disagreements .csv)")
-        if not report["passed"]:
+        if report["verdict"] == "FAIL":
             raise ThresholdMissed("a backend missed its threshold (see the report)")
         return 0
 

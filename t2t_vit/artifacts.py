@@ -32,10 +32,13 @@ def engine_path(out: str | os.PathLike, model: str, precision: str) -> Path:
     return Path(out) / f"{model}.{precision}.engine"
 
 
-def make_hint(precision: str, model: str) -> str:
-    """The make command that creates the ONNX graph of ``precision``."""
+def make_hint(precision: str, model: str, checkpoint: str | os.PathLike | None = None,
+              out: str | os.PathLike | None = None) -> str:
+    """The make command that creates the ONNX graph of ``precision`` (with CHECKPOINT= / OUT= when given)."""
+    extra = "".join(f" {k}={v}" for k, v in (("CHECKPOINT", checkpoint), ("OUT", out)) if v)
     if precision == "int8":
-        return f"`make calib MODEL={model}`"
+        return f"`make calib MODEL={model}{extra} CALIB_DATA=...`" if extra else f"`make calib MODEL={model}`"
     if precision == "int8-cpu":
-        return f"`make calib MODEL={model} TARGET=cpu`"
-    return f"`make onnx MODEL={model}`"
+        return (f"`make calib MODEL={model}{extra} CALIB_DATA=... TARGET=cpu`" if extra
+                else f"`make calib MODEL={model} TARGET=cpu`")
+    return f"`make onnx MODEL={model}{extra}`"

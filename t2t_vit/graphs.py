@@ -9,11 +9,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from .artifacts import make_hint
 from .errors import T2TError
 
 __all__ = [
     "GraphError",
     "read_metadata",
+    "recorded_checkpoint",
+    "graph_mismatch",
+    "expect_graph",
     "set_metadata",
     "producers",
     "consumers",
@@ -45,14 +49,78 @@ def _load(path: str | os.PathLike, weights: bool = True) -> Any:
     if not path.is_file():
         raise GraphError(f"ONNX file not found: {path} (create it with `make onnx`, or `make calib` for int8)")
     try:
-        return onnx.load(str(path), load_external_data=weights)
+        model = onnx.load(str(path), load_external_data=weights)
     except Exception as e:  # protobuf's DecodeError and friends
         raise GraphError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e}); re-create it") from e
+    # Protobuf parses an empty file (and some truncated ones) as an empty model: no graph to run.
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        raise GraphError(f"{path} holds no ONNX graph ({path.stat().st_size} bytes: empty, truncated or not an "
+                         f"ONNX file); re-create it")
+    return model
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
     return {p.key: p.value for p in _load(path, weights=False).metadata_props}
+
+
+def recorded_checkpoint(meta: Mapping[str, str]) -> str | None:
+    """The checkpoint sha256 a graph's metadata records: the hash, ``""`` for random weights (the exporter
+    writes ``none (random weights)`` without a checkpoint), None when the key is absent (older files)."""
+    if "checkpoint_sha256" not in meta:
+        return None
+    v = (meta.get("checkpoint_sha256") or "").strip().lower()
+    return "" if (not v or v.startswith(("none", "null", "random"))) else v
+
+
+def graph_mismatch(meta: Mapping[str, str], *, model: str, precision: str | None = None,
+                   checkpoint_sha: str | None = None, against: str = "--checkpoint (CHECKPOINT=)") -> str:
+    """Why a graph's recorded metadata contradicts what a stage expects ('' when it does not).
+
+    Args:
+        meta: the graph's ``metadata_props`` (:func:`read_metadata`, or an engine sidecar's copy).
+        model: the registered model name the stage runs; metadata ``model`` must equal it.
+        precision: the graph precision the stage expects (fp32, fp16, int8, int8-cpu); metadata ``precision``
+            must equal it. None: not checked.
+        checkpoint_sha: the weights the stage expects: a sha256, ``""`` for random weights (then a graph
+            exported from a checkpoint is refused), None: not checked. Keys absent from older files pass.
+        against: what ``checkpoint_sha`` came from, for the message.
+    """
+    if meta.get("model") and meta["model"] != model:
+        return f"holds {meta['model']} (metadata model), not {model}"
+    if precision and meta.get("precision") and meta["precision"] != precision:
+        return f"is a {meta['precision']} graph (metadata precision), not the {precision} graph expected here"
+    recorded = recorded_checkpoint(meta)
+    if checkpoint_sha is None or recorded is None or recorded == checkpoint_sha:
+        return ""
+    if not checkpoint_sha:
+        return (f"was exported from a checkpoint (metadata checkpoint_sha256 {recorded[:12]}) but this run has no "
+                f"checkpoint (random weights)")
+    if not recorded:
+        return f"was exported with random weights (no checkpoint), not from the weights of {against}"
+    return (f"was exported from another checkpoint (metadata checkpoint_sha256 {recorded[:12]}, not "
+            f"{checkpoint_sha[:12]} of {against})")
+
+
+def expect_graph(path: str | os.PathLike, *, model: str, precision: str, checkpoint_sha: str | None = None,
+                 checkpoint: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                 against: str = "--checkpoint (CHECKPOINT=)") -> dict[str, str]:
+    """Read a graph a stage is about to use and check its recorded model, precision and checkpoint
+    (:func:`graph_mismatch`); returns its metadata. The one check every stage that takes a graph runs.
+
+    Raises:
+        GraphError: missing, unreadable, empty or not the graph expected; one line naming the make command
+            that makes the right one (``checkpoint``/``out`` fill in its CHECKPOINT=/OUT=).
+    """
+    path = Path(path)
+    hint = make_hint(precision, model, checkpoint, out)
+    if not path.is_file():
+        raise GraphError(f"{path} not found: create it with {hint}")
+    meta = read_metadata(path)
+    why = graph_mismatch(meta, model=model, precision=precision, checkpoint_sha=checkpoint_sha, against=against)
+    if why:
+        raise GraphError(f"{path} {why}: re-create it with {hint}")
+    return meta
 
 
 def set_metadata(model: Any, meta: Mapping[str, Any]) -> None:

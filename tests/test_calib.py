@@ -501,17 +501,25 @@ def test_rerun_hits_cache_and_threshold_fails(calib_run, monkeypatch, capsys):
     assert all(v["ranges_reused"] for v in again["int8"].values())
 
 
-def test_missing_export_is_made_first_in_process(tmp_path, capsys):
+def test_missing_or_stale_export_is_refused_not_made(exported, tmp_path):
+    """calib never exports (make onnx validates and reports its graphs): a missing fp32 graph, or one from
+    other weights than --checkpoint, is refused with the make onnx command."""
     from calibration import calib
-    from t2t_vit.graphs import read_metadata
+    from t2t_vit.graphs import GraphError
 
     root = _make_folder(tmp_path / "train", per_class=1)
     args = calib.get_args_parser().parse_args(["--model", "t2t_vit_test", "--out", str(tmp_path / "o"),
                                                "--calib-data", str(root)])
-    path = calib.ensure_fp32_onnx(args, tmp_path / "o")
-    assert path == tmp_path / "o" / "t2t_vit_test.fp32.onnx" and read_metadata(path)["model"] == "t2t_vit_test"
-    assert "exporting it first: python -m export.to_onnx --model t2t_vit_test" in capsys.readouterr().out
-    assert calib.ensure_fp32_onnx(args, tmp_path / "o") == path  # present and current: not exported again
+    with pytest.raises(GraphError, match="not found: create it with `make onnx MODEL=t2t_vit_test"):
+        calib.ensure_fp32_onnx(args, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    shutil.copytree(exported, tmp_path / "o")
+    assert calib.ensure_fp32_onnx(args, tmp_path / "o") == tmp_path / "o" / "t2t_vit_test.fp32.onnx"
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights")
+    args.checkpoint = str(ckpt)  # the graph was exported with random weights, not from this checkpoint
+    with pytest.raises(GraphError, match=r"random weights.*`make onnx MODEL=t2t_vit_test CHECKPOINT="):
+        calib.ensure_fp32_onnx(args, tmp_path / "o")
 
 
 def test_strided_max_calibration_covers_every_image(fp32, tmp_path):
