@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from t2t_vit.checkpoint import checkpoint_meta, read_checkpoint
+from t2t_vit.cli import add_limit_arg
 from t2t_vit.errors import T2TError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -57,8 +58,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="torch intra-op threads per process: a number, or auto = the cores idle at start (shared among "
                         "this node's processes). On a busy CPU, OpenMP threads that outnumber the free cores spin "
                         "against each other and training slows several-fold")
-    g.add_argument("--limit-train", type=int, default=None, help="class-balanced subset of N train images (quick runs)")
-    g.add_argument("--limit-val", type=int, default=None, help="class-balanced subset of N val images")
+    add_limit_arg(g, "--limit-train", variable=None, what="train images (quick runs)")
+    add_limit_arg(g, "--limit-val", variable=None, what="val images")
     g.add_argument("--cache-images", type=int, default=0,
                    help="decode every image once and keep it in memory downsized to N px (0 = off). For CPU runs at "
                         "reduced resolution, where JPEG decoding dominates; val is cached already eval-transformed")
