@@ -4,6 +4,9 @@
   :func:`add_stage_args`) and run flags (``--batch-size --workers --threads --no-progress``,
   :func:`add_run_args`). "None means default": an unset flag never overrides the registry or the
   checkpoint.
+* Counts that must be >= 1 (``--batch-size``, ``--limit``: :class:`PositiveInt`, :func:`add_limit_arg`) are
+  checked while parsing: one line naming the flag and its make variable, exit 2, before anything is
+  written. ``--limit`` left out means every image; 0 is refused, not read as "all".
 * One list syntax: comma-separated (``--batches 1,8,32``, ``--backends onnxruntime-cpu,pytorch``), which
   passes through ``make`` variables without quoting (:func:`comma_list`).
 * Exit codes (:func:`run_command`): 0 ok; 1 a quality threshold was missed (the reports were written);
