@@ -4,6 +4,10 @@ holding another run's last.pth, or a best.pth without last.pth, is refused with 
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,8 @@ from PIL import Image
 from t2t_vit.checkpoint import read_checkpoint
 from train import train as train_mod
 
-pytestmark = pytest.mark.timeout(240)
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(400)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +99,30 @@ def test_best_without_last_is_refused(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds best.pth but no last.pth" in err and "RUN_DIR" in err
     assert _sha(out / "best.pth") == best
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_sigterm_then_the_same_command_continues(dataset, tmp_path):
+    """The issue's sequence through the CLI: `make train` stopped by a signal (exit 2, its message says to run the
+    command again), then the same command: it continues after the last finished epoch, no epoch twice."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.train", *_cmd(dataset, out)[:-2], "--epochs", "40", "--stop-after", "3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 150
+        while not (out / "last.pth").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "interrupted (SIGTERM)" in err and "Traceback" not in err, err
+    done = read_checkpoint(out / "last.pth")["epoch"] + 1  # epochs finished before the signal
+    assert 1 <= done < 3
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert f"holds this run's last.pth (epoch {done} of 40): resuming it" in r.stderr
+    assert _epochs(out) == [str(e) for e in range(1, done + 4)]
+    assert read_checkpoint(out / "last.pth")["epoch"] == done + 2

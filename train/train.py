@@ -566,13 +566,15 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
             is_best = False
         row["wall_s"] = round(time.time() - wall0, 1)
         if rank == 0:
-            save("last.pth", epoch)
+            # last.pth last: it commits the epoch. Stopped before it, a resume redoes the epoch (its CSV row is
+            # dropped and rewritten, an equal best.pth rewritten); stopped after it, nothing is missing.
+            rows.append(row)
+            write_csv(out / "summary.csv", rows)
             if is_best:
                 save("best.pth", epoch)
             if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
                 save(f"epoch_{epoch + 1}.pth", epoch)
-            rows.append(row)
-            write_csv(out / "summary.csv", rows)
+            save("last.pth", epoch)
             plot_curves(rows, out / "curves.png", f"{args.model} img {args.img_size} on {Path(args.data).name}")
             _logger.info("epoch %d/%d: loss %.4f  top1 %s  ema_top1 %s  lr %.3g  %.1f img/s  %.0f s%s", epoch + 1,
                          total_epochs,
