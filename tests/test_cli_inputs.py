@@ -109,3 +109,17 @@ def test_make_passes_batch_size_and_limit_to_every_batching_stage():
     # Empty variables are not passed on: the stage's default batch, every image.
     cmd = _make_n("parity", "DATA=d", "BATCH_SIZE=", "LIMIT=")
     assert "--batch-size" not in cmd and "--limit" not in cmd
+
+
+def test_onnx_with_bad_validation_data_writes_no_graph(tmp_path, capsys):
+    """The validation images are read before the graphs are written: a bad --data leaves the folder as it was
+    (no new, unvalidated graphs beside an older export report)."""
+    from export import to_onnx
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "t2t_vit_test.export.json").write_text("{}")  # an earlier export's report
+    rc = to_onnx.main(["--model", "t2t_vit_test", "--out", str(out), "--data", str(tmp_path / "nope"),
+                       "--val-images", "5", "--threads", "1"])
+    assert rc == 2 and "data folder not found" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["t2t_vit_test.export.json"]
