@@ -29,6 +29,8 @@ opt = $(if $(strip $(2)),$(1) $(strip $(2)))
 WEIGHTS     ?=
 ENGINE_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) --out $(OUT)
 STAGE_ARGS  = $(ENGINE_ARGS) $(call opt,--weights,$(WEIGHTS))
+# Images per batch of the stages that batch images (BATCH_SIZE >= 1; empty = each stage's default).
+RUN_ARGS    = $(call opt,--batch-size,$(BATCH_SIZE))
 
 .PHONY: help install test test-fast train validate bench-model bench-train onnx bench-onnx calib bench-calib \
         engine bench bench-cpu bench-busy parity demo clean
@@ -85,7 +87,7 @@ train-imagenette-cpu:
 
 ## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
 validate:
-	$(PYTHON) -m train.validate $(STAGE_ARGS) --data $(DATA) $(ARGS)
+	$(PYTHON) -m train.validate $(STAGE_ARGS) $(RUN_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) $(ARGS)
 
 ## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
 bench-train:
@@ -94,7 +96,7 @@ bench-train:
 # ----- export (export/) -----
 ## onnx         <out>/<model>.fp32.onnx + .fp16.onnx + export report, validated on ORT CPU vs PyTorch (CHECKPOINT=... DATA=...)
 onnx:
-	$(PYTHON) -m export.to_onnx $(STAGE_ARGS) $(call opt,--data,$(DATA)) $(ARGS)
+	$(PYTHON) -m export.to_onnx $(STAGE_ARGS) $(RUN_ARGS) $(call opt,--data,$(DATA)) $(ARGS)
 
 ## bench-onnx   ORT CPU: patterned fp32 vs plain export vs fp16, t2t_vit_7/14 at 224 -> reports/bench-onnx-cpu.{json,md}
 bench-onnx:
@@ -107,7 +109,7 @@ TARGET      ?= tensorrt
 ## calib        int8 Q/DQ graph + ORT CPU accuracy report: make calib MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] [CALIB_METHOD=entropy|percentile|max|all] [MAX_DROP=1.0] [TARGET=tensorrt|cpu] [ARGS="--sensitivity stage"] -> <OUT>/<MODEL>.int8.onnx (TARGET=cpu: .int8-cpu.onnx)
 calib:
 	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make calib CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
-	$(PYTHON) -m calibration.calib $(STAGE_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
+	$(PYTHON) -m calibration.calib $(STAGE_ARGS) $(RUN_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
 		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) $(ARGS)
 
 ## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
@@ -150,9 +152,8 @@ DEMO_DIR    ?= artifacts/demo
 ## parity       accuracy of every backend vs PyTorch fp32 on the same batches: make parity MODEL=.. CHECKPOINT=.. DATA=/path/val [LIMIT=N] [LABELS=LOC_val_solution.csv] [BACKENDS=pytorch,onnxruntime,tensorrt] [REQUIRE=tensorrt] [BATCH_SIZE=32] -> <OUT>/parity-<MODEL>.{json,md,png}
 parity:
 	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/val (synset folders, or a flat folder with LABELS=...), e.g. make parity DATA=../shared/data/imagenette2/val"; exit 2; }
-	$(PYTHON) -m evaluation.parity $(STAGE_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) \
-		$(call opt,--labels,$(LABELS)) $(call opt,--backends,$(BACKENDS)) $(call opt,--require,$(REQUIRE)) \
-		$(call opt,--batch-size,$(BATCH_SIZE)) $(ARGS)
+	$(PYTHON) -m evaluation.parity $(STAGE_ARGS) $(RUN_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) \
+		$(call opt,--labels,$(LABELS)) $(call opt,--backends,$(BACKENDS)) $(call opt,--require,$(REQUIRE)) $(ARGS)
 
 ## demo         the whole pipeline on a small real dataset in a few minutes on a CPU -> artifacts/demo/ (DEMO_DIR=...; Imagenette when ../shared/data exists, else scikit-learn digits)
 demo:
@@ -163,9 +164,9 @@ REPORT_DIR  ?= reports
 
 ## layers       which layer diverges first: every tensor of <OUT>/<MODEL>.<PRECISION>.onnx vs the fp32 graph on real images (Polygraphy; TensorRT too where present) -> <OUT>/layers-<MODEL>-<PRECISION>.{json,md,png}
 layers:
-	$(PYTHON) -m evaluation.layerwise $(ENGINE_ARGS) --precision $(PRECISION) $(call opt,--data,$(DATA)) $(ARGS)
+	$(PYTHON) -m evaluation.layerwise $(ENGINE_ARGS) $(RUN_ARGS) --precision $(PRECISION) $(call opt,--data,$(DATA)) $(ARGS)
 
 ## precision    TensorRT precision evidence emulated on the CPU: TF32, fp16 LayerNorm, activation statistics -> $(REPORT_DIR)/precision-{tf32,layernorm}-<MODEL>.*, activations-<MODEL>.*
 precision:
 	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) \
-		$(call opt,--weights,$(WEIGHTS)) --out $(REPORT_DIR) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
+		$(call opt,--weights,$(WEIGHTS)) --out $(REPORT_DIR) $(RUN_ARGS) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)

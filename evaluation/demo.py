@@ -31,6 +31,7 @@ import json
 import textwrap
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -252,6 +253,9 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if args.checkpoint:
         results.append(StepResult("train", "skipped", reason=f"--checkpoint {ckpt} given"))
     else:
+        if "train" in steps and train_dir.is_dir():
+            # The demo trains from scratch every time; train.train would resume (or refuse) a run it finds there.
+            shutil.rmtree(train_dir)
         step("train", train_cmd, outputs=[train_dir / "best.pth", train_dir / "curves.png", train_dir / "summary.csv"])
         if "train" in steps and not ckpt.is_file():
             failed.add("train")

@@ -48,7 +48,7 @@ from engines.sidecar import read_sidecar
 from engines.trt_runtime import TensorRTRunner
 from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, engine_path, make_hint, onnx_path
 from t2t_vit.checkpoint import build_model
-from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
@@ -624,7 +624,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, help="ImageNet-style val folder: synset folders, or flat with --labels")
     g.add_argument("--labels", default=None, help="ground truth for a flat folder: LOC_val_solution.csv or "
                                                   "'filename label' lines (0-based)")
-    g.add_argument("--limit", type=int, default=None, help="deterministic class-balanced subset of N images")
+    add_limit_arg(g)
     g.add_argument("--backends", default=None,
                    help="comma-separated runner names or prefixes (default: all), e.g. onnxruntime,tensorrt-fp16; "
                         "names: pytorch-<dev>-fp32, pytorch-<dev>-<bf16|fp16>-autocast, "

@@ -35,7 +35,7 @@ from torch import nn
 
 from export.patterns import apply_export_patterns
 from t2t_vit.checkpoint import build_model
-from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagenette_root, scan_image_folder
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
@@ -437,7 +437,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_run_args(p, batch_size=64, workers=2)
     g = p.add_argument_group("evidence")
     g.add_argument("--data", default=None, help="labelled ImageFolder (default: the development data's Imagenette val)")
-    g.add_argument("--limit", type=int, default=None, help="class-balanced subset of N images (default: all)")
+    add_limit_arg(g)
     g.add_argument("--what", default="tf32,layernorm,activations",
                    help="which reports, comma-separated: tf32, layernorm, activations (default all)")
     return p

@@ -370,6 +370,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         # checkpoint's graph has, instead of losing the Adds of zero biases to onnxslim.
         trained_like_(model)
     out = Path(args.out) if args.out else default_out(args.model)
+    # Validation images first: a bad --data fails before any graph is written beside the old export report.
+    val = V.validation_images(model, args.data, args.val_images) if args.val_images > 0 else None
     t0 = time.perf_counter()
     with OutputLock(out):
         graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
@@ -385,8 +387,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             "graphs": graphs,
             "export_s": round(time.perf_counter() - t0, 2),
         }
-        if args.val_images > 0:
-            images, labels, source = V.validation_images(model, args.data, args.val_images)
+        if val is not None:
+            images, labels, source = val
             with tempfile.TemporaryDirectory(prefix="t2t-export-") as tmp:
                 contrasts = {}
                 if graphs["fp16"].get("fp32_islands", "none") != "none":

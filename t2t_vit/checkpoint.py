@@ -16,6 +16,8 @@ is refused with an explanation rather than executed.
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import pickle
 from collections import OrderedDict
@@ -28,6 +30,8 @@ from torch import nn
 from .errors import T2TError
 from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT
 
+_logger = logging.getLogger(__name__)
+
 __all__ = [
     "CheckpointError",
     "ALLOWED_GLOBALS",
@@ -39,6 +43,7 @@ __all__ = [
     "WEIGHTS",
     "preferred_weights",
     "loaded_weights",
+    "recorded_img_size",
 ]
 
 # Classes a checkpoint may contain besides tensors and plain containers. argparse.Namespace is what
@@ -248,6 +253,37 @@ def checkpoint_meta(obj: Any) -> dict[str, Any]:
     return {}
 
 
+def _safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable files were refused by read_checkpoint already; metadata is optional
+        return {}
+
+
+def recorded_img_size(obj: Any, sd: Mapping[str, torch.Tensor], checkpoint: str | os.PathLike | None = None,
+                      ) -> tuple[int | None, str | None]:
+    """The input size a checkpoint was trained at, and None, when it records one: this project's ``meta``
+    or a ``.safetensors`` file's ``img_size`` metadata. Otherwise (a bare state dict, a converted file) the
+    size its fixed ``pos_embed`` table implies (one token per 16 x 16 pixels) with the reason, or
+    ``(None, reason)`` when it has no such table either."""
+    meta = checkpoint_meta(obj)
+    if meta.get("img_size"):
+        return int(meta["img_size"]), None
+    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
+        size = _safetensors_metadata(checkpoint).get("img_size")
+        if size and str(size).isdigit():
+            return int(size), None
+    pe = sd.get(POS_EMBED_KEY)
+    if pe is not None and pe.ndim == 3 and pe.shape[1] > 1:
+        grid = math.isqrt(pe.shape[1] - 1)
+        if grid * grid == pe.shape[1] - 1:
+            return 16 * grid, f"its pos_embed holds a {grid}x{grid} token grid (16 px per token)"
+    return None, "it has no pos_embed table to infer one from"
+
+
 def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
                 img_size: int | None = None, strict: bool = True, weights: str | None = None,
                 **kwargs: Any) -> nn.Module:
@@ -255,7 +291,8 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
 
     When ``num_classes`` is None and the checkpoint has a head, the model is built with the
     checkpoint's class count, so a 10-class fine-tune loads as a 10-class model. ``img_size`` None
-    means the registry default (or the size the project's own checkpoint was trained at).
+    means the size the checkpoint records (:func:`recorded_img_size`), else the one its ``pos_embed``
+    implies, else the registry default; the last two say so in one logged note.
     """
     import timm
 
@@ -264,17 +301,23 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
     obj = None
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
-        meta = checkpoint_meta(obj)
         sd = extract_state_dict(obj, weights=weights)
         if num_classes is None and "head.weight" in sd:
             num_classes = int(sd["head.weight"].shape[0])
-        if img_size is None and meta.get("img_size"):
-            img_size = int(meta["img_size"])
+        source = "--img-size"
+        if img_size is None:
+            img_size, why = recorded_img_size(obj, sd, checkpoint)
+            source = "checkpoint" if why is None else ("pos_embed" if img_size else "registry")
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    if obj is not None and source in ("pos_embed", "registry"):
+        assumed = (f"{why}, so {model.img_size} px is assumed" if source == "pos_embed" else
+                   f"{why}: the registry default of {name}, {model.img_size} px, is assumed")
+        _logger.warning("note: %s records no input size; %s (pass --img-size / IMG_SIZE= if it was trained at "
+                        "another)", checkpoint, assumed)
     if obj is not None:
         load_checkpoint(model, obj, strict=strict, weights=weights)
         meta = checkpoint_meta(obj)
-        extra: dict[str, Any] = {"weights": loaded_weights(obj, weights)}
+        extra: dict[str, Any] = {"weights": loaded_weights(obj, weights), "img_size_from": source}
         if meta.get("class_names"):
             extra["class_names"] = list(meta["class_names"])
         model.pretrained_cfg = {**model.pretrained_cfg, **extra}

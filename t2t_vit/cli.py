@@ -4,6 +4,9 @@
   :func:`add_stage_args`) and run flags (``--batch-size --workers --threads --no-progress``,
   :func:`add_run_args`). "None means default": an unset flag never overrides the registry or the
   checkpoint.
+* Counts that must be >= 1 (``--batch-size``, ``--limit``: :class:`PositiveInt`, :func:`add_limit_arg`) are
+  checked while parsing: one line naming the flag and its make variable, exit 2, before anything is
+  written. ``--limit`` left out means every image; 0 is refused, not read as "all".
 * One list syntax: comma-separated (``--batches 1,8,32``, ``--backends onnxruntime-cpu,pytorch``), which
   passes through ``make`` variables without quoting (:func:`comma_list`).
 * Exit codes (:func:`run_command`): 0 ok; 1 a quality threshold was missed (the reports were written);
@@ -35,6 +38,8 @@ __all__ = [
     "comma_list",
     "add_stage_args",
     "add_run_args",
+    "add_limit_arg",
+    "PositiveInt",
     "resolve_out",
     "resolve_threads",
     "apply_threads",
@@ -83,12 +88,42 @@ def add_stage_args(p: argparse.ArgumentParser, *, model_required: bool = True, c
     g.add_argument("--out", default=None, help=out_help or "artifact folder (default artifacts/<model>)")
 
 
+class PositiveInt(argparse.Action):
+    """A flag that takes a whole number >= 1, checked while parsing: anything else is one line,
+    ``<prog>: error: --flag (make VAR=) must be ...``, and exit 2, before the command writes a file.
+
+    ``variable`` (``add_argument(..., variable="BATCH_SIZE")``) is the make variable that sets the flag.
+    """
+
+    def __init__(self, option_strings, dest, variable: str | None = None, unset: str | None = None, **kwargs):
+        self.variable = variable
+        self.unset = unset  # what leaving the flag out means, for the message
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            n = int(str(values).strip())
+        except ValueError:
+            n = 0
+        if n < 1:
+            via = f" (make {self.variable}=)" if self.variable else ""
+            parser.exit(EXIT_ERROR, f"{parser.prog}: error: {option_string}{via} must be a whole number >= 1, "
+                                    f"got {values!r}; {self.help_hint()}\n")
+        setattr(namespace, self.dest, n)
+
+    def help_hint(self) -> str:
+        if self.unset:
+            return f"leave it out for {self.unset}"
+        return "leave it out for the default" if self.default is None else f"the default is {self.default}"
+
+
 def add_run_args(p: argparse.ArgumentParser, *, batch_size: int | None = 32, workers: int | None = 2,
                  threads: bool = True, progress: bool = True) -> None:
     """``--batch-size --workers --threads --no-progress`` (each only where the stage has it)."""
     g = p.add_argument_group("run")
     if batch_size is not None:
-        g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+        g.add_argument("--batch-size", action=PositiveInt, variable="BATCH_SIZE", default=batch_size,
+                       help=f"images per batch, >= 1 (default {batch_size}; make BATCH_SIZE=)")
     if workers is not None:
         g.add_argument("--workers", type=int, default=workers,
                        help=f"image decoding processes (default {workers}; 0 decodes in the main process)")
@@ -98,6 +133,15 @@ def add_run_args(p: argparse.ArgumentParser, *, batch_size: int | None = 32, wor
                             "idle at start, so a busy machine does not make OpenMP threads spin")
     if progress:
         g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_limit_arg(g: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str = "--limit",
+                  variable: str | None = "LIMIT", what: str = "images") -> None:
+    """``--limit N``: a deterministic class-balanced subset of N >= 1 images; left out (make: ``LIMIT=``
+    empty), every image. 0 and negative numbers are refused (one line, exit 2) rather than read as "all"."""
+    via = f"; make {variable}=N, empty = all" if variable else ""
+    g.add_argument(flag, action=PositiveInt, variable=variable, default=None, unset=f"all {what.split(' (')[0]}",
+                   help=f"class-balanced subset of N >= 1 {what} (default: all{via})")
 
 
 def resolve_out(args: argparse.Namespace) -> Path:

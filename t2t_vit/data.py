@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -45,6 +46,7 @@ __all__ = [
     "imagenet_wnids",
     "ImageBatcher",
     "load_image",
+    "to_rgb",
 ]
 
 
@@ -235,12 +237,49 @@ def imagenet_wnids() -> list[str]:
     return list(ImageNetInfo().label_names())
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode, scaled rather than clipped (docs/training.md, "Images").
+
+    * 16-bit grey (``I;16*``, and ``I``, which Pillow's PNG/PGM readers use for 16-bit files): the high
+      byte (v >> 8), as Pillow itself reduces 16-bit RGB files; ``I`` values outside 0..65535 raise.
+    * 32-bit float grey (``F``): values in [0, 1] times 255, rounded; any other range raises.
+    * Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour, premultiplied ``RGBa``):
+      composited over white, what a viewer shows, instead of exposing the colour under transparent pixels.
+    * Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...): Pillow's conversion.
+
+    Raises:
+        ValueError: the mode has no faithful 8-bit RGB form here; the message says why.
+    """
+    mode = im.mode
+    if mode == "I" or mode.startswith("I;16"):
+        a = np.asarray(im)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit integer pixels span {lo}..{hi}, beyond the 16-bit range; save it as 8- or "
+                             f"16-bit")
+        return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+            raise ValueError(f"float pixels span {np.nanmin(a):.4g}..{np.nanmax(a):.4g}, not 0..1; save it as 8-bit")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: str) -> Image.Image | None:
-    """Open an image as RGB, or return None (logged) when it is unreadable or corrupt."""
+    """Open an image as 8-bit RGB (:func:`to_rgb`), or return None, logged with the reason, when it is
+    unreadable, corrupt, of a mode without a faithful RGB form, or larger than Pillow's decompression-bomb
+    limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS`` = 179 megapixels, kept as is)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        _logger.warning("skipping image %s: too large to decode safely (%s)", path, e)
+        return None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         _logger.warning("skipping unreadable image %s: %s", path, e)
         return None

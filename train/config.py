@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from t2t_vit.checkpoint import checkpoint_meta, read_checkpoint
+from t2t_vit.cli import add_limit_arg
 from t2t_vit.errors import T2TError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -57,8 +58,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="torch intra-op threads per process: a number, or auto = the cores idle at start (shared among "
                         "this node's processes). On a busy CPU, OpenMP threads that outnumber the free cores spin "
                         "against each other and training slows several-fold")
-    g.add_argument("--limit-train", type=int, default=None, help="class-balanced subset of N train images (quick runs)")
-    g.add_argument("--limit-val", type=int, default=None, help="class-balanced subset of N val images")
+    add_limit_arg(g, "--limit-train", variable=None, what="train images (quick runs)")
+    add_limit_arg(g, "--limit-val", variable=None, what="val images")
     g.add_argument("--cache-images", type=int, default=0,
                    help="decode every image once and keep it in memory downsized to N px (0 = off). For CPU runs at "
                         "reduced resolution, where JPEG decoding dominates; val is cached already eval-transformed")
@@ -144,9 +145,72 @@ def load_yaml(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, An
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """Parse flags over the recipe; returns the namespace and where the defaults came from."""
+    """Parse flags over the recipe; returns the namespace and where the defaults came from.
+
+    Without ``--resume``, a run folder that already holds this command's ``last.pth`` (an interrupted or
+    finished run) is resumed, so re-running the command never starts over on top of its checkpoints;
+    a ``last.pth`` of another run (other model or recipe), or a ``best.pth`` without one, is refused.
+    """
+    args, sources = _parse(argv, resume=None)
+    if sources.get("resume"):
+        return args, sources
+    last = Path(args.out) / "last.pth"
+    if not last.is_file():
+        if (Path(args.out) / "best.pth").is_file():
+            raise ConfigError(f"{args.out} holds best.pth but no last.pth to resume from, and a new run would "
+                              f"overwrite it: train in a fresh folder (--out DIR, make RUN_DIR=DIR) or move best.pth away")
+        return args, sources
+    ckpt = read_checkpoint(last)
+    differences = _rerun_differences(args, ckpt, last)
+    if differences:
+        raise ConfigError(
+            f"{args.out} already holds last.pth of another run ({'; '.join(differences[:4])}"
+            f"{'; ...' if len(differences) > 4 else ''}): continue that run with --resume {last} (its own settings), "
+            f"or start this one in a fresh folder (--out DIR, make RUN_DIR=DIR)")
+    args, sources = _parse(argv, resume=last)
+    total = int(dict(checkpoint_meta(ckpt).get("config") or {}).get("total_epochs") or args.epochs)
+    sources["rerun"] = (f"{args.out} already holds this run's last.pth (epoch {int(ckpt['epoch']) + 1} of {total}): "
+                        f"resuming it; to start over, train in a fresh folder (--out DIR, make RUN_DIR=DIR)")
+    return args, sources
+
+
+# Flags that do not change what a run computes (or are per invocation): a re-run may differ in them.
+_RERUN_FREE = {"resume", "stop_after", "finetune", "config", "out", "workers", "threads", "device", "compile",
+               "checkpoint_every", "eval_every", "max_nonfinite", "cache_images"}
+
+
+def _rerun_differences(args: argparse.Namespace, ckpt: Any, last: Path) -> list[str]:
+    """How this command's settings differ from those of the run that wrote ``last`` ("key A there, B here")."""
+    meta = checkpoint_meta(ckpt)
+    stored = dict(meta.get("config") or {})
+    if not stored or "epoch" not in ckpt:
+        return [f"{last} was not written by train.train"]
+    out = []
+    if meta.get("model") != args.model:
+        out.append(f"model {meta.get('model')} there, {args.model} here")
+    for key, value in sorted(vars(args).items()):
+        if key in _RERUN_FREE or key == "model" or value is None or key not in stored:
+            continue  # None: not set here, the run's own value applies
+        there, here = stored[key], _plain(value)
+        if key == "data" and there is not None:
+            there, here = str(Path(str(there)).resolve()), str(Path(str(value)).resolve())
+        if there != here:
+            out.append(f"{key} {there} there, {here} here")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _parse(argv: Sequence[str] | None, resume: Path | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Flags over the recipe, or over the config of ``--resume`` (or ``resume``: the run folder's last.pth)."""
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
+    if resume is not None:
+        pre.resume = str(resume)
     sources: dict[str, Any] = {}
     base: dict[str, Any] = {}
     if pre.resume:
@@ -171,6 +235,8 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
     known = {a.dest for a in parser._actions}
     parser.set_defaults(**{k: v for k, v in base.items() if k in known})
     args = parser.parse_args(argv)
+    if resume is not None:
+        args.resume = str(resume)
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) is None or getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)} "

@@ -129,6 +129,6 @@ def seed_worker(worker_id: int) -> None:
 def scan_split(root: Path, class_to_idx: dict[str, int] | None, limit: int | None, seed: int,
                ) -> tuple[list[Sample], list[str]]:
     samples, classes = scan_image_folder(root, class_to_idx)
-    if limit:
+    if limit is not None:
         samples = class_balanced_subset(samples, limit, seed, what="--limit-train/--limit-val")
     return samples, classes

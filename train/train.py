@@ -5,6 +5,9 @@
     python -m train.train --config train/configs/imagenette_cpu.yaml --data ../shared/data/imagenette2
     python -m train.train --resume runs/t2t_vit_7/last.pth                   # continues exactly
 
+Re-running a command whose run folder holds its last.pth resumes it (an interrupted run continues, a finished
+one has nothing left to do); another run's last.pth there, or a best.pth without one, is refused.
+
 The run folder (``--out``, default ``runs/<model>``) receives ``config.yaml`` (resolved),
 ``last.pth``, ``best.pth`` (best top-1 of the EMA or the raw weights, whichever is higher; the checkpoint's
 ``weights`` key says which, and later stages load those by default), ``epoch_<N>.pth`` (``--checkpoint-every``),
@@ -303,6 +306,8 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
     rank, local_rank, world, device = init_distributed(args.device)
     out = Path(args.out)
     setup_logging(rank, None)  # console only: the run folder is made once the inputs are known to be good
+    if sources.get("rerun") and rank == 0:
+        _logger.warning("%s", sources["rerun"])
     if args.data is None:
         raise DataError("no dataset: pass --data DIR (DIR/train and DIR/val in ImageFolder layout) or DATA=DIR to make")
     if args.model not in t2t_vit.ARCHS:
@@ -561,13 +566,15 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
             is_best = False
         row["wall_s"] = round(time.time() - wall0, 1)
         if rank == 0:
-            save("last.pth", epoch)
+            # last.pth last: it commits the epoch. Stopped before it, a resume redoes the epoch (its CSV row is
+            # dropped and rewritten, an equal best.pth rewritten); stopped after it, nothing is missing.
+            rows.append(row)
+            write_csv(out / "summary.csv", rows)
             if is_best:
                 save("best.pth", epoch)
             if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
                 save(f"epoch_{epoch + 1}.pth", epoch)
-            rows.append(row)
-            write_csv(out / "summary.csv", rows)
+            save("last.pth", epoch)
             plot_curves(rows, out / "curves.png", f"{args.model} img {args.img_size} on {Path(args.data).name}")
             _logger.info("epoch %d/%d: loss %.4f  top1 %s  ema_top1 %s  lr %.3g  %.1f img/s  %.0f s%s", epoch + 1,
                          total_epochs,

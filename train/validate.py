@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from t2t_vit.artifacts import default_out
 from t2t_vit.checkpoint import build_model
-from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset, scan_image_folder
 from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.labels import label_space, model_class_names
@@ -43,7 +43,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_run_args(p, batch_size=64, workers=2)
     g = p.add_argument_group("validation")
     g.add_argument("--data", required=True, help="ImageFolder split (root/<class>/<image>), or a root holding val/")
-    g.add_argument("--limit", type=int, default=None, help="class-balanced subset of N images")
+    add_limit_arg(g)
     g.add_argument("--device", default="cpu")
     return p
 
@@ -66,7 +66,7 @@ def validate(model: torch.nn.Module, val_dir: Path, batch_size: int = 64, worker
     folders = [p.name for p in val_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     class_to_idx, rule = label_space(folders, model_class_names(model), int(model.num_classes))
     samples, classes = scan_image_folder(val_dir, class_to_idx)
-    if limit:
+    if limit is not None:
         samples = class_balanced_subset(samples, limit, what="--limit")
     config = DataConfig.from_model(model)
     batcher = ImageBatcher(samples, config, batch_size=batch_size, num_workers=workers)
