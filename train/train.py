@@ -335,8 +335,11 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
     data_config = DataConfig.from_model(model)
     if args.finetune:
         report = load_checkpoint(model, args.finetune)  # drops a head of another class count
-        _logger.info("fine-tuning from %s (%s)", args.finetune,
-                     "new head" if report["dropped_head"] else "head kept")
+        rows = report.get("pos_embed_rows")
+        pos = (f"position table {'rebuilt' if report['rebuilt_pos_embed'] else 'resampled'} for {rows[1]} rows "
+               f"(checkpoint: {rows[0]})") if rows else "position table kept"
+        _logger.info("fine-tuning from %s (%s, %s)", args.finetune,
+                     "new head" if report["dropped_head"] else "head kept", pos)
 
     if rank == 0:
         stack.enter_context(OutputLock(out, f"train.train (pid {os.getpid()})"))
