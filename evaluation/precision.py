@@ -49,7 +49,7 @@ from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, wr
 _logger = logging.getLogger(__name__)
 
 __all__ = ["round_tf32", "tf32_matmuls", "fp16_layernorm", "layernorm_stats", "activation_stats",
-           "performer_core_extremes", "performer_stats", "largest_safe_sizes", "run_sweep", "main"]
+           "performer_core_extremes", "performer_stats", "largest_safe_sizes", "sweep_model", "run_sweep", "main"]
 
 FP16_MAX = 65504.0
 DEFAULT_WHAT = ["tf32", "layernorm", "activations"]
@@ -349,12 +349,20 @@ def performer_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[d
     return out
 
 
+def sweep_model(name: str, checkpoint: str | None, size: int, weights: str | None = None) -> nn.Module:
+    """The model the sweep measures at ``size`` (the exported forms, eval mode). Without a checkpoint: seeded
+    random weights made trained-like (nonzero biases and LayerNorm affines), the same at every size."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+    model = apply_export_patterns(build_model(name, checkpoint, img_size=size, weights=weights))
+    if checkpoint is None:
+        trained_like_(model)
+    return model.eval()
+
+
 def _sweep_size(args: argparse.Namespace, size: int, samples: list[Any]) -> dict[str, Any]:
     """Every measurement of the sweep at one input size, the same weights and images."""
-    model = apply_export_patterns(build_model(args.model, args.checkpoint, img_size=size, weights=args.weights))
-    if args.checkpoint is None:
-        trained_like_(model)  # nonzero biases and LayerNorm affines, as a trained model has
-    model.eval()
+    model = sweep_model(args.model, args.checkpoint, size, args.weights)
     xs, labels = _batches(samples, model, args)
     t2t = model.tokens_to_token
     ln, perf = layernorm_stats(model, xs), performer_stats(model, xs)
