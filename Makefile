@@ -83,7 +83,7 @@ train-imagenette-cpu:
 		--validate $(REF_RUN)/validate-imagenette2-val.json --name train-imagenette-cpu --command "make train-imagenette-cpu"
 
 # ----- 224 px evidence (issue 20): the 224 px reference checkpoint, the resolution sweep, the GPU check -----
-.PHONY: train-imagenette-224 precision-sweep gpu-check
+.PHONY: train-imagenette-224 precision-sweep gpu-pack gpu-check
 REF224_RUN  ?= runs/imagenette-t2t_vit_7-224
 FINETUNE    ?= $(REF_RUN)/best.pth
 SWEEP       ?= 80,160,224,384
@@ -103,7 +103,12 @@ precision-sweep:
 	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--weights,$(WEIGHTS)) \
 		--what sweep --sweep $(SWEEP) --out $(or $(REPORT_DIR),reports) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
 
-## gpu-check    on a lent CUDA machine, < 8 min: golden parity, fp16/bf16 autocast agreement (GPU_CHECKPOINT), t2t_vit_t_14 training SDPA vs authors', torch.compile -> reports/gpu-check.{json,md} (ARGS=--dry-run on a CPU)
+GPU_PACK    ?= artifacts/gpu-pack
+## gpu-pack     on the development machine: GPU_CHECKPOINT's weights alone + 160 val images -> artifacts/gpu-pack/ (< 64 MiB, to carry to a lent GPU)
+gpu-pack:
+	$(PYTHON) -m evaluation.gpu_check --pack $(GPU_PACK) --checkpoint $(GPU_CHECKPOINT) --data $(or $(DATA),$(REF_DATA)/val) $(ARGS)
+
+## gpu-check    on a lent CUDA machine, < 8 min: golden parity, fp16/bf16 autocast agreement (GPU_CHECKPOINT, DATA), t2t_vit_t_14 training SDPA vs authors', torch.compile -> reports/gpu-check.{json,md} (ARGS=--dry-run on a CPU)
 gpu-check:
 	$(PYTHON) -m evaluation.gpu_check $(call opt,--checkpoint,$(wildcard $(GPU_CHECKPOINT))) $(call opt,--data,$(DATA)) --out $(or $(REPORT_DIR),reports) $(ARGS)
 
