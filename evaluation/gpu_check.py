@@ -40,7 +40,7 @@ import t2t_vit  # noqa: F401  (registers the models)
 from t2t_vit.checkpoint import build_model, checkpoint_meta, extract_state_dict, preferred_weights, read_checkpoint
 from t2t_vit.cli import run_command
 from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, scan_image_folder
-from t2t_vit.errors import T2TError
+from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_torch_save, ensure_dir, file_sha256
 from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.model import ARCHS
@@ -378,8 +378,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise T2TError(f"sections failed: {', '.join(failed)} (see {r['written'][0]})")
         bad = [p for p in r["sections"]["parity"]["rows"] if not p["passed"]]
         if bad:
-            from t2t_vit.errors import ThresholdMissed
-
             raise ThresholdMissed(f"golden parity missed {PARITY_TOL:g} for {[(p['model'], p['attention']) for p in bad]}")
         return 0
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import T2TError
+from .layers import sinusoid_table
 from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT
 
 __all__ = [
@@ -183,8 +184,6 @@ def resize_pos_embed(sd: "OrderedDict[str, torch.Tensor]", own: torch.Tensor) ->
     transfer-learning rule of the authors' code), and written back into ``sd``: returns ``"resampled"``.
     """
     from timm.layers import resample_abs_pos_embed
-
-    from .layers import sinusoid_table
 
     old = sd[POS_EMBED_KEY]
     n_old, n_new, dim = old.shape[1], own.shape[1], own.shape[-1]
