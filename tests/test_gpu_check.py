@@ -45,6 +45,7 @@ def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_dry_run_checks_every_section(tiny, tmp_path):
     ck, val = tiny
     res = _run("--dry-run", "--checkpoint", str(ck), "--data", str(val), "--out", str(tmp_path))

@@ -16,7 +16,7 @@ import t2t_vit  # noqa: F401
 from evaluation.authors import numpy_sinusoid
 from t2t_vit.checkpoint import build_model, load_checkpoint, read_checkpoint
 from train import train as train_mod
-from train.config import parse_config
+from train.config import parse_config, resolve_ema_decay
 
 from .test_train import _make_split
 
@@ -65,7 +65,7 @@ def test_a_table_that_is_not_the_sinusoid_is_resampled_on_its_grid(tmp_path):
     assert report["resampled_pos_embed"] and not report["rebuilt_pos_embed"]
     assert torch.equal(big.pos_embed.data[:, 0], learned[:, 0])  # the class token's row is kept
     torch.testing.assert_close(big.pos_embed.data, resample_abs_pos_embed(learned, [3, 3], [2, 2]))
-X
+    # Not silently replaced by the sinusoid either.
     grid = big.pos_embed.data[0, 1:].reshape(3, 3, 64)
     assert not torch.allclose(grid, numpy_sinusoid(10, 64)[0, 1:].reshape(3, 3, 64))
 
@@ -123,6 +123,8 @@ def test_224_recipe_parses_and_is_a_finetune():
     assert args.finetune is None  # the initial weights come from the command line (make FINETUNE=)
     assert args.cache_images >= 224 and args.mixup == 0 and args.cutmix == 0
     assert args.warmup_epochs + args.cooldown_epochs <= args.epochs // 2
+    # Imagenette's 9,469 train images: the EMA decay fits the run as written (train.train would cap it).
+    assert resolve_ema_decay(args.model_ema_decay, 9469 // args.batch_size * args.epochs)[1] is None
 
 
 def _make_n(*extra: str) -> str:
