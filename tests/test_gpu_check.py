@@ -119,3 +119,15 @@ def test_golden_weights_are_numpy_drawn_and_reproducible():
     m = w.shape[0]
     torch.testing.assert_close(w @ w.t(), m * torch.eye(m), atol=1e-4, rtol=0)
     assert torch.equal(wa["pos_embed"], a.pos_embed.data)
+
+
+def test_authors_trainable_is_the_authors_formulation_with_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("t2t_vit_t_test", num_classes=10, img_size=64).eval()
+    authors = G.AuthorsTrainable(model)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(authors(x), model(x), atol=1e-5, rtol=0)
+    authors(x).sum().backward()
+    grads = {n: w.grad for n, w in zip(authors.names, authors.weights)}
+    assert grads["pos_embed"] is None  # frozen, as in the model
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n not in ("pos_embed",))
