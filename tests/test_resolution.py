@@ -15,6 +15,8 @@ import torch
 import t2t_vit  # noqa: F401
 from evaluation.authors import numpy_sinusoid
 from t2t_vit.checkpoint import build_model, load_checkpoint, read_checkpoint
+from t2t_vit.files import file_sha256
+from train import report as report_mod
 from train import train as train_mod
 from train.config import parse_config, resolve_ema_decay
 
@@ -112,6 +114,12 @@ def test_finetune_at_another_size_then_resume_exactly(dataset, small_run, tmp_pa
     assert "position table rebuilt for 10 rows (checkpoint: 5)" in caplog.text
     model = build_model("t2t_vit_test", straight / "best.pth")
     assert model.img_size == 48 and torch.isfinite(model.eval()(torch.randn(2, 3, 48, 48))).all()
+    # Where the fine-tune started survives the resume, and the report says it.
+    started = b["meta"]["config"]["sources"]
+    assert started["finetune"] == str(init) and started["finetune_sha256"] == file_sha256(init)
+    assert started["resume"] == str(split / "last.pth")
+    assert report_mod.main(["--run", str(split), "--name", "ft", "--out", str(tmp_path / "rep")]) == 0
+    assert f"Fine-tuned from `{init}` (sha256 `{file_sha256(init)}`)" in (tmp_path / "rep" / "ft.md").read_text()
 
 
 # ------------------------------------------------------------------------------- the recipe and target

@@ -159,6 +159,9 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
         for k in ("resume", "stop_after", "finetune", "config"):
             base.pop(k, None)
         sources["resume"] = str(pre.resume)
+        # Where a fine-tune started stays recorded in every later invocation's config.
+        started = base.get("sources") or {}
+        sources.update({k: started[k] for k in ("finetune", "finetune_sha256") if started.get(k)})
     else:
         cfg_file = pre.config
         if cfg_file is None:
