@@ -85,6 +85,36 @@ train-imagenette-cpu:
 	$(PYTHON) -m train.report --run $(REF_RUN) --checkpoint $(REF_RUN)/best.pth \
 		--validate $(REF_RUN)/validate-imagenette2-val.json --name train-imagenette-cpu --command "make train-imagenette-cpu"
 
+# ----- 224 px evidence (issue 20): the 224 px reference checkpoint, the resolution sweep, the GPU check -----
+.PHONY: train-imagenette-224 precision-sweep gpu-pack gpu-check
+REF224_RUN  ?= runs/imagenette-t2t_vit_7-224
+FINETUNE    ?= $(REF_RUN)/best.pth
+SWEEP       ?= 80,160,224,384
+GPU_CHECKPOINT ?= $(REF224_RUN)/best.pth
+## train-imagenette-224  the 224 px reference checkpoint: FINETUNE (default the 80 px reference's best.pth) fine-tuned at 224 px on Imagenette on a 2-core CPU; resumes an interrupted run -> runs/imagenette-t2t_vit_7-224/ + reports/train-imagenette-224.{json,md,png}
+train-imagenette-224:
+	@test -f $(REF224_RUN)/last.pth || test -f "$(FINETUNE)" || { echo "train-imagenette-224: error: FINETUNE=$(FINETUNE)" \
+		"does not exist; run make train-imagenette-cpu first, or pass FINETUNE=/path/to/80px/best.pth"; exit 2; }
+	$(PYTHON) -m train.train $(if $(wildcard $(REF224_RUN)/last.pth),--resume $(REF224_RUN)/last.pth,\
+		--config train/configs/imagenette_224.yaml --finetune $(FINETUNE) --data $(REF_DATA) --out $(REF224_RUN)) $(ARGS)
+	$(PYTHON) -m train.validate --model t2t_vit_7 --checkpoint $(REF224_RUN)/best.pth --data $(REF_DATA)/val --out $(REF224_RUN)
+	$(PYTHON) -m train.report --run $(REF224_RUN) --checkpoint $(REF224_RUN)/best.pth \
+		--validate $(REF224_RUN)/validate-imagenette2-val.json --name train-imagenette-224 --command "make train-imagenette-224"
+
+## precision-sweep  fp16 headroom of every LayerNorm and Performer core + fp16 agreement at SWEEP sizes (80,160,224,384), same weights -> reports/precision-sweep-<MODEL>.{json,md,png}
+precision-sweep:
+	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--weights,$(WEIGHTS)) \
+		--what sweep --sweep $(SWEEP) --out $(or $(REPORT_DIR),reports) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
+
+GPU_PACK    ?= artifacts/gpu-pack
+## gpu-pack     on the development machine: GPU_CHECKPOINT's weights alone + 160 val images -> artifacts/gpu-pack/ (< 64 MiB, to carry to a lent GPU)
+gpu-pack:
+	$(PYTHON) -m evaluation.gpu_check --pack $(GPU_PACK) --checkpoint $(GPU_CHECKPOINT) --data $(or $(DATA),$(REF_DATA)/val) $(ARGS)
+
+## gpu-check    on a lent CUDA machine, < 8 min: golden parity, fp16/bf16 autocast agreement (GPU_CHECKPOINT, DATA), t2t_vit_t_14 training SDPA vs authors', torch.compile -> reports/gpu-check.{json,md} (ARGS=--dry-run on a CPU)
+gpu-check:
+	$(PYTHON) -m evaluation.gpu_check $(call opt,--checkpoint,$(wildcard $(GPU_CHECKPOINT))) $(call opt,--data,$(DATA)) --out $(or $(REPORT_DIR),reports) $(ARGS)
+
 ## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
 validate:
 	$(PYTHON) -m train.validate $(STAGE_ARGS) $(RUN_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) $(ARGS)

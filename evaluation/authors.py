@@ -106,7 +106,7 @@ def authors_forward(sd: dict, x: torch.Tensor, num_heads: int, tokens_type: str)
     t = _lin(t, sd, "tokens_to_token.project")
     embed = t.shape[-1]
     t = torch.cat((sd["cls_token"].expand(b, -1, -1), t), dim=1)
-    t = t + numpy_sinusoid(t.shape[1], embed).to(x.dtype)
+    t = t + numpy_sinusoid(t.shape[1], embed).to(x.device, x.dtype)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(depth):
         t = _block(t, sd, f"blocks.{i}", num_heads)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,20 +36,24 @@ from torch import nn
 
 from export.patterns import apply_export_patterns
 from t2t_vit.checkpoint import build_model
-from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagenette_root, scan_image_folder
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.layers import TokenPerformer
 from t2t_vit.metrics import LogitStats
+from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["round_tf32", "tf32_matmuls", "fp16_layernorm", "layernorm_stats", "activation_stats", "main"]
+__all__ = ["round_tf32", "tf32_matmuls", "fp16_layernorm", "layernorm_stats", "activation_stats",
+           "performer_core_extremes", "performer_stats", "largest_safe_sizes", "sweep_model", "run_sweep", "main"]
 
 FP16_MAX = 65504.0
+DEFAULT_WHAT = ["tf32", "layernorm", "activations"]
+SWEEP_DEFAULT_LIMIT = 100  # images per size: fp16 on a CPU is slow (t2t_vit_7 at 384 px: ~4 s per image and variant)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,6 +259,256 @@ def activation_stats(model: nn.Module, batches: Sequence[torch.Tensor], sample: 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Resolution sweep: fp16 headroom as the token count grows
+# ----------------------------------------------------------------------------------------------------
+# The intermediates of TokenPerformer.linear_attention (the max-shifted form an fp16 core would compute),
+# in the order they are made. Headroom is taken over these; the authors' unshifted formula is reported
+# beside them for comparison (AUTHORS_TERMS), never judged.
+CORE_TERMS = ("k_sq_sum", "q_sq_sum", "w_k", "w_q", "k_exponent", "exp_q", "exp_k", "k_sum", "q_times_k_sum",
+              "D", "kv", "numerator", "eps", "D_plus_eps", "y")
+AUTHORS_TERMS = ("phi_q", "phi_k", "sum_phi_k", "D", "numerator")
+FP16_TINY_SUBNORMAL = 2.0 ** -24  # smaller magnitudes round to zero (or to 2^-24) in fp16
+SWEEP_CHOICES = ("fp16_layernorm", "fp16_performer_core", "fp16_graph")
+SWEEP_CHOICE_TEXT = {"fp16_layernorm": "fp16 LayerNorm (fp16-math)",
+                     "fp16_performer_core": "fp16 Performer core (no fp32 island)",
+                     "fp16_graph": "fp16 graph as exported (fp32 LayerNorm and Performer core)"}
+
+
+def performer_core_extremes(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                            epsilon: float) -> dict[str, Any]:
+    """Largest |value| of every intermediate of one Performer core call, in float64.
+
+    ``max``: the max-shifted form this project computes (:meth:`t2t_vit.layers.TokenPerformer.linear_attention`):
+    |k|^2 and |q|^2, w.k and w.q, the k exponent w.k - |k|^2/2, the exp features, their sum over tokens,
+    the products phi(q) * sum phi(k) and their sum D, sum_s phi(k_s) v_s (``kv``), the numerator
+    phi(q) kv, the rescaled epsilon, D + eps and the output. ``authors_max``: the released formula
+    phi(x) = exp(w.x - |x|^2/2) / sqrt(m) with the sum over every token (what a plain fp16 port holds).
+    ``exp_k_underflow``: the fraction of exp(k) features below fp16's smallest subnormal; ``min_D``.
+    """
+    k, q, v, w = (t.detach().double() for t in (k, q, v, w))
+    m, tokens = w.shape[0], k.shape[1]
+    log_t = math.log(tokens)
+    k_sq, q_sq = (k * k).sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
+    wk, wq = k @ w.t(), q @ w.t()
+    b = wk - 0.5 * k_sq
+    b_max, wq_max = b.amax(dim=(1, 2), keepdim=True), wq.amax(dim=-1, keepdim=True)
+    qp, kp = torch.exp(wq - wq_max), torch.exp(b - (b_max + log_t))
+    k_sum = kp.sum(dim=1, keepdim=True)
+    prod = qp * k_sum
+    d = prod.sum(-1, keepdim=True)
+    kv = kp.transpose(1, 2) @ v
+    num = qp @ kv
+    eps = torch.exp((math.log(epsilon * m) - log_t) - (wq_max - 0.5 * q_sq + b_max))
+    den = d + eps
+    terms = dict(k_sq_sum=k_sq, q_sq_sum=q_sq, w_k=wk, w_q=wq, k_exponent=b, exp_q=qp, exp_k=kp, k_sum=k_sum,
+                 q_times_k_sum=prod, D=d, kv=kv, numerator=num, eps=eps, D_plus_eps=den, y=num / den)
+    phi_q, phi_k = torch.exp(wq - 0.5 * q_sq) / math.sqrt(m), torch.exp(b) / math.sqrt(m)
+    sum_phi_k = phi_k.sum(dim=1, keepdim=True)
+    authors = dict(phi_q=phi_q, phi_k=phi_k, sum_phi_k=sum_phi_k, D=(phi_q * sum_phi_k).sum(-1),
+                   numerator=phi_q @ (phi_k.transpose(1, 2) @ v))
+    return {"tokens": int(tokens), "max": {n: float(t.abs().max()) for n, t in terms.items()},
+            "authors_max": {n: float(t.abs().max()) for n, t in authors.items()},
+            "exp_k_underflow": float((kp < FP16_TINY_SUBNORMAL).double().mean()), "min_D": float(d.min())}
+
+
+def performer_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """Per :class:`TokenPerformer` (module order), :func:`performer_core_extremes` over every batch (max of
+    maxima; the underflow fraction averaged), with ``fp16_headroom`` = 65504 / the largest intermediate
+    of the max-shifted form and ``worst`` naming it."""
+    names = {id(mod): name for name, mod in model.named_modules() if isinstance(mod, TokenPerformer)}
+    acc: dict[str, dict[str, Any]] = {}
+    original = TokenPerformer.linear_attention
+
+    def recording(self, k, q, v):
+        e = performer_core_extremes(k, q, v, self.w, self.epsilon)
+        a = acc.setdefault(names[id(self)], {"module": names[id(self)], "tokens": e["tokens"], "calls": 0,
+                                             "max": {}, "authors_max": {}, "exp_k_underflow": 0.0,
+                                             "min_D": math.inf})
+        for key in ("max", "authors_max"):
+            for n, val in e[key].items():
+                a[key][n] = max(a[key].get(n, 0.0), val)
+        a["exp_k_underflow"] += e["exp_k_underflow"]
+        a["min_D"] = min(a["min_D"], e["min_D"])
+        a["calls"] += 1
+        return original(self, k, q, v)
+
+    TokenPerformer.linear_attention = recording
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        TokenPerformer.linear_attention = original
+    out = []
+    for a in acc.values():
+        a["exp_k_underflow"] /= max(a.pop("calls"), 1)
+        a["worst"] = max(a["max"], key=a["max"].get)
+        a["fp16_headroom"] = FP16_MAX / a["max"][a["worst"]] if a["max"][a["worst"]] > 0 else math.inf
+        a["authors_fp16_headroom"] = FP16_MAX / max(a["authors_max"].values())
+        out.append(a)
+    return out
+
+
+def sweep_model(name: str, checkpoint: str | None, size: int, weights: str | None = None) -> nn.Module:
+    """The model the sweep measures at ``size`` (the exported forms, eval mode). Without a checkpoint: seeded
+    random weights made trained-like (nonzero biases and LayerNorm affines), the same at every size."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+    model = apply_export_patterns(build_model(name, checkpoint, img_size=size, weights=weights))
+    if checkpoint is None:
+        trained_like_(model)
+    return model.eval()
+
+
+def _sweep_size(args: argparse.Namespace, size: int, samples: list[Any]) -> dict[str, Any]:
+    """Every measurement of the sweep at one input size, the same weights and images."""
+    model = sweep_model(args.model, args.checkpoint, size, args.weights)
+    xs, labels = _batches(samples, model, args)
+    t2t = model.tokens_to_token
+    ln, perf = layernorm_stats(model, xs), performer_stats(model, xs)
+    ref = _logits(model, xs)
+    half = _half(model)
+    rows = [_compare(SWEEP_CHOICE_TEXT["fp16_graph"], ref, _logits(half, xs, torch.float16), labels)]
+    with layernorm_mode("fp16-math"):
+        rows.append(_compare(SWEEP_CHOICE_TEXT["fp16_layernorm"], ref, _logits(half, xs, torch.float16), labels))
+    if perf:
+        half.set_performer_fp32_core(False)
+        rows.append(_compare(SWEEP_CHOICE_TEXT["fp16_performer_core"], ref, _logits(half, xs, torch.float16), labels))
+    by_choice = {"fp16_graph": rows[0], "fp16_layernorm": rows[1], **({"fp16_performer_core": rows[2]} if perf else {})}
+    headroom = {"fp16_layernorm": min(s["fp16_headroom"] for s in ln),
+                "fp16_performer_core": min((p["fp16_headroom"] for p in perf), default=None),
+                "fp16_graph": None}
+    safe = {}
+    for choice, row in by_choice.items():
+        h = headroom[choice]
+        safe[choice] = bool((h is None or h >= args.min_headroom) and row["top1_agreement"] >= args.min_agreement
+                            and not row["nonfinite_images"])
+    return {"img_size": size, "images": int(len(labels)),
+            "tokens": {"attention1": t2t.grid1 ** 2, "attention2": t2t.grid2 ** 2, "backbone": t2t.num_patches + 1},
+            "layernorms": ln, "performers": perf, "min_headroom": headroom, "rows": rows, "safe": safe}
+
+
+def largest_safe_sizes(sizes: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Per fp16 choice, the largest swept size up to which it is safe at every swept size (None: not even at
+    the smallest; a choice the model does not have is left out)."""
+    out: dict[str, int | None] = {}
+    for choice in SWEEP_CHOICES:
+        best = None
+        for s in sorted(sizes, key=lambda s: s["img_size"]):
+            if choice not in s["safe"]:
+                break
+            if not s["safe"][choice]:
+                break
+            best = s["img_size"]
+        if any(choice in s["safe"] for s in sizes):
+            out[choice] = best
+    return out
+
+
+def run_sweep(args: argparse.Namespace, argv: Sequence[str] | None, threads: int) -> dict[str, Any]:
+    """``--what sweep``: :func:`_sweep_size` at every ``--sweep`` size -> ``precision-sweep-<model>.*``."""
+    from tqdm import tqdm
+
+    first = build_model(args.model, args.checkpoint, img_size=args.sweep[0], weights=args.weights)
+    samples, root = _samples(args, first)
+    weights = first.pretrained_cfg.get("weights", "random") if args.checkpoint else "random (trained-like)"
+    sizes = [_sweep_size(args, size, samples) for size in tqdm(args.sweep, desc="sweep", unit="size",
+                                                                disable=args.no_progress)]
+    report = {**report_header("evaluation.precision", argv), "model": args.model, "checkpoint": args.checkpoint,
+              "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None, "weights": weights,
+              "data": root, "threads": threads, "criteria": {"min_headroom": args.min_headroom,
+                                                             "min_top1_agreement": args.min_agreement},
+              "sizes": sizes, "largest_safe": largest_safe_sizes(sizes)}
+    out = Path(args.out)
+    with OutputLock(out):
+        written = write_report(out / f"precision-sweep-{args.model}", report, _sweep_markdown(report),
+                               _sweep_figure(report))
+    return {"written": [str(p) for p in written]}
+
+
+def _sweep_markdown(r: dict[str, Any]) -> str:
+    crit = r["criteria"]
+    lines = ["# fp16 headroom as the resolution grows", "", f"`{r['command']}`", "",
+             f"{r['model']}, checkpoint `{r['checkpoint']}` ({r['weights']} weights), the same "
+             f"{r['sizes'][0]['images']} images from `{r['data']}` at every size (the eval transform of that size; "
+             f"smaller images are upsampled). Host: {host_line(r['host'])}.", "",
+             f"A choice is **safe** at a size when its smallest headroom (65504 / the largest intermediate an fp16 "
+             f"graph would hold) is at least {crit['min_headroom']:g}x, its top-1 agreement with the fp32 model is "
+             f"at least {crit['min_top1_agreement']:g}% and no image gives a non-finite logit.", "",
+             "## Largest safe resolution", "",
+             markdown_table(["fp16 choice", "safe up to"],
+                            [[SWEEP_CHOICE_TEXT[c], f"{s} px" if s else f"not at {r['sizes'][0]['img_size']} px"]
+                             for c, s in r["largest_safe"].items()]), "",
+             "## Per size", ""]
+    rows = []
+    for s in r["sizes"]:
+        by = {row["variant"]: row for row in s["rows"]}
+        for c in SWEEP_CHOICES:
+            row = by.get(SWEEP_CHOICE_TEXT[c])
+            if row is None:
+                continue
+            h = s["min_headroom"].get(c)
+            rows.append([s["img_size"], s["tokens"]["attention1"], SWEEP_CHOICE_TEXT[c], h, row["top1_agreement"],
+                         row["max_abs_dlogit"], row["nonfinite_images"], "yes" if s["safe"][c] else "**NO**"])
+    lines += [markdown_table(["img px", "tokens (attention1)", "fp16 choice", "min headroom", "top-1 agreement %",
+                              "max abs dlogit", "non-finite images", "safe"], rows), ""]
+    perf_rows = [[s["img_size"], p["module"], p["tokens"], p["worst"], p["max"][p["worst"]], p["fp16_headroom"],
+                  p["max"]["D"], p["max"]["eps"], p["exp_k_underflow"], max(p["authors_max"].values()),
+                  p["authors_fp16_headroom"]]
+                 for s in r["sizes"] for p in s["performers"]]
+    if perf_rows:
+        lines += ["## Performer cores", "",
+                  "The max-shifted core (t2t_vit.layers.TokenPerformer) keeps the exp features <= 1 and D <= m at any "
+                  "token count; the columns on the right are the authors' unshifted formula, whose normaliser sums "
+                  "exp features over every token, for comparison. `exp(k) < 2^-24`: the fraction of k features that "
+                  "fp16 flushes to zero.", "",
+                  markdown_table(["img px", "core", "tokens", "largest intermediate", "its max abs", "headroom",
+                                  "max D", "max eps", "exp(k) < 2^-24", "authors' formula: max", "its headroom"],
+                                 perf_rows), ""]
+    ln_rows = [[s["img_size"], x["module"], x["max_abs_dev"], x["max_sum_sq"], x["fp16_headroom"]]
+               for s in r["sizes"] for x in sorted(s["layernorms"], key=lambda x: x["fp16_headroom"])[:3]]
+    lines += ["## LayerNorms with the least headroom (three per size; the JSON has every one)", "",
+              markdown_table(["img px", "LayerNorm", "max abs (x - mean)", "max sum of squares", "fp16 headroom"],
+                             ln_rows), "", f"![headroom](precision-sweep-{r['model']}.png)", ""]
+    return "\n".join(lines)
+
+
+def _sweep_figure(r: dict[str, Any]) -> Any:
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    tokens = [s["tokens"]["attention1"] for s in r["sizes"]]
+    ax[0].loglog(tokens, [s["min_headroom"]["fp16_layernorm"] for s in r["sizes"]], marker="o",
+                 label="LayerNorm (smallest)")
+    if r["sizes"][0]["performers"]:
+        for i, p in enumerate(r["sizes"][0]["performers"]):
+            xs = [s["performers"][i]["tokens"] for s in r["sizes"]]
+            ax[0].loglog(xs, [s["performers"][i]["fp16_headroom"] for s in r["sizes"]], marker="s",
+                         label=f"{p['module'].split('.')[-1]} core (max-shifted)")
+            ax[0].loglog(xs, [s["performers"][i]["authors_fp16_headroom"] for s in r["sizes"]], ls="--", marker=".",
+                         label=f"{p['module'].split('.')[-1]}, authors' formula")
+    ax[0].axhline(r["criteria"]["min_headroom"], color="#c44e52", ls=":", label="required headroom")
+    ax[0].axhline(1.0, color="#c44e52", ls="--", label="overflow (65504)")
+    ax[0].set_xlabel("tokens (the T2T attention's own input)")
+    ax[0].set_ylabel("fp16 headroom (x)")
+    ax[0].set_title("fp16 headroom against token count")
+    ax[0].legend(fontsize=7)
+    for c in SWEEP_CHOICES:
+        pts = [(s["tokens"]["attention1"], row["top1_agreement"]) for s in r["sizes"] for row in s["rows"]
+               if row["variant"] == SWEEP_CHOICE_TEXT[c]]
+        if pts:
+            ax[1].semilogx(*zip(*pts), marker="o", label=SWEEP_CHOICE_TEXT[c])
+    ax[1].axhline(r["criteria"]["min_top1_agreement"], color="#c44e52", ls=":", label="required agreement")
+    ax[1].set_xlabel("tokens of attention1 (img px: " + ", ".join(str(s["img_size"]) for s in r["sizes"]) + ")")
+    ax[1].set_ylabel("top-1 agreement with fp32 (%)")
+    ax[1].set_title("fp16 vs fp32 on real images")
+    ax[1].legend(fontsize=7)
+    for a in ax:
+        a.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------
 def _half(model: nn.Module) -> nn.Module:
@@ -291,6 +546,13 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, list[torch.Tensor], np.n
     # The exported forms (one-hot Conv soft splits, explicit MatMul attention): the ops TensorRT runs.
     model = apply_export_patterns(build_model(args.model, args.checkpoint, img_size=args.img_size,
                                               weights=args.weights))
+    samples, root = _samples(args, model)
+    xs, labels = _batches(samples, model, args)
+    return model, xs, labels, root
+
+
+def _samples(args: argparse.Namespace, model: nn.Module) -> tuple[list[Any], str]:
+    """The labelled images of ``--data`` (class-balanced ``--limit``), in the model's label space."""
     root = Path(args.data) if args.data else ((imagenette_root() or Path("(none)")) / "val")
     if (root / "val").is_dir():
         root = root / "val"
@@ -301,6 +563,11 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, list[torch.Tensor], np.n
     samples, _ = scan_image_folder(root, index)
     if args.limit:
         samples = class_balanced_subset(samples, args.limit, seed=0, what="--limit (LIMIT=)")
+    return samples, str(root)
+
+
+def _batches(samples: list[Any], model: nn.Module, args: argparse.Namespace) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The images preprocessed by ``model``'s eval transform (at its own size: smaller images are upsampled)."""
     batcher = ImageBatcher(samples, DataConfig.from_model(model), batch_size=args.batch_size,
                            num_workers=args.workers)
     xs, ys = [], []
@@ -308,14 +575,16 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, list[torch.Tensor], np.n
         xs.append(x)
         ys.append(y.numpy())
     if not xs:
-        raise T2TError(f"no readable images in {root}")
-    return model, xs, np.concatenate(ys), str(root)
+        raise T2TError(f"no readable images among the {len(samples)} of --data")
+    return xs, np.concatenate(ys)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     threads = apply_threads(args.threads)
+    if args.what == ["sweep"]:
+        return run_sweep(args, argv, threads)
     model, xs, labels, root = _load(args)
     header = {**report_header("evaluation.precision", argv), "model": args.model, "checkpoint": args.checkpoint,
               "checkpoint_sha256": file_sha256(args.checkpoint) if args.checkpoint else None,
@@ -439,8 +708,34 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, help="labelled ImageFolder (default: the development data's Imagenette val)")
     add_limit_arg(g)
     g.add_argument("--what", default="tf32,layernorm,activations",
-                   help="which reports, comma-separated: tf32, layernorm, activations (default all)")
+                   help="which reports, comma-separated: tf32, layernorm, activations (default all), or sweep alone")
+    g = p.add_argument_group("resolution sweep (--what sweep, or --sweep alone)")
+    g.add_argument("--sweep", type=comma_list(int), default=None,
+                   help=f"input sizes, comma-separated, e.g. 80,160,224,384: the same weights at each size -> "
+                        f"precision-sweep-<model>.{{json,md,png}} (default --limit there: {SWEEP_DEFAULT_LIMIT} images)")
+    g.add_argument("--min-headroom", type=float, default=2.0,
+                   help="headroom a choice needs to count as safe at a size (default 2.0x)")
+    g.add_argument("--min-agreement", type=float, default=99.0,
+                   help="top-1 agreement with fp32 (%%) a choice needs to count as safe at a size (default 99)")
     return p
+
+
+def _check_sweep(args: argparse.Namespace) -> None:
+    """Resolve --what/--sweep into one of the two modes; raise with the fix when they disagree."""
+    if args.sweep and "sweep" not in args.what:
+        args.what = ["sweep"] if args.what == DEFAULT_WHAT else args.what + ["sweep"]
+    if "sweep" in args.what:
+        if args.what != ["sweep"]:
+            raise T2TError(f"--what sweep runs on its own; got --what {','.join(args.what)} (run the sweep and the "
+                           f"other reports as two commands)")
+        if not args.sweep:
+            raise T2TError("--what sweep needs the sizes: --sweep 80,160,224,384 (make precision-sweep SWEEP=...)")
+        bad = [n for n in args.sweep if n <= 0 or n % 16]
+        if bad:
+            raise T2TError(f"--sweep sizes must be positive multiples of 16 (the T2T stage downsamples by 16), got {bad}")
+        args.sweep = sorted(set(args.sweep))
+        if args.limit is None:
+            args.limit = SWEEP_DEFAULT_LIMIT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,11 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         args.out = "reports"
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
-    bad = [w for w in args.what if w not in ("tf32", "layernorm", "activations")]
+    bad = [w for w in args.what if w not in ("tf32", "layernorm", "activations", "sweep")]
 
     def body() -> int:
         if bad:
-            raise T2TError(f"--what takes tf32, layernorm, activations; got {bad}")
+            raise T2TError(f"--what takes tf32, layernorm, activations, or sweep alone; got {bad}")
+        _check_sweep(args)
         res = run(args, argv)
         print("wrote " + ", ".join(res["written"]))
         return 0

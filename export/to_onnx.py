@@ -323,6 +323,79 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
     return graphs
 
 
+# ----------------------------------------------------------------------------------------------------
+# fp16 headroom at the graph's own resolution, from a resolution sweep (make precision-sweep)
+# ----------------------------------------------------------------------------------------------------
+SWEEP_REPORT = "reports/precision-sweep-{model}.json"
+_SWEEP_TEXT = {"fp16_layernorm": "fp16 LayerNorm", "fp16_performer_core": "fp16 Performer core",
+               "fp16_graph": "the fp16 graph as exported"}
+
+
+def sweep_headroom(sweep: str | os.PathLike | Mapping[str, Any], model: str, img_size: int, layernorm: str,
+                   fp32_core: bool, checkpoint_sha256: str | None = None) -> dict[str, Any] | None:
+    """What a resolution sweep (``evaluation.precision --sweep``) measured for this graph's size.
+
+    Returns ``{"source", "lines", "warnings"}``, or None when the sweep is of another model. ``lines`` state the
+    smallest fp16 headroom of the LayerNorms and Performer cores at ``img_size`` and the largest size at which
+    each fp16 choice was measured safe; ``warnings`` list every fp16 choice this graph makes (``layernorm``
+    "fp16", ``fp32_core`` False, and the graph's own fp16) whose ``img_size`` is past that size, or a size
+    beyond the sweep.
+    """
+    source = "(given)"
+    if not isinstance(sweep, Mapping):
+        source = str(sweep)
+        try:
+            sweep = json.loads(Path(sweep).read_text())
+        except (OSError, ValueError) as e:
+            raise ExportError(f"--precision-sweep {source} is not a readable sweep report ({e}); write one with "
+                              f"make precision-sweep MODEL={model} CHECKPOINT=...") from e
+    if sweep.get("model") != model or not sweep.get("sizes"):
+        return None
+    sizes = {int(s["img_size"]): s for s in sweep["sizes"]}
+    here = sizes.get(int(img_size))
+    safe = sweep.get("largest_safe") or {}
+    lines = [f"Resolution sweep `{source}` ({sweep.get('weights')} weights{'' if checkpoint_sha256 in (None, sweep.get('checkpoint_sha256')) else ', **other weights than this graph**'}; "
+             f"measured at {', '.join(f'{n} px' for n in sorted(sizes))}; safe = headroom >= "
+             f"{sweep['criteria']['min_headroom']:g}x and top-1 agreement >= {sweep['criteria']['min_top1_agreement']:g}%)."]
+    uses = {"fp16_graph": True, "fp16_layernorm": layernorm == "fp16", "fp16_performer_core": not fp32_core}
+    warnings_: list[str] = []
+    for choice in ("fp16_layernorm", "fp16_performer_core", "fp16_graph"):
+        if choice not in safe:
+            continue
+        h = (here or {}).get("min_headroom", {}).get(choice)
+        measured = (f"headroom at {img_size} px: {h:.3g}x" if h is not None else
+                    (f"at {img_size} px: top-1 agreement {next(r['top1_agreement'] for r in here['rows'] if r['variant'].startswith('fp16 graph')):.2f}%"
+                     if here else f"not measured at {img_size} px"))
+        limit = safe[choice]
+        used = "this graph" + (" uses it" if uses[choice] else " does not (fp32 there)")
+        lines.append(f"- {_SWEEP_TEXT[choice]}: {measured}; safe up to "
+                     f"{f'{limit} px' if limit else 'no size measured'}; {used}.")
+        if uses[choice] and (limit is None or img_size > limit):
+            warnings_.append(f"{_SWEEP_TEXT[choice]} at {img_size} px is past the largest size measured safe "
+                             f"({f'{limit} px' if limit else 'none'}; {source})")
+    if img_size > max(sizes):
+        warnings_.append(f"{img_size} px is beyond the sweep (measured up to {max(sizes)} px): its fp16 headroom is "
+                         f"unknown; run make precision-sweep SWEEP=...,{img_size}")
+    return {"source": source, "img_size": int(img_size), "lines": lines, "warnings": warnings_}
+
+
+def _sweep_for(args: argparse.Namespace, model: str, img_size: int, graphs: Mapping[str, Any],
+               checkpoint_sha256: str | None) -> dict[str, Any] | None:
+    """The export's sweep statement (--precision-sweep, else reports/precision-sweep-<model>.json if present);
+    its warnings go to the log and stderr, loudly."""
+    path = args.precision_sweep or SWEEP_REPORT.format(model=model)
+    if args.precision_sweep is None and not Path(path).is_file():
+        return None
+    fp16 = graphs["fp16"]
+    res = sweep_headroom(path, model, img_size, fp16.get("layernorm_precision", DEFAULT_LAYERNORM),
+                         fp16.get("fp32_islands", "none") != "none", checkpoint_sha256)
+    for w in (res or {}).get("warnings", []):
+        bar = "!" * 78
+        _logger.warning("fp16 headroom: %s", w)
+        print(f"\n{bar}\n!! WARNING: {w}\n{bar}", file=sys.stderr)
+    return res
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a T2T-ViT to fp32 and fp16 ONNX and validate them on ONNX Runtime",
                                 add_help=add_help)
@@ -348,6 +421,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--val-images", type=int, default=500,
                    help="class-balanced validation images (default 500; 0 skips validation)")
     g.add_argument("--no-fail", action="store_true", help="exit 0 even when validation misses a threshold")
+    g.add_argument("--precision-sweep", default=None,
+                   help="resolution sweep report whose fp16 headroom the export report states for its own size "
+                        "(default: reports/precision-sweep-<model>.json when it exists; make precision-sweep)")
     return p
 
 
@@ -402,6 +478,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                                                          threads=threads, contrasts=contrasts)
         else:
             report["validation"] = None
+        report["precision_sweep"] = _sweep_for(args, args.model, int(model.img_size), graphs,
+                                               file_sha256(args.checkpoint) if args.checkpoint else None)
         name = report["metadata"]["model"]
         write_report(out / f"{name}.export", report, render_markdown(report))
     return report
@@ -456,6 +534,11 @@ def render_markdown(r: Mapping[str, Any]) -> str:
                 f"{k} {a:.2f}%" for k, a in v["labels_top1"].items())]
         if v.get("note"):
             lines += ["", v["note"]]
+    sw = r.get("precision_sweep")
+    if sw:
+        lines += ["", f"## fp16 headroom at {sw['img_size']} px", ""]
+        lines += [f"**WARNING: {w}.**" for w in sw["warnings"]] + ([""] if sw["warnings"] else [])
+        lines += sw["lines"]
     lines += ["", f"Host: {host_line(r['host'])}.", ""]
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import T2TError
+from .layers import sinusoid_table
 from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ __all__ = [
     "preferred_weights",
     "loaded_weights",
     "recorded_img_size",
+    "resize_pos_embed",
 ]
 
 # Classes a checkpoint may contain besides tensors and plain containers. argparse.Namespace is what
@@ -175,25 +177,55 @@ def _model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+def resize_pos_embed(sd: "OrderedDict[str, torch.Tensor]", own: torch.Tensor) -> str:
+    """Fit the checkpoint's ``pos_embed`` in ``sd`` to a model whose table is ``own`` (another token count).
+
+    T2T-ViT's position table is fixed: row ``i`` is the sinusoid of the raster index ``i`` (0 = the class
+    token), never trained. When the checkpoint's table is that sinusoid (to 1e-4), it is dropped from ``sd``
+    and the model keeps the table it built for its own grid, exactly what a model trained at that size
+    holds: returns ``"rebuilt"``. Any other table carries information the sinusoid cannot rebuild; it is
+    resampled bicubically on its 2-D grid, class token kept (timm ``resample_abs_pos_embed``, the
+    transfer-learning rule of the authors' code), and written back into ``sd``: returns ``"resampled"``.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    old = sd[POS_EMBED_KEY]
+    n_old, n_new, dim = old.shape[1], own.shape[1], own.shape[-1]
+    if torch.allclose(old.float(), sinusoid_table(n_old, dim), atol=1e-4, rtol=0):
+        sd.pop(POS_EMBED_KEY)
+        return "rebuilt"
+    side_old, side_new = math.isqrt(n_old - 1), math.isqrt(n_new - 1)
+    if side_old * side_old != n_old - 1 or side_new * side_new != n_new - 1:
+        raise CheckpointError(f"pos_embed of {n_old} rows is not a class token plus a square grid; cannot fit it to "
+                              f"{n_new} rows (load the checkpoint at the size it was trained at, --img-size)")
+    sd[POS_EMBED_KEY] = resample_abs_pos_embed(old.float(), [side_new, side_new], [side_old, side_old],
+                                               num_prefix_tokens=1).to(old.dtype)
+    return "resampled"
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True,
                     weights: str | None = None) -> dict[str, Any]:
     """Load weights into ``model``; returns a small report of what was adapted.
 
     * A head of another class count is dropped (transfer learning) and the model's new head kept.
-    * A ``pos_embed`` of another length (another ``img_size``) is not interpolated: the model's own
-      sinusoid table for its grid is kept, which is exactly what the fixed encoding means.
+    * A ``pos_embed`` of another length (another ``img_size``): see :func:`resize_pos_embed`. The fixed
+      sinusoid table is rebuilt for the model's token count (``rebuilt_pos_embed``); a table that is not
+      that sinusoid (learned, or interpolated by another code base) is resampled on its 2-D grid
+      (``resampled_pos_embed``).
     * Anything else that does not match raises one :class:`CheckpointError` listing missing keys,
       unexpected keys and shape mismatches, and naming the registered models the weights do fit.
     """
     obj = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
     sd = extract_state_dict(obj, weights=weights)
     own = model.state_dict()
-    report: dict[str, Any] = {"dropped_head": False, "rebuilt_pos_embed": False}
+    report: dict[str, Any] = {"dropped_head": False, "rebuilt_pos_embed": False, "resampled_pos_embed": False}
 
     if POS_EMBED_KEY in sd and POS_EMBED_KEY in own and sd[POS_EMBED_KEY].shape != own[POS_EMBED_KEY].shape:
         if sd[POS_EMBED_KEY].shape[-1] == own[POS_EMBED_KEY].shape[-1]:
-            sd.pop(POS_EMBED_KEY)
-            report["rebuilt_pos_embed"] = True
+            report["pos_embed_rows"] = [int(sd[POS_EMBED_KEY].shape[1]), int(own[POS_EMBED_KEY].shape[1])]
+            how = resize_pos_embed(sd, own[POS_EMBED_KEY])
+            report["rebuilt_pos_embed"] = how == "rebuilt"
+            report["resampled_pos_embed"] = how == "resampled"
     head_mismatch = [k for k in HEAD_KEYS if k in sd and k in own and sd[k].shape != own[k].shape]
     if head_mismatch and all(sd[k].shape[1:] == own[k].shape[1:] for k in head_mismatch):
         for k in HEAD_KEYS:

@@ -145,6 +145,7 @@ COMMANDS_BAD_INPUT = {
     "evaluation.bench_busy": ["--conditions", "noisy:auto", "--out", "{tmp}"],
     "evaluation.bench_cpu": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
+    "evaluation.gpu_check": ["--dry-run", "--out", "{tmp}", "--checkpoint", "{tmp}/missing.pth"],
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
 }
 

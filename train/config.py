@@ -223,6 +223,9 @@ def _parse(argv: Sequence[str] | None, resume: Path | None) -> tuple[argparse.Na
         for k in ("resume", "stop_after", "finetune", "config"):
             base.pop(k, None)
         sources["resume"] = str(pre.resume)
+        # Where a fine-tune started stays recorded in every later invocation's config.
+        started = base.get("sources") or {}
+        sources.update({k: started[k] for k in ("finetune", "finetune_sha256") if started.get(k)})
     else:
         cfg_file = pre.config
         if cfg_file is None:

@@ -92,6 +92,9 @@ def summarize_run(args: argparse.Namespace, argv: Sequence[str] | None = None) -
               f"Wall time: {report['wall_time_s'] / 3600:.2f} h for {len(epochs)} epochs "
               f"({report['train_time_s'] / 3600:.2f} h of it in training steps; the rest is validation and "
               f"checkpoints).", ""]
+    started = config.get("sources") or {}
+    if started.get("finetune"):
+        lines += [f"Fine-tuned from `{started['finetune']}` (sha256 `{started.get('finetune_sha256')}`).", ""]
     if args.note:
         lines += [args.note, ""]
     if val:

@@ -47,7 +47,7 @@ from t2t_vit.checkpoint import load_checkpoint, read_checkpoint
 from t2t_vit.cli import resolve_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, SkippingDataset, skip_collate
 from t2t_vit.errors import T2TError
-from t2t_vit.files import OutputLock, atomic_torch_save, atomic_write, atomic_write_text
+from t2t_vit.files import OutputLock, atomic_torch_save, atomic_write, atomic_write_text, file_sha256
 from t2t_vit.metrics import topk_correct
 from t2t_vit.reports import pyplot
 
@@ -340,8 +340,13 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
     data_config = DataConfig.from_model(model)
     if args.finetune:
         report = load_checkpoint(model, args.finetune)  # drops a head of another class count
-        _logger.info("fine-tuning from %s (%s)", args.finetune,
-                     "new head" if report["dropped_head"] else "head kept")
+        # Provenance kept through every resume (train.config carries it over): the file may be rewritten later.
+        sources.update(finetune=str(args.finetune), finetune_sha256=file_sha256(args.finetune))
+        rows = report.get("pos_embed_rows")
+        pos = (f"position table {'rebuilt' if report['rebuilt_pos_embed'] else 'resampled'} for {rows[1]} rows "
+               f"(checkpoint: {rows[0]})") if rows else "position table kept"
+        _logger.info("fine-tuning from %s (%s, %s)", args.finetune,
+                     "new head" if report["dropped_head"] else "head kept", pos)
 
     if rank == 0:
         stack.enter_context(OutputLock(out, f"train.train (pid {os.getpid()})"))
