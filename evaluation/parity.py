@@ -470,7 +470,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{b['status']}{': ' + b['reason'] if b['reason'] else ''} |")
     if skipped:
         lines += ["", "Not evaluated:", ""]
-        lines += [f"- {b['name']} ({b['status']}): {b['reason']}" for b in skipped]
+        lines += [f"- {', '.join(names)} ({status}): {reason}" for (status, reason), names in _by_reason(skipped)]
     lab = d.get("labels") or {}
     if d.get("label_warnings"):
         lines += ["", "**LABEL WARNING**: " + " / ".join(d["label_warnings"])]
@@ -571,16 +571,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _by_reason(backends: Sequence[dict[str, Any]]) -> list[tuple[tuple[str, str], list[str]]]:
+    """Backends that did not run, grouped by (status, reason) in first-seen order: TensorRT missing is
+    one reason for its three backends, stated once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for b in backends:
+        groups.setdefault((b["status"], b["reason"]), []).append(b["name"])
+    return list(groups.items())
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for the terminal."""
     lines = []
+    first_with: dict[str, str] = {}  # reason -> the backend it was printed for
     for b in report["backends"]:
         if "top1" in b:
             extra = "" if b["status"] == "reference" else (
                 f"  delta {b['delta_top1']:+.2f}  agree {b['top1_agreement']:.2f}%  max|dlogit| {b['max_abs_dlogit']:.2e}")
             lines.append(f"  {b['name']:<32} top-1 {b['top1']:6.2f}{extra}  [{b['status']}]"
                          + (f" {b['reason']}" if b["reason"] and b["status"] != "pass" else ""))
+        elif b["reason"] in first_with:
+            lines.append(f"  {b['name']:<32} {b['status']}: as {first_with[b['reason']]}")
         else:
+            first_with[b["reason"]] = b["name"]
             lines.append(f"  {b['name']:<32} {b['status']}: {b['reason']}")
     return lines
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import T2TError
-from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT
+from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT, check_img_size
 
 __all__ = [
     "CheckpointError",
@@ -261,6 +261,8 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
 
     if name.split(".")[0] not in ARCHS:
         raise ModelConfigError(f"unknown model {name!r}; registered T2T-ViT models: {', '.join(ARCHS)}")
+    if img_size is not None:
+        check_img_size(img_size, "--img-size (IMG_SIZE=)")
     obj = None
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
@@ -270,6 +272,7 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
             num_classes = int(sd["head.weight"].shape[0])
         if img_size is None and meta.get("img_size"):
             img_size = int(meta["img_size"])
+            check_img_size(img_size, f"the img_size recorded in {checkpoint} (pass --img-size / IMG_SIZE= to override)")
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     if obj is not None:
         load_checkpoint(model, obj, strict=strict, weights=weights)
