@@ -48,7 +48,7 @@ from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_sub
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
 from t2t_vit.graphs import read_metadata
-from t2t_vit.labels import model_class_names, resolve_eval_set, shifted_label_check
+from t2t_vit.labels import model_class_names, readable_class, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner, select_backends
@@ -418,7 +418,7 @@ def _write_outputs(report: dict[str, Any], outputs: dict[str, str], stem: Path, 
 def _write_disagreements(path: Path, paths: list[str], labels: np.ndarray, ref_pred: np.ndarray,
                          preds: dict[str, np.ndarray], class_names: list[str], only_disagreements: bool) -> None:
     def cname(i: int) -> str:
-        return class_names[i] if 0 <= i < len(class_names) else str(i)
+        return readable_class(class_names[i]) if 0 <= i < len(class_names) else str(i)
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
