@@ -219,12 +219,14 @@ def once_per_line(what: str) -> Iterator[None]:
     in the count line.
     """
     writer = _OnceWriter(sys.stdout)
-    with contextlib.redirect_stdout(writer):
-        yield
-    if writer._partial:
-        writer.write("\n")
-    if writer.repeats:
-        print(f"({what}: {writer.repeats} repeated lines not shown)", flush=True)
+    try:
+        with contextlib.redirect_stdout(writer):
+            yield
+    finally:  # also on an error: the last line and the count are not lost
+        if writer._partial:
+            writer.write("\n")
+        if writer.repeats:
+            print(f"({what}: {writer.repeats} repeated lines not shown)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
