@@ -35,8 +35,9 @@ RUN_ARGS    = $(call opt,--batch-size,$(BATCH_SIZE))
 .PHONY: help install test test-fast train validate bench-model bench-train onnx bench-onnx calib bench-calib \
         engine bench bench-cpu bench-busy parity demo clean
 
+# $(VAR) in a help line is shown with its value (REPORT_DIR=... changes where the reports go).
 help:
-	@grep -E '^## ' Makefile | sed 's/^## //'
+	@grep -E '^## ' Makefile | sed -e 's/^## //' -e 's|$$(REPORT_DIR)|$(REPORT_DIR)|g'
 
 ## install      create .venv, install the project with test extras, fetch the TensorRT binding wheels (names check)
 install:
@@ -57,6 +58,7 @@ test-fast:
 bench-model:
 	$(PYTHON) -m t2t_vit.benchmark --out reports $(ARGS)
 
+## clean        remove artifacts/, runs/ and .pytest_cache (trained checkpoints in runs/ too; reports/ stays)
 clean:
 	rm -rf artifacts runs .pytest_cache
 
@@ -117,6 +119,7 @@ gpu-check:
 
 ## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
 validate:
+	@test -n "$(DATA)" || { echo "make validate: error: set DATA=/path/to/val (an ImageFolder split), e.g. make validate CHECKPOINT=runs/t2t_vit_7/best.pth DATA=../shared/data/imagenette2/val" >&2; exit 2; }
 	$(PYTHON) -m train.validate $(STAGE_ARGS) $(RUN_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) $(ARGS)
 
 ## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
@@ -174,6 +177,7 @@ bench-baselines:
 
 ## trtexec-log  print the performance summary of a saved trtexec log as JSON: make trtexec-log LOG=run.log
 trtexec-log:
+	@test -n "$(LOG)" || { echo "make trtexec-log: error: set LOG=/path/to/run.log (a saved trtexec output: trtexec ... 2>&1 | tee run.log)" >&2; exit 2; }
 	$(PYTHON) -m engines.trtexec_log $(LOG) $(ARGS)
 
 # ----- parity and demo -----

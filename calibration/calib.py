@@ -35,7 +35,7 @@ import onnx
 from export.patterns import LAYERNORM_PRECISIONS
 from export.to_onnx import DEFAULT_LAYERNORM
 from t2t_vit.artifacts import default_out, onnx_path
-from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
+from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, once_per_line, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, file_sha256
@@ -158,6 +158,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     if not calib_root.is_dir():
         raise CalibrationError(f"CALIB_DATA (--calib-data) {calib_root} is not a folder; point it at an ImageFolder "
                                f"tree of calibration images, e.g. CALIB_DATA=../shared/data/imagenette2/train")
+    if args.calib_size <= 0:  # a bad count is not a problem of the folder: no CALIB_DATA prefix
+        raise DataError(f"CALIB_SIZE (--calib-size) must be a positive number of images, got {args.calib_size}")
     try:
         samples = select_samples(calib_root, args.calib_size, args.seed, what="CALIB_SIZE (--calib-size)")
     except DataError as e:
@@ -187,7 +189,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     # 2. placement
     fp32_model = ensure_opset(onnx.load(str(fp32_path)))
     placement = Placement.from_model(fp32_model, args.policy, args.exclude_t2t)
-    print(placement.describe("fp32" if args.target == "cpu" else "fp16"), flush=True)
+    report_json = out / (f"{args.model}.calib" + ("-cpu" if args.target == "cpu" else "") + ".json")
+    print(placement.describe("fp32" if args.target == "cpu" else "fp16", nodes=False)
+          + f"\n  every node: 'placement' in {report_json}", flush=True)
     nodes = placement.node_names
     input_name = fp32_model.graph.input[0].name
     reader = TensorDataReader(cached.images.numpy(), input_name=input_name)
@@ -201,8 +205,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         info = {"calib_policy": args.policy, "calib_exclude_t2t": str(args.exclude_t2t).lower(),
                 "calib_size": str(len(cached.paths)), "calib_data_key": data_key}
         print(f"[{method}] calibrating and quantizing {len(nodes)} nodes -> {path}", flush=True)
-        int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target, cache=cache,
-                                  percentile=args.percentile, layernorm=args.layernorm_precision, meta=info)
+        with once_per_line("onnxruntime"):  # its histogram line, once per stride
+            int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target, cache=cache,
+                                      percentile=args.percentile, layernorm=args.layernorm_precision, meta=info)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)

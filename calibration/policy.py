@@ -330,16 +330,17 @@ class Placement:
             "summary": summarize(self.quantized),
         }
 
-    def describe(self, float_type: str = "fp16") -> str:
-        """Human-readable listing of quantized nodes (printed by the CLI); ``float_type`` is what the others
-        compute in (fp16 in the TensorRT graph, fp32 in the CPU one)."""
+    def describe(self, float_type: str = "fp16", nodes: bool = True) -> str:
+        """Human-readable summary of the placement, and with ``nodes`` one line per quantized node;
+        ``float_type`` is what the others compute in (fp16 in the TensorRT graph, fp32 in the CPU one)."""
         s = summarize(self.quantized)
         lines = [f"policy {self.policy!r}{' (T2T stage excluded)' if self.exclude_t2t else ''}: "
                  f"{len(self.quantized)} MatMul/Gemm nodes get int8 inputs, {len(self.kept_float)} stay {float_type}",
                  "  by family: " + ", ".join(f"{k}={v}" for k, v in sorted(s["by_family"].items())),
                  "  by stage:  " + ", ".join(f"{k}={v}" for k, v in s["by_stage"].items())]
-        lines += [f"    int8  {c.stage:<15} {c.family:<18} {c.name}{'  (' + c.scope + ')' if c.scope else ''}"
-                  for c in self.quantized]
+        if nodes:
+            lines += [f"    int8  {c.stage:<15} {c.family:<18} {c.name}{'  (' + c.scope + ')' if c.scope else ''}"
+                      for c in self.quantized]
         return "\n".join(lines)
 
 

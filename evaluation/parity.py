@@ -53,7 +53,7 @@ from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_sub
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
 from t2t_vit.graphs import GraphError, graph_mismatch, read_metadata
-from t2t_vit.labels import model_class_names, resolve_eval_set, shifted_label_check
+from t2t_vit.labels import model_class_names, readable_class, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner, select_backends
@@ -486,7 +486,7 @@ def _write_outputs(report: dict[str, Any], outputs: dict[str, str], stem: Path, 
 def _write_disagreements(path: Path, paths: list[str], labels: np.ndarray, ref_pred: np.ndarray,
                          preds: dict[str, np.ndarray], class_names: list[str], only_disagreements: bool) -> None:
     def cname(i: int) -> str:
-        return class_names[i] if 0 <= i < len(class_names) else str(i)
+        return readable_class(class_names[i]) if 0 <= i < len(class_names) else str(i)
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -642,6 +642,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="also write every image's top-1 per backend to parity-<model>-predictions.csv")
     g.add_argument("--seed", type=int, default=0, help="subset seed (and random-weight seed without a checkpoint)")
     return p
+
+
+def _by_reason(backends: Sequence[dict[str, Any]]) -> list[tuple[tuple[str, str], list[str]]]:
+    """Backends that did not run, grouped by (status, reason) in first-seen order: TensorRT missing is
+    one reason for its three backends, stated once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for b in backends:
+        groups.setdefault((b["status"], b["reason"]), []).append(b["name"])
+    return list(groups.items())
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

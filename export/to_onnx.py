@@ -431,8 +431,7 @@ def _warn_random_weights(name: str) -> None:
     bar = "!" * 78
     msg = (f"\n{bar}\n!! NO --checkpoint: exporting {name} with RANDOM weights. The graphs are only good for\n"
            f"!! testing the pipeline; pass --checkpoint (make onnx CHECKPOINT=...) for a real model.\n{bar}")
-    _logger.warning(msg)
-    print(msg, file=sys.stderr)
+    print(msg, file=sys.stderr)  # once: print, not also the logger (which printed the banner a second time)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -504,16 +503,19 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     lines += ["", "## Op census", "", "| op | fp32 | fp16 |", "|---|---:|---:|"]
     lines += [f"| {op} | {g32['op_census'].get(op, 0)} | {g16['op_census'].get(op, 0)} |" for op in ops]
     lines += ["", "## fp32 tensors in the fp16 graph", "",
-              "Grouped by the module that makes them; the JSON report lists every tensor.", ""]
-    groups: dict[tuple[str, str], list[str]] = {}
+              "One row per reason, with the modules that make those tensors; the JSON report lists every tensor.", ""]
+    # reason -> module -> producing ops (each reason stated once, not once per LayerNorm)
+    groups: dict[str, dict[str, list[str]]] = {}
     for t in g16.get("fp32_tensors", []):
         where = t["tensor"].rsplit("/", 1)[0] if "/" in t["tensor"] else t["producer"]
-        groups.setdefault((where, t["reason"]), []).append(t["producer"].split(":")[0])
+        groups.setdefault(t["reason"], {}).setdefault(where, []).append(t["producer"].split(":")[0])
     if groups:
-        lines += ["| where | tensors (by producing op) | reason |", "|---|---|---|"]
-        for (where, reason), ops in groups.items():
+        lines += ["| reason | tensors (by producing op) | where (tensors) |", "|---|---|---|"]
+        for reason, modules in groups.items():
+            ops = [op for m in modules.values() for op in m]
             counts = ", ".join(f"{op} {n}" for op, n in sorted(Counter(ops).items()))
-            lines.append(f"| `{where}` | {len(ops)}: {counts} | {reason} |")
+            where = ", ".join(f"`{m}` ({len(o)})" for m, o in modules.items())
+            lines.append(f"| {reason} | {len(ops)}: {counts} | {where} |")
     else:
         lines.append("none")
     v = r.get("validation")

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import T2TError
 from .layers import sinusoid_table
-from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT
+from .model import ARCHS, TEST_MODELS, ModelConfigError, T2TViT, check_img_size
 
 _logger = logging.getLogger(__name__)
 
@@ -330,6 +330,8 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
 
     if name.split(".")[0] not in ARCHS:
         raise ModelConfigError(f"unknown model {name!r}; registered T2T-ViT models: {', '.join(ARCHS)}")
+    if img_size is not None:
+        check_img_size(img_size, "--img-size (IMG_SIZE=)")
     obj = None
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
@@ -340,6 +342,8 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
         if img_size is None:
             img_size, why = recorded_img_size(obj, sd, checkpoint)
             source = "checkpoint" if why is None else ("pos_embed" if img_size else "registry")
+            if source == "checkpoint":
+                check_img_size(img_size, f"the img_size recorded in {checkpoint} (pass --img-size / IMG_SIZE= to override)")
     model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     if obj is not None and source in ("pos_embed", "registry"):
         assumed = (f"{why}, so {model.img_size} px is assumed" if source == "pos_embed" else

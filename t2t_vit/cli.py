@@ -20,16 +20,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
+import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from .artifacts import default_out
 from .errors import Interrupted, T2TError, ThresholdMissed
+from .files import OUT_HINT
 
 __all__ = [
     "EXIT_OK",
@@ -42,6 +46,8 @@ __all__ = [
     "PositiveInt",
     "resolve_out",
     "resolve_threads",
+    "fit_workers",
+    "once_per_line",
     "apply_threads",
     "idle_cores",
     "install_signal_handlers",
@@ -155,6 +161,25 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+_workers_noted: set[tuple[int, int]] = set()  # (asked, used): each cap is noted once per process
+
+
+def fit_workers(requested: int, flag: str = "--workers") -> int:
+    """Image-decoding processes capped at the usable cores, with one note when capped.
+
+    More DataLoader workers than cores only compete for them, and torch warns about it at every loader
+    it starts (three times per training run); the recipes' ``workers: 8`` is for an 8-GPU node.
+    """
+    cores = _usable_cores()
+    if requested <= cores:
+        return requested
+    if (requested, cores) not in _workers_noted:
+        _workers_noted.add((requested, cores))
+        logging.getLogger("t2t_vit").warning("%s %d is more than the %d usable cores: using %d decoding processes",
+                                             flag, requested, cores, cores)
+    return cores
+
+
 def _cpu_times() -> tuple[int, int] | None:
     try:
         with open("/proc/stat") as f:
@@ -207,6 +232,48 @@ def apply_threads(spec: int | str | None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Console output of libraries
+# ----------------------------------------------------------------------------------------------------
+class _OnceWriter(io.TextIOBase):
+    """A text stream that passes each distinct line on the first time and counts the repeats."""
+
+    def __init__(self, target: IO[str]) -> None:
+        self.target, self.seen, self.repeats, self._partial = target, set(), 0, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            if line in self.seen:
+                self.repeats += 1
+            else:
+                self.seen.add(line)
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+@contextlib.contextmanager
+def once_per_line(what: str) -> Iterator[None]:
+    """Print each distinct line a library prints to stdout once, and one line counting the repeats.
+
+    ONNX Runtime's calibrators print "Collecting tensor data and making histogram ..." per stride (32
+    times for 1024 images) with ``print``, which no logging level silences. ``what`` names the library
+    in the count line.
+    """
+    writer = _OnceWriter(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(writer):
+            yield
+    finally:  # also on an error: the last line and the count are not lost
+        if writer._partial:
+            writer.write("\n")
+        if writer.repeats:
+            print(f"({what}: {writer.repeats} repeated lines not shown)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Exit codes and signals
 # ----------------------------------------------------------------------------------------------------
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -228,13 +295,14 @@ _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EPERM: "operation not permitted"}
 
 
-def run_command(fn: Callable[[], int | None], tool: str = "") -> int:
+def run_command(fn: Callable[[], int | None], tool: str = "", out_hint: str = OUT_HINT) -> int:
     """Run a command's body and turn expected failures into one line on stderr and an exit code.
 
     ``fn`` returns 0 (or None) on success, or raises :class:`~t2t_vit.errors.ThresholdMissed` (exit 1),
     :class:`~t2t_vit.errors.T2TError` (exit 2), ``OSError`` for a full disk or a permission problem
     (exit 2), ``KeyboardInterrupt``/:class:`~t2t_vit.errors.Interrupted` (exit 2). Other exceptions
-    propagate with their traceback: they are bugs.
+    propagate with their traceback: they are bugs. ``out_hint`` names the make variable and flag of the
+    output folder in the full-disk message (training: ``RUN_DIR=... / --out``).
     """
     prefix = f"{tool}: " if tool else ""
     install_signal_handlers()
@@ -258,7 +326,7 @@ def run_command(fn: Callable[[], int | None], tool: str = "") -> int:
         if e.errno in _DISK_ERRNOS:
             where = f" ({e.filename})" if e.filename else ""
             print(f"{prefix}error: {_DISK_ERRNOS[e.errno]}{where} while writing; free space or pick a writable "
-                  f"folder (OUT=... / --out) and run again (no partial file was left)", file=sys.stderr)
+                  f"folder ({out_hint}) and run again (no partial file was left)", file=sys.stderr)
             return EXIT_ERROR
         raise
     return int(rc or 0)

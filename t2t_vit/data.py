@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .cli import fit_workers
 from .errors import T2TError
 
 _logger = logging.getLogger(__name__)
@@ -345,7 +346,8 @@ class ImageBatcher:
         self.skipped = []
         ds = SkippingDataset(self.samples, self.config.eval_transform())
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=skip_collate,
+            ds, batch_size=self.batch_size, shuffle=False, num_workers=fit_workers(self.num_workers),
+            collate_fn=skip_collate,
         )
         seen = 0
         for images, labels, paths, n_skipped in loader:

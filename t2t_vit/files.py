@@ -30,16 +30,22 @@ __all__ = ["ensure_dir", "atomic_write", "atomic_write_bytes", "atomic_write_tex
 _TMP = re.compile(r"^\..+\.pid(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
-def ensure_dir(folder: str | os.PathLike, error: type[T2TError] = T2TError) -> Path:
-    """Create an output folder (and its parents); raises ``error`` (a T2TError) with the fix when impossible."""
+OUT_HINT = "OUT=... / --out"
+
+
+def ensure_dir(folder: str | os.PathLike, error: type[T2TError] = T2TError, out_hint: str = OUT_HINT) -> Path:
+    """Create an output folder (and its parents); raises ``error`` (a T2TError) with the fix when impossible.
+
+    ``out_hint`` names the make variable and flag that choose the folder (training: ``RUN_DIR=... / --out``).
+    """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise error(f"cannot create the output folder {folder}: {e.strerror or e}; pass a writable folder "
-                    f"(OUT=... / --out)") from e
+                    f"({out_hint})") from e
     if not os.access(folder, os.W_OK):
-        raise error(f"output folder {folder} is not writable; pass a writable folder (OUT=... / --out)")
+        raise error(f"output folder {folder} is not writable; pass a writable folder ({out_hint})")
     return folder
 
 
@@ -165,16 +171,17 @@ class OutputLock:
     OWNER = ".t2t-owner"
     _held: dict[str, int] = {}  # resolved folder -> nesting depth, in this process
 
-    def __init__(self, folder: str | os.PathLike, what: str = "") -> None:
+    def __init__(self, folder: str | os.PathLike, what: str = "", out_hint: str = OUT_HINT) -> None:
         self.folder = Path(folder)
         self.what = what or " ".join(sys.argv)
+        self.out_hint = out_hint
         self._fd: int | None = None
         self._key = ""
 
     def __enter__(self) -> "OutputLock":
         import fcntl
 
-        ensure_dir(self.folder)
+        ensure_dir(self.folder, out_hint=self.out_hint)
         self._key = str(self.folder.resolve())
         if self._key in OutputLock._held:
             OutputLock._held[self._key] += 1
@@ -192,7 +199,7 @@ class OutputLock:
                 owner = "another process"
             raise OutputBusyError(
                 f"{self.folder} is in use by {owner or 'another process'}; wait for it to finish, or write "
-                f"elsewhere (OUT=... / --out)") from None
+                f"elsewhere ({self.out_hint})") from None
         self._fd = fd
         OutputLock._held[self._key] = 1
         (self.folder / self.OWNER).write_text(f"pid {os.getpid()}: {self.what}\n")

@@ -18,6 +18,7 @@ checkpoint carries.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,31 @@ from .data import IMG_EXTENSIONS, DataError, Sample, imagenet_wnids, scan_image_
 _logger = logging.getLogger(__name__)
 
 __all__ = ["EvalSet", "model_class_names", "metadata_class_names", "label_space", "read_labels_file",
-           "resolve_eval_set", "one_based_suspicions", "shifted_label_check"]
+           "resolve_eval_set", "one_based_suspicions", "shifted_label_check", "imagenet_class_names",
+           "readable_class"]
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> dict[str, str]:
+    """ImageNet-1k wnid -> readable name ("n01440764" -> "tench"), the 1000 names torchvision's weights
+    metadata carries (no download; the two duplicated WordNet names come disambiguated: "crane bird" and
+    "crane", "maillot tank suit" and "maillot")."""
+    from torchvision.models import ResNet50_Weights
+
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    wnids = imagenet_wnids()
+    if len(names) != len(wnids):  # a torchvision that changed its list: wnids only, rather than wrong names
+        _logger.warning("torchvision lists %d ImageNet class names, not %d: reports show wnids only",
+                        len(names), len(wnids))
+        return {}
+    return dict(zip(wnids, names))
+
+
+def readable_class(name: str) -> str:
+    """A class name for tables: an ImageNet wnid with its readable name ("tench (n01440764)"); any other
+    name (a folder of the user's own dataset) as it is."""
+    readable = imagenet_class_names().get(name)
+    return f"{readable} ({name})" if readable else name
 
 
 @dataclass
@@ -52,7 +77,7 @@ class EvalSet:
         name = (lambda i: self.class_names[i] if 0 <= i < len(self.class_names) else str(i))
         return {"min": min(counts) if counts else None, "max": max(counts) if counts else None,
                 "distinct": len(counts), "label_0_present": 0 in counts,
-                "per_class": {f"{i} {name(i)}": n for i, n in sorted(counts.items())}}
+                "per_class": {f"{i} {readable_class(name(i))}": n for i, n in sorted(counts.items())}}
 
 
 def model_class_names(model=None, num_classes: int | None = None) -> list[str] | None:

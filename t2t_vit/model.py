@@ -19,11 +19,22 @@ from .errors import T2TError
 from .layers import Block, SoftSplit, TokenPerformer, TokenTransformer, sinusoid_table
 
 __all__ = ["T2TModule", "T2TViT", "ARCHS", "TEST_MODELS", "list_t2t_models", "ModelConfigError",
-           "trained_like_"]
+           "check_img_size", "trained_like_"]
 
 
 class ModelConfigError(T2TError, ValueError):
     """A model name or size that does not exist; the message lists what does."""
+
+
+def check_img_size(img_size: int, what: str = "img_size") -> None:
+    """Raise unless ``img_size`` is a positive multiple of 16 (the T2T stage downsamples by 16).
+
+    ``what`` names where the size came from in the message: the user's flag and make variable
+    (``"--img-size (IMG_SIZE=)"``) or a checkpoint's record.
+    """
+    if img_size <= 0 or img_size % 16:
+        raise ModelConfigError(f"{what} must be a positive multiple of 16 (the T2T stage downsamples by 16), got "
+                               f"{img_size}; try {max(16, round(img_size / 16) * 16)}")
 
 
 class T2TModule(nn.Module):
@@ -74,11 +85,7 @@ class T2TViT(nn.Module):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, token_dim: int = 64,
                  fused_attn: bool = True):
         super().__init__()
-        if img_size <= 0 or img_size % 16:
-            raise ModelConfigError(
-                f"img_size must be a positive multiple of 16 (the T2T stage downsamples by 16), got {img_size}; "
-                f"try {max(16, round(img_size / 16) * 16)}"
-            )
+        check_img_size(img_size)
         self.img_size = img_size
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim

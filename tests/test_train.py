@@ -378,7 +378,14 @@ def test_schedule_and_ema_fit_the_run():
     assert resolve_schedule(2, 10, 10)[:2] == (0, 1)
     assert resolve_ema_decay(0.99996, 775_000) == (0.99996, None)  # ImageNet: 310 epochs x 2502 updates
     decay, note = resolve_ema_decay(0.99996, 1470)  # 10 short epochs
-    assert decay == pytest.approx(1 - 1 / 147) and "more than this run's 1,470" in note
+    assert decay == pytest.approx(1 - 1 / 147) and "more than 10% of this run's 1,470" in note
+    # 25,000 updates of memory are fewer than this run's 100,000 but more than a tenth of them: the note
+    # says which limit was passed and what the capped decay averages over (issue 24: it used to claim
+    # 25,000 was "more than this run's 100,000").
+    decay, note = resolve_ema_decay(0.99996, 100_000)
+    assert decay == pytest.approx(1 - 1 / 10_000)
+    assert note == ("--model-ema-decay 0.99996 averages over 25,000 updates, more than 10% of this run's "
+                    "100,000: using 0.9999 (averages over 10,000 updates, 10% of the run)")
 
 
 def test_epochs_is_what_a_user_gets(dataset, tmp_path, caplog):

@@ -20,6 +20,7 @@ import yaml
 from t2t_vit.checkpoint import checkpoint_meta, read_checkpoint
 from t2t_vit.cli import add_limit_arg
 from t2t_vit.errors import T2TError
+from t2t_vit.model import check_img_size
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -244,6 +245,8 @@ def _parse(argv: Sequence[str] | None, resume: Path | None) -> tuple[argparse.Na
         if getattr(args, flag) is None or getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)} "
                              f"(make train EPOCHS=... / BATCH_SIZE=...)")
+    if args.img_size is not None:
+        check_img_size(args.img_size, "--img-size (make train IMG_SIZE=)")
     for flag in ("warmup_epochs", "cooldown_epochs"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -288,5 +291,6 @@ def resolve_ema_decay(decay: float, total_updates: int, fraction: float = 0.1) -
     cap = 1.0 - 1.0 / max(fraction * total_updates, 1.0)
     if decay <= cap:
         return decay, None
-    return cap, (f"EMA decay {decay:g} would average over {1 / (1 - decay):,.0f} updates, more than this run's "
-                 f"{total_updates:,}: using {cap:.6g} (time constant {fraction:.0%} of the run)")
+    return cap, (f"--model-ema-decay {decay:g} averages over {1 / (1 - decay):,.0f} updates, more than "
+                 f"{fraction:.0%} of this run's {total_updates:,}: using {cap:.6g} (averages over "
+                 f"{1 / (1 - cap):,.0f} updates, {fraction:.0%} of the run)")

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import t2t_vit
 from t2t_vit.checkpoint import load_checkpoint, read_checkpoint
-from t2t_vit.cli import resolve_threads, run_command
+from t2t_vit.cli import fit_workers, resolve_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, SkippingDataset, skip_collate
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, atomic_torch_save, atomic_write, atomic_write_text, file_sha256
@@ -55,6 +55,8 @@ from .config import parse_config, recipe_path, recipe_summary, resolve_ema_decay
 from .data import ImageCache, build_train_transform, resolve_split, scan_split, seed_worker
 
 _logger = logging.getLogger("train")
+# The run folder is RUN_DIR in make train (OUT names the artifact folder of the other stages).
+RUN_DIR_HINT = "RUN_DIR=... / --out"
 
 CSV_FIELDS = ["epoch", "lr", "train_loss", "top1", "top5", "ema_top1", "ema_top5", "best_weights", "img_per_s",
               "peak_mem_mib", "epoch_s", "wall_s", "nonfinite_steps", "skipped_images"]
@@ -285,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dist.destroy_process_group()
             teardown_logging()
 
-    return run_command(body, "train.train")
+    return run_command(body, "train.train", out_hint=RUN_DIR_HINT)
 
 
 def run(args: argparse.Namespace, sources: dict[str, Any]) -> int:
@@ -349,7 +351,7 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
                      "new head" if report["dropped_head"] else "head kept", pos)
 
     if rank == 0:
-        stack.enter_context(OutputLock(out, f"train.train (pid {os.getpid()})"))
+        stack.enter_context(OutputLock(out, f"train.train (pid {os.getpid()})", out_hint=RUN_DIR_HINT))
         setup_logging(rank, out)
 
     cache = None
@@ -372,6 +374,7 @@ def _run(args: argparse.Namespace, sources: dict[str, Any], stack: contextlib.Ex
     # One sampler type for 1 and N processes: shuffles with (seed, epoch), shards by rank.
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
+    args.workers = fit_workers(args.workers)  # once, before torch warns at every loader it starts
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                      persistent_workers=False)  # fresh workers each epoch pick up the epoch's seed
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler,

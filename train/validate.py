@@ -25,7 +25,7 @@ from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset, scan_image_folder
 from t2t_vit.files import OutputLock, file_sha256
-from t2t_vit.labels import label_space, model_class_names
+from t2t_vit.labels import label_space, model_class_names, readable_class
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, report_header, write_report
 
@@ -80,7 +80,7 @@ def validate(model: torch.nn.Module, val_dir: Path, batch_size: int = 64, worker
         raise DataError(f"no readable images in {val_dir}")
     acc = stats.summary()
     return {"top1": acc["top1"], "top5": acc["top5"], "images": stats.n, "skipped": list(batcher.skipped),
-            "classes": len(classes), "label_mapping": rule, "data_config": config.as_dict(),
+            "classes": len(classes), "class_names": [readable_class(c) for c in classes], "label_mapping": rule, "data_config": config.as_dict(),
             "seconds": round(time.time() - t0, 2)}
 
 
@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"| checkpoint | weights | img | images | top-1 | top-5 | labels |\n|---|---|---|---|---|---|---|\n"
               f"| {args.checkpoint} | {report['weights']} | {report['img_size']} | {res['images']} | {res['top1']:.2f} | "
               f"{res['top5']:.2f} | {res['label_mapping']} |\n\nHost: {host_line(report['host'])}.\n")
+        shown = res["class_names"][:20]
+        md += (f"\nClasses ({res['classes']}): {', '.join(shown)}{' ...' if res['classes'] > len(shown) else ''}\n")
         if res["skipped"]:
             md += f"\n{len(res['skipped'])} unreadable images skipped: {', '.join(res['skipped'][:5])}\n"
         with OutputLock(out):
