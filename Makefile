@@ -167,3 +167,16 @@ layers:
 precision:
 	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) \
 		$(call opt,--weights,$(WEIGHTS)) --out $(REPORT_DIR) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
+
+# ----- serving (serving/) -----
+ARTIFACT    ?=
+IMAGES      ?=
+.PHONY: predict
+# MODEL is passed only when set on the command line: an ONNX graph or engine records its own model.
+SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
+
+## predict      top-5 classes per image through an artifact's own preprocessing: make predict ARTIFACT=<.onnx|.engine|checkpoint (+MODEL=)> IMAGES=a.jpg,b.png|folder [ARGS=--json] -> stdout
+predict:
+	@test -n "$(ARTIFACT)" || { echo "error: set ARTIFACT=<model>.<precision>.onnx, an .engine or a checkpoint (with MODEL=), e.g. make predict ARTIFACT=artifacts/t2t_vit_7/t2t_vit_7.fp32.onnx IMAGES=photo.jpg"; exit 2; }
+	@test -n "$(IMAGES)" || { echo "error: set IMAGES=a.jpg,b.png (files and/or folders, comma-separated)"; exit 2; }
+	$(PYTHON) -m serving.predict $(SERVE_MODEL) --artifact $(ARTIFACT) --images $(IMAGES) $(ARGS)

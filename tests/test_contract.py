@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"t2t_vit": 0, "train": 1, "export": 1, "calibration": 2, "engines": 3, "evaluation": 4}
+LAYERS = {"t2t_vit": 0, "train": 1, "export": 1, "calibration": 2, "engines": 3, "evaluation": 4, "serving": 5}
 
 
 def _modules() -> dict[str, Path]:
@@ -146,6 +146,7 @@ COMMANDS_BAD_INPUT = {
     "evaluation.bench_cpu": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
+    "serving.predict": ["--artifact", "{tmp}/missing.onnx", "--images", "a.jpg"],
 }
 
 
