@@ -38,7 +38,8 @@ help:
 ## install      create .venv, install the project with test extras, fetch the TensorRT binding wheels (names check)
 install:
 	python3.11 -m venv .venv
-	$(PYTHON) -m pip install -e '.[test]'
+	$(PYTHON) -m pip install -e '.[test,serve]'
+	$(MAKE) install-serve
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d .cache/tensorrt-bindings \
 		tensorrt-cu12-bindings==10.13.3.9 tensorrt-cu13-bindings==11.4.0.106
 
@@ -171,7 +172,17 @@ precision:
 # ----- serving (serving/) -----
 ARTIFACT    ?=
 IMAGES      ?=
-.PHONY: predict
+.PHONY: predict triton install-serve
+TRITON_PYTHON ?= .venv-triton/bin/python
+
+# The Triton server (nvidia-pytriton bundles tritonserver + its Python backend) pins numpy<2, so it gets its
+# own virtualenv; a .pth appended to it reaches the project's .venv for torch/onnxruntime/timm, behind its
+# own numpy 1.x.
+install-serve:
+	python3.11 -m venv .venv-triton
+	$(TRITON_PYTHON) -m pip install 'nvidia-pytriton==0.7.0' 'numpy<2'
+	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(TRITON_PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-t2t-vit-venv.pth"
 # MODEL is passed only when set on the command line: an ONNX graph or engine records its own model.
 SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
 
@@ -180,3 +191,7 @@ predict:
 	@test -n "$(ARTIFACT)" || { echo "error: set ARTIFACT=<model>.<precision>.onnx, an .engine or a checkpoint (with MODEL=), e.g. make predict ARTIFACT=artifacts/t2t_vit_7/t2t_vit_7.fp32.onnx IMAGES=photo.jpg"; exit 2; }
 	@test -n "$(IMAGES)" || { echo "error: set IMAGES=a.jpg,b.png (files and/or folders, comma-separated)"; exit 2; }
 	$(PYTHON) -m serving.predict $(SERVE_MODEL) --artifact $(ARTIFACT) --images $(IMAGES) $(ARGS)
+
+## triton       Triton model repository from MODEL's artifacts in OUT: onnxruntime_onnx per graph, tensorrt_plan per engine, a Python preprocessing model and the <MODEL>-classify ensemble -> <OUT>/triton/
+triton:
+	$(PYTHON) -m serving.triton_repo --model $(MODEL) --out $(OUT) $(ARGS)

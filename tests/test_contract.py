@@ -147,6 +147,7 @@ COMMANDS_BAD_INPUT = {
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
     "serving.predict": ["--artifact", "{tmp}/missing.onnx", "--images", "a.jpg"],
+    "serving.triton_repo": ["--model", "t2t_vit_test", "--out", "{tmp}/none"],
 }
 
 
