@@ -172,7 +172,9 @@ precision:
 # ----- serving (serving/) -----
 ARTIFACT    ?=
 IMAGES      ?=
-.PHONY: predict triton install-serve
+.PHONY: predict triton install-serve serve loadtest
+HTTP_PORT   ?= 8000
+GRPC_PORT   ?= 8001
 TRITON_PYTHON ?= .venv-triton/bin/python
 
 # The Triton server (nvidia-pytriton bundles tritonserver + its Python backend) pins numpy<2, so it gets its
@@ -195,3 +197,13 @@ predict:
 ## triton       Triton model repository from MODEL's artifacts in OUT: onnxruntime_onnx per graph, tensorrt_plan per engine, a Python preprocessing model and the <MODEL>-classify ensemble -> <OUT>/triton/
 triton:
 	$(PYTHON) -m serving.triton_repo --model $(MODEL) --out $(OUT) $(ARGS)
+
+## serve        Triton on 127.0.0.1 (HTTP_PORT=8000, GRPC_PORT=8001) serving OUT/MODEL.fp32.onnx (or ARTIFACT=) on the ONNX Runtime runner (an .engine: TensorRT) with dynamic batching; Ctrl-C stops it
+serve:
+	@test -x $(TRITON_PYTHON) || { echo "error: $(TRITON_PYTHON) not found: make install-serve (part of make install) creates the Triton virtualenv"; exit 2; }
+	$(TRITON_PYTHON) -m serving.server --model $(MODEL) --out $(OUT) $(call opt,--artifact,$(ARTIFACT)) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(ARGS)
+
+## loadtest     Triton (HTTP and gRPC, concurrency 1,4,16) vs the same runner called directly -> reports/serve-<MODEL>.{json,md,png}
+loadtest:
+	$(PYTHON) -m serving.loadtest --model $(MODEL) --artifacts $(OUT) $(call opt,--artifact,$(ARTIFACT)) $(ARGS)

@@ -148,6 +148,8 @@ COMMANDS_BAD_INPUT = {
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
     "serving.predict": ["--artifact", "{tmp}/missing.onnx", "--images", "a.jpg"],
     "serving.triton_repo": ["--model", "t2t_vit_test", "--out", "{tmp}/none"],
+    "serving.server": ["--artifact", "{tmp}/missing.onnx", "--http-port", "1", "--grpc-port", "2"],
+    "serving.loadtest": ["--model", "t2t_vit_test", "--artifacts", "{tmp}"],
 }
 
 
