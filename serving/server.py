@@ -82,8 +82,12 @@ def _bind_models(triton: Any, clf: Any, args: argparse.Namespace) -> list[str]:
     def classify_bytes(requests: list) -> list[dict[str, np.ndarray]]:
         out = []
         for req in requests:
+            blobs = [bytes(b) for b in np.asarray(req["IMAGE"]).reshape(-1)]
+            big = max(len(b) for b in blobs)
+            if big > args.max_image_bytes:  # refused before decoding: a huge upload must not stall the server
+                raise ValueError(f"IMAGE: {big} bytes is over the {args.max_image_bytes}-byte limit (--max-image-bytes)")
             try:
-                x = np.stack([transform(bytes(b), cfg) for b in np.asarray(req["IMAGE"]).reshape(-1)])
+                x = np.stack([transform(b, cfg) for b in blobs])
             except BadImage as e:  # an error response (for the requests executed with it), the server goes on
                 raise ValueError(f"IMAGE: {e}") from None
             out.append({"logits": clf.runner.infer(torch.from_numpy(x))})
@@ -150,6 +154,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="largest batch Triton's dynamic batcher forms")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="how long Triton may hold a request to form a batch (default 2000)")
+    p.add_argument("--max-image-bytes", type=int, default=16 << 20,
+                   help="largest encoded image the -classify model accepts (default 16 MiB)")
     p.add_argument("--threads", default="auto", help="runner intra-op threads (a number, or auto: the idle cores)")
     return p
 
