@@ -201,7 +201,7 @@ triton:
 ## serve        Triton on 127.0.0.1 (HTTP_PORT=8000, GRPC_PORT=8001) serving OUT/MODEL.fp32.onnx (or ARTIFACT=) on the ONNX Runtime runner (an .engine: TensorRT) with dynamic batching; Ctrl-C stops it
 serve:
 	@test -x $(TRITON_PYTHON) || { echo "error: $(TRITON_PYTHON) not found: make install-serve (part of make install) creates the Triton virtualenv"; exit 2; }
-	$(TRITON_PYTHON) -m serving.server --model $(MODEL) --out $(OUT) $(call opt,--artifact,$(ARTIFACT)) \
+	$(TRITON_PYTHON) -m serving.server $(if $(ARTIFACT),$(SERVE_MODEL) --artifact $(ARTIFACT),--model $(MODEL) --out $(OUT)) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(ARGS)
 
 ## loadtest     Triton (HTTP and gRPC, concurrency 1,4,16) vs the same runner called directly -> reports/serve-<MODEL>.{json,md,png}

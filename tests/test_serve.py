@@ -172,3 +172,20 @@ def test_server_killed_during_load_then_restarted(artifact, tmp_path):
     finally:
         srv.stop()
         again.stop()
+
+
+def test_loadtest_command_writes_the_report_and_exits_1_on_a_missed_goal(artifact, tmp_path, capsys):
+    """The whole command on the tiny graph: its direct runner is far faster than any served request, so the
+    goal is missed (exit 1) after the report is written; every request is still answered."""
+    _triton_python()
+    rc = L.main(["--model", MODEL, "--artifact", str(artifact), "--out", str(tmp_path), "--concurrency", "1,3",
+                 "--requests", "12", "--max-seconds", "10", "--direct-seconds", "0.1", "--threads", "1",
+                 "--max-batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "serving.loadtest: FAIL: " in err and "x the direct runner" in err
+    report = json.loads((tmp_path / f"serve-{MODEL}.json").read_text())
+    assert [(lv["protocol"], lv["concurrency"], lv["ok"], lv["errors"]) for lv in report["levels"]] == \
+        [("http", 1, 12, 0), ("http", 3, 12, 0), ("grpc", 1, 12, 0), ("grpc", 3, 12, 0)]
+    assert sorted(report["direct"]["img_s"]) == ["1", "2", "4"] and report["goal_missed"]
+    assert all(sum(int(b) * n for b, n in lv["batch_sizes"].items()) == 12 for lv in report["levels"])
+    assert (tmp_path / f"serve-{MODEL}.md").is_file() and (tmp_path / f"serve-{MODEL}.png").is_file()
