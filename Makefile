@@ -42,7 +42,8 @@ help:
 ## install      create .venv, install the project with test extras, fetch the TensorRT binding wheels (names check)
 install:
 	python3.11 -m venv .venv
-	$(PYTHON) -m pip install -e '.[test]'
+	$(PYTHON) -m pip install -e '.[test,serve]'
+	$(MAKE) install-serve
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d .cache/tensorrt-bindings \
 		tensorrt-cu12-bindings==10.13.3.9 tensorrt-cu13-bindings==11.4.0.106
 
@@ -204,3 +205,42 @@ layers:
 precision:
 	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) \
 		$(call opt,--weights,$(WEIGHTS)) --out $(REPORT_DIR) $(RUN_ARGS) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
+
+# ----- serving (serving/) -----
+ARTIFACT    ?=
+IMAGES      ?=
+.PHONY: predict triton install-serve serve loadtest
+HTTP_PORT   ?= 8000
+GRPC_PORT   ?= 8001
+TRITON_PYTHON ?= .venv-triton/bin/python
+
+# The Triton server (nvidia-pytriton bundles tritonserver + its Python backend) pins numpy<2, so it gets its
+# own virtualenv; a .pth appended to it reaches the project's .venv for torch/onnxruntime/timm, behind its
+# own numpy 1.x.
+install-serve:
+	python3.11 -m venv .venv-triton
+	$(TRITON_PYTHON) -m pip install 'nvidia-pytriton==0.7.0' 'numpy<2'
+	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(TRITON_PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-t2t-vit-venv.pth"
+# MODEL is passed only when set on the command line: an ONNX graph or engine records its own model.
+SERVE_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
+
+## predict      top-5 classes per image through an artifact's own preprocessing: make predict ARTIFACT=<.onnx|.engine|checkpoint (+MODEL=)> IMAGES=a.jpg,b.png|folder [ARGS=--json] -> stdout
+predict:
+	@test -n "$(ARTIFACT)" || { echo "error: set ARTIFACT=<model>.<precision>.onnx, an .engine or a checkpoint (with MODEL=), e.g. make predict ARTIFACT=artifacts/t2t_vit_7/t2t_vit_7.fp32.onnx IMAGES=photo.jpg"; exit 2; }
+	@test -n "$(IMAGES)" || { echo "error: set IMAGES=a.jpg,b.png (files and/or folders, comma-separated)"; exit 2; }
+	$(PYTHON) -m serving.predict $(SERVE_MODEL) --artifact $(ARTIFACT) --images $(IMAGES) $(ARGS)
+
+## triton       Triton model repository from MODEL's artifacts in OUT: onnxruntime_onnx per graph, tensorrt_plan per engine, a Python preprocessing model and the <MODEL>-classify ensemble -> <OUT>/triton/
+triton:
+	$(PYTHON) -m serving.triton_repo --model $(MODEL) --out $(OUT) $(ARGS)
+
+## serve        Triton on 127.0.0.1 (HTTP_PORT=8000, GRPC_PORT=8001) serving OUT/MODEL.fp32.onnx (or ARTIFACT=) on the ONNX Runtime runner (an .engine: TensorRT) with dynamic batching; Ctrl-C stops it
+serve:
+	@test -x $(TRITON_PYTHON) || { echo "error: $(TRITON_PYTHON) not found: make install-serve (part of make install) creates the Triton virtualenv"; exit 2; }
+	$(TRITON_PYTHON) -m serving.server $(if $(ARTIFACT),$(SERVE_MODEL) --artifact $(ARTIFACT),--model $(MODEL) --out $(OUT)) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(ARGS)
+
+## loadtest     Triton (HTTP and gRPC, concurrency 1,4,16) vs the same runner called directly -> reports/serve-<MODEL>.{json,md,png}
+loadtest:
+	$(PYTHON) -m serving.loadtest --model $(MODEL) --artifacts $(OUT) $(call opt,--artifact,$(ARTIFACT)) $(ARGS)

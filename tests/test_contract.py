@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"t2t_vit": 0, "train": 1, "export": 1, "calibration": 2, "engines": 3, "evaluation": 4}
+LAYERS = {"t2t_vit": 0, "train": 1, "export": 1, "calibration": 2, "engines": 3, "evaluation": 4, "serving": 5}
 
 
 def _modules() -> dict[str, Path]:
@@ -147,6 +147,10 @@ COMMANDS_BAD_INPUT = {
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "evaluation.gpu_check": ["--dry-run", "--out", "{tmp}", "--checkpoint", "{tmp}/missing.pth"],
     "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
+    "serving.predict": ["--artifact", "{tmp}/missing.onnx", "--images", "a.jpg"],
+    "serving.triton_repo": ["--model", "t2t_vit_test", "--out", "{tmp}/none"],
+    "serving.server": ["--artifact", "{tmp}/missing.onnx", "--http-port", "1", "--grpc-port", "2"],
+    "serving.loadtest": ["--model", "t2t_vit_test", "--artifacts", "{tmp}"],
 }
 
 

@@ -1,0 +1,191 @@
+"""A real Triton server (PyTriton's bundled tritonserver in .venv-triton) on 127.0.0.1: answers over HTTP
+and gRPC like the runner called directly, refuses malformed requests and keeps serving, survives nothing
+when killed but leaves no client hanging, restarts, and refuses a busy port. Every server is stopped by
+the test that started it (process group, also on failure); request loops are bounded in count and time."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.engine_helpers import REPO, data_meta, write_onnx
+
+pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: make install")
+from serving import loadtest as L  # noqa: E402
+from serving.process import ServerProcess, triton_python  # noqa: E402
+from t2t_vit.errors import T2TError  # noqa: E402
+
+MODEL = "t2t_vit_test"
+WNIDS = ["n01440764", "n02102040", "n02979186"]
+OVERSIZED = "over the 16777216-byte limit"
+pytestmark = pytest.mark.slow
+
+
+def _triton_python() -> Path:
+    try:
+        return triton_python()
+    except T2TError as e:
+        pytest.skip(f"the Triton server cannot run here: {e}")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve")
+    meta = {"model": MODEL, "precision": "fp32", "num_classes": "3", "class_names": json.dumps(WNIDS), **data_meta(64)}
+    return write_onnx(folder / f"{MODEL}.fp32.onnx", metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    _triton_python()
+    srv = ServerProcess(artifact, max_batch_size=8, log=tmp_path_factory.mktemp("log") / "server.log")
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
+def _batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)
+
+
+def _direct(x: np.ndarray, artifact: Path) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"input": x})[0]
+
+
+def test_http_and_grpc_answer_like_the_runner(server, artifact):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    x = _batch(3)
+    h = http.InferenceServerClient(server.http_url, network_timeout=30)
+    inp = http.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(h.infer(MODEL, [inp]).as_numpy("logits"), _direct(x, artifact), atol=1e-6)
+    g = grpc.InferenceServerClient(server.grpc_url)
+    ginp = grpc.InferInput("input", list(x.shape), "FP32")
+    ginp.set_data_from_numpy(x)
+    np.testing.assert_allclose(g.infer(MODEL, [ginp], client_timeout=30).as_numpy("logits"), _direct(x, artifact),
+                               atol=1e-6)
+    # The image endpoint: JPEG bytes -> the artifact's eval transform -> the same logits as predict's path.
+    img = Image.fromarray((np.random.default_rng(1).random((70, 90, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    b = http.InferInput("IMAGE", [1, 1], "BYTES")
+    b.set_data_from_numpy(np.array([[buf.getvalue()]], dtype=np.object_))
+    from t2t_vit.data import DataConfig
+
+    want = _direct(DataConfig.from_metadata(data_meta(64)).eval_transform()(img)[None].numpy(), artifact)
+    np.testing.assert_allclose(h.infer(f"{MODEL}-classify", [b]).as_numpy("logits"), want, atol=1e-5)
+
+
+def test_malformed_requests_get_errors_and_the_server_keeps_serving(server):
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    h = http.InferenceServerClient(server.http_url, network_timeout=30)
+
+    def send(model, name, arr, dtype):
+        inp = http.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        return h.infer(model, [inp])
+
+    cases = {
+        "wrong shape": (MODEL, "input", _batch(1)[:, :, :32, :32], "FP32", "unexpected shape"),
+        "wrong dtype": (MODEL, "input", _batch(1).astype(np.float64), "FP64", "data-type"),
+        "oversized batch": (MODEL, "input", _batch(9), "FP32", "batch-size must be <= 8"),
+        "not an image": (f"{MODEL}-classify", "IMAGE", np.array([[b"\x00GIF89 not really"]], dtype=np.object_),
+                         "BYTES", "not a decodable image"),
+    }
+    for what, (model, name, arr, dtype, needle) in cases.items():
+        with pytest.raises(InferenceServerException, match=needle):
+            send(model, name, arr, dtype)
+        assert send(MODEL, "input", _batch(1), "FP32").as_numpy("logits").shape == (1, 3), f"after {what}"
+    # An image upload over the server's limit (16 MiB) is refused before decoding; serving goes on.
+    with pytest.raises(InferenceServerException, match=OVERSIZED):
+        send(f"{MODEL}-classify", "IMAGE", np.array([[b"\0" * (17 << 20)]], dtype=np.object_), "BYTES")
+    assert send(MODEL, "input", _batch(1), "FP32").as_numpy("logits").shape == (1, 3)
+
+
+def test_a_second_server_on_a_busy_port_says_so_in_one_line(server, artifact):
+    proc = subprocess.run([str(_triton_python()), "-m", "serving.server", "--artifact", str(artifact),
+                           "--http-port", str(server.http_port), "--grpc-port", str(server.grpc_port)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("serving.server: error: 127.0.0.1:") and "in use" in lines[0]
+    proc = subprocess.run(["make", "-s", "serve", f"ARTIFACT={artifact}", f"HTTP_PORT={server.http_port}",
+                           f"GRPC_PORT={server.grpc_port}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already in use" in proc.stderr
+
+
+def test_load_levels_batches_and_report(server, tmp_path):
+    """The load test's parts on the running server: every request answered, Triton's batch counts add up
+    to the requests, the report renders and the goal check reads the numbers."""
+    x = _batch(1)
+    levels = []
+    for proto, c in (("http", 1), ("grpc", 4)):
+        before = L.batch_counts(server.http_url, MODEL)
+        res = L.drive(proto, server.http_url if proto == "http" else server.grpc_url, MODEL, x, c, 24, 20, 10)
+        after = L.batch_counts(server.http_url, MODEL)
+        res.batches = {b: n - before.get(b, 0) for b, n in after.items() if n - before.get(b, 0)}
+        assert res.sent == res.ok == 24 and not res.errors and len(res.latencies_s) == 24
+        assert sum(b * n for b, n in res.batches.items()) == 24  # Triton executed exactly these images
+        levels.append(res.summary())
+    assert levels[0]["batch_sizes"] == {"1": 24}  # one client: nothing to batch
+    direct = {"runner": "onnxruntime-cpu-fp32", "threads": 1, "img_s": {"1": 10.0}, "best_batch": 1, "best_img_s": 10.0}
+    assert L.judge(levels, direct, 0.9) == []
+    assert "grpc c=4" in L.judge(levels, {**direct, "best_img_s": 1e9}, 0.9)[0]
+
+
+def test_server_killed_during_load_then_restarted(artifact, tmp_path):
+    _triton_python()
+    srv = ServerProcess(artifact, log=tmp_path / "a.log")
+    again = ServerProcess(artifact, ports=(srv.http_port, srv.grpc_port), log=tmp_path / "b.log")
+    try:
+        srv.start()
+        out = {}
+        load = threading.Thread(target=lambda: out.setdefault("r", L.drive("http", srv.http_url, MODEL, _batch(1),
+                                                                            4, 100_000, 6, 5)))
+        t0 = time.monotonic()
+        load.start()
+        time.sleep(2.0)
+        srv.kill()
+        load.join(timeout=60)
+        assert not load.is_alive(), "the load test hung after the server died"
+        res = out["r"]
+        assert res.ok > 0 and res.errors, (res.ok, res.errors[:3])
+        assert len(res.latencies_s) == res.sent  # every request sent has its response or its error
+        assert max(res.latencies_s) < 5 + 2 and time.monotonic() - t0 < 40
+        again.start()
+        assert L.drive("grpc", again.grpc_url, MODEL, _batch(1), 2, 10, 20, 10).ok == 10
+    finally:
+        srv.stop()
+        again.stop()
+
+
+def test_loadtest_command_writes_the_report_and_exits_1_on_a_missed_goal(artifact, tmp_path, capsys):
+    """The whole command on the tiny graph: its direct runner is far faster than any served request, so the
+    goal is missed (exit 1) after the report is written; every request is still answered."""
+    _triton_python()
+    rc = L.main(["--model", MODEL, "--artifact", str(artifact), "--out", str(tmp_path), "--concurrency", "1,3",
+                 "--requests", "12", "--max-seconds", "10", "--direct-seconds", "0.1", "--threads", "1",
+                 "--max-batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "serving.loadtest: FAIL: " in err and "x the direct runner" in err
+    report = json.loads((tmp_path / f"serve-{MODEL}.json").read_text())
+    assert [(lv["protocol"], lv["concurrency"], lv["ok"], lv["errors"]) for lv in report["levels"]] == \
+        [("http", 1, 12, 0), ("http", 3, 12, 0), ("grpc", 1, 12, 0), ("grpc", 3, 12, 0)]
+    assert sorted(report["direct"]["img_s"]) == ["1", "2", "4"] and report["goal_missed"]
+    assert all(sum(int(b) * n for b, n in lv["batch_sizes"].items()) == 12 for lv in report["levels"])
+    assert (tmp_path / f"serve-{MODEL}.md").is_file() and (tmp_path / f"serve-{MODEL}.png").is_file()
