@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
