@@ -29,8 +29,7 @@ WEIGHTS     ?=
 ENGINE_ARGS = --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) --out $(OUT)
 STAGE_ARGS  = $(ENGINE_ARGS) $(call opt,--weights,$(WEIGHTS))
 
-.PHONY: help install test test-fast train validate bench-model bench-train onnx bench-onnx calib bench-calib \
-        engine bench bench-cpu bench-busy parity demo clean
+.PHONY: help install test test-fast train validate onnx calib engine bench parity demo clean
 
 help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
@@ -49,10 +48,6 @@ test:
 ## test-fast    unit tests only (skips the slow integration tier)
 test-fast:
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-## bench-model  SDPA vs explicit attention and fp32 throughput -> reports/bench-model-*.{json,md}
-bench-model:
-	$(PYTHON) -m t2t_vit.benchmark --out reports $(ARGS)
 
 clean:
 	rm -rf artifacts runs .pytest_cache
@@ -86,18 +81,10 @@ train-imagenette-cpu:
 validate:
 	$(PYTHON) -m train.validate $(STAGE_ARGS) --data $(DATA) $(ARGS)
 
-## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
-bench-train:
-	$(PYTHON) -m train.benchmark --out reports $(ARGS)
-
 # ----- export (export/) -----
 ## onnx         <out>/<model>.fp32.onnx + .fp16.onnx + export report, validated on ORT CPU vs PyTorch (CHECKPOINT=... DATA=...)
 onnx:
 	$(PYTHON) -m export.to_onnx $(STAGE_ARGS) $(call opt,--data,$(DATA)) $(ARGS)
-
-## bench-onnx   ORT CPU: patterned fp32 vs plain export vs fp16, t2t_vit_7/14 at 224 -> reports/bench-onnx-cpu.{json,md}
-bench-onnx:
-	$(PYTHON) -m export.bench --out reports $(ARGS)
 
 # ----- calibration (calibration/) -----
 MAX_DROP    ?= 1.0
@@ -108,19 +95,6 @@ calib:
 	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make calib CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
 	$(PYTHON) -m calibration.calib $(STAGE_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
 		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) $(ARGS)
-
-## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
-bench-calib:
-	$(PYTHON) -m calibration.bench --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
-
-## bench-busy   the demo's training step idle and with a competing job, per thread setting -> reports/bench-busy.{json,md,png}
-bench-busy:
-	$(PYTHON) -m evaluation.bench_busy --out reports $(ARGS)
-
-## bench-cpu    CPU inference vs the authors' code, one run: ORT fp32/int8-cpu + PyTorch eager/compile/bf16, t2t_vit_7/14, 224, batch 1 and 8, per-op profiles, GFLOP/s vs peak -> reports/bench-cpu.{json,md,png}
-bench-cpu:
-	$(PYTHON) -m evaluation.bench_cpu --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
-
 
 # ----- engines (engines/) -----
 BATCHES     ?=
@@ -167,3 +141,34 @@ layers:
 precision:
 	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) \
 		$(call opt,--weights,$(WEIGHTS)) --out $(REPORT_DIR) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
+
+# ----- studies (studies/): one target per question, each writes its report to reports/ -----
+.PHONY: studies bench-model bench-train bench-onnx bench-calib bench-cpu bench-busy
+
+## studies      list the questions the studies answer (python -m studies <question>; make bench-<question>)
+studies:
+	$(PYTHON) -m studies --help
+
+## bench-model  SDPA vs explicit attention and fp32 throughput -> reports/bench-model-*.{json,md}
+bench-model:
+	$(PYTHON) -m studies model --out reports $(ARGS)
+
+## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
+bench-train:
+	$(PYTHON) -m studies train --out reports $(ARGS)
+
+## bench-onnx   ORT CPU: patterned fp32 vs plain export vs fp16, t2t_vit_7/14 at 224 -> reports/bench-onnx-cpu.{json,md}
+bench-onnx:
+	$(PYTHON) -m studies onnx --out reports $(ARGS)
+
+## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
+bench-calib:
+	$(PYTHON) -m studies calib --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
+
+## bench-cpu    CPU inference vs the authors' code, one run: ORT fp32/int8-cpu + PyTorch eager/compile/bf16, t2t_vit_7/14, 224, batch 1 and 8, per-op profiles, GFLOP/s vs peak -> reports/bench-cpu.{json,md,png}
+bench-cpu:
+	$(PYTHON) -m studies cpu --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
+
+## bench-busy   the demo's training step idle and with a competing job, per thread setting -> reports/bench-busy.{json,md,png}
+bench-busy:
+	$(PYTHON) -m studies busy --out reports $(ARGS)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from evaluation import bench_cpu
+from studies import bench_cpu
 from t2t_vit.graphs import read_metadata
 
 
@@ -188,8 +188,8 @@ def test_authors_model_takes_the_same_linear_kernel():
     the same count as our model's nn.Linear modules, the same logits."""
     import timm
 
-    from evaluation.authors import AuthorsModel
-    from t2t_vit.layers import OneDNNLinear
+    from studies.authors import AuthorsModel
+    from studies.onednn import OneDNNLinear
     from t2t_vit.model import ARCHS
 
     model = timm.create_model("t2t_vit_7", img_size=64).eval()

@@ -1,7 +1,7 @@
 """Benchmark the exported graphs on ONNX Runtime's CPU provider (``make bench-onnx``).
 
 For each model (default t2t_vit_7 and t2t_vit_14 at 224 px, random weights with the nonzero biases and
-LayerNorm affines of a trained model, :func:`t2t_vit.model.trained_like_`, so no graph loses an Add of
+LayerNorm affines of a trained model, :func:`t2t_vit.checkpoint.trained_like_`, so no graph loses an Add of
 zeros that a checkpoint's graph keeps) and in one run:
 
 * ``patterned fp32`` - :func:`export.to_onnx.export_onnx` (one-hot Conv soft splits, explicit
@@ -32,15 +32,14 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from t2t_vit.checkpoint import build_model
+from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.graphs import ort_session
-from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, report_header, write_report
 from t2t_vit.timing import load_average, time_interleaved
 
-from . import to_onnx
-from .patterns import apply_export_patterns, op_census
+from export import to_onnx
+from export.patterns import apply_export_patterns, op_census
 
 __all__ = ["plain_export", "throughput_side_by_side", "bench_model", "get_args_parser", "main"]
 
@@ -111,7 +110,7 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
         path.unlink()
     work.rmdir()
     return {"model": name, "img_size": size, "rows": rows,
-            "weights": "random, trained-like biases and LayerNorm affines (t2t_vit.model.trained_like_)"}
+            "weights": "random, trained-like biases and LayerNorm affines (t2t_vit.checkpoint.trained_like_)"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -160,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         threads = apply_threads(args.threads)
-        report: dict[str, Any] = {**report_header("export.bench", argv), "threads": threads, "models": []}
+        report: dict[str, Any] = {**report_header("studies.bench_onnx", argv), "threads": threads, "models": []}
         for name in args.models:
             report["models"].append(bench_model(name, args.img_size, out, tuple(args.batches),
                                                 not args.no_dynamo_row, args.min_seconds, threads))
@@ -170,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md)
         return 0
 
-    return run_command(body, "export.bench")
+    return run_command(body, "studies.bench_onnx")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 For each model (default t2t_vit_7 and t2t_vit_14 at 224 px) and batch (default 1 and 8), with the same
 weights everywhere (random, with the nonzero biases and LayerNorm affines of a trained model:
-:func:`t2t_vit.model.trained_like_`; a fresh init's zero biases would let onnxslim drop Adds from our graphs
+:func:`t2t_vit.checkpoint.trained_like_`; a fresh init's zero biases would let onnxslim drop Adds from our graphs
 that the unsimplified baseline still runs, and that no checkpoint's graph loses):
 
 ONNX Runtime CPU (default graph optimizations):
 
-* ``authors fp32``: a plain ``torch.onnx.export`` of the authors' formulation (:mod:`evaluation.authors`:
+* ``authors fp32``: a plain ``torch.onnx.export`` of the authors' formulation (:mod:`studies.authors`:
   Unfold, einsum), the baseline every ONNX Runtime row is divided by;
 * ``ours fp32``: ``make onnx``'s fp32 graph (grouped one-hot soft splits, explicit attention, onnxslim);
 * ``ours fp32, cls-only last block``: the same with the last block computed for the class token alone
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -62,20 +63,21 @@ import torch
 from calibration.data import load_or_preprocess, select_samples
 from calibration.policy import DEFAULT_POLICY, Placement
 from calibration.quantize import TensorDataReader, build_int8, ensure_opset
+from export.patterns import soft_split_as_conv
 from export.to_onnx import export_onnx
-from t2t_vit.checkpoint import build_model
+from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.env import cpu_model
 from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import ort_session, ort_session_options
-from t2t_vit.layers import OneDNNLinear, onednn_linears
-from t2t_vit.model import ARCHS, trained_like_
+from t2t_vit.model import ARCHS
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 from t2t_vit.timing import load_average, time_calls, time_interleaved
 
 from .authors import AuthorsModel
+from .onednn import OneDNNLinear, onednn_linears
 
 _logger = logging.getLogger(__name__)
 
@@ -379,9 +381,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     # The soft splits' multiply-adds as each exported form computes them (Unfold itself is a copy: none).
     soft_split = {}
     for form in ("grouped", "conv"):
-        model.set_soft_split_impl(form)
-        soft_split[form] = (model_flops(model, size) - flops) / 1e9
-    model.set_soft_split_impl("unfold")
+        soft_split[form] = (model_flops(soft_split_as_conv(copy.deepcopy(model), form), size) - flops) / 1e9
     model.set_cls_only_last_block(True)
     cls_only = model_flops(model, size) / 1e9
     model.set_cls_only_last_block(False)
@@ -502,7 +502,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"(MatMulIntegerToFloat) in ONNX Runtime, {gemm['torch_fp32_gflops']:.0f} fp32 and "
                       f"{gemm['torch_bf16_gflops']:.0f} bf16 GFLOP/s in PyTorch (`torch.mm`), "
                       f"{gemm.get('torch_onednn_fp32_gflops') or float('nan'):.0f} fp32 GFLOP/s through oneDNN "
-                      f"(`t2t_vit.layers.OneDNNLinear`): the ceilings a model "
+                      f"(`studies.onednn.OneDNNLinear`): the ceilings a model "
                       f"row can approach. Where a ceiling or a row passes the nominal peak, the cores ran above the "
                       f"nominal clock (turbo), which this machine does not report. A 256 MiB copy moves "
                       f"{gemm.get('copy_gbs') or float('nan'):.1f} GB/s (read + write).")
@@ -685,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise T2TError(f"unknown models {unknown}; registered: {', '.join(ARCHS)}")
         threads = apply_threads(args.threads)
-        header = report_header("evaluation.bench_cpu", argv)
+        header = report_header("studies.bench_cpu", argv)
         peak = cpu_peak(physical_cores(threads), args.ghz)
         peak["gemm_measured"] = gemm_ceiling(threads, Path(args.work) / "gemm")
         models = []
@@ -713,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md)
         return 0
 
-    return run_command(body, "evaluation.bench_cpu")
+    return run_command(body, "studies.bench_cpu")
 
 
 if __name__ == "__main__":

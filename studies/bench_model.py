@@ -12,7 +12,7 @@ Peak memory is :class:`t2t_vit.timing.PeakMemory`'s growth over the memory in us
 measured steps (CPU: peak resident set, ``ru_maxrss``; GPU: ``torch.cuda.max_memory_allocated``), each
 case in a fresh subprocess so cases do not share a high-water mark.
 
-Usage: ``python -m t2t_vit.benchmark --out reports`` (``make bench-model``) writes
+Usage: ``python -m studies.bench_model --out reports`` (``make bench-model``) writes
 ``reports/bench-model-<device>.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ import timm
 import torch
 from tqdm import tqdm
 
-from .model import ARCHS, ModelConfigError  # importing the model module registers the models with timm
-from .cli import comma_list, run_command
-from .reports import host_line, report_header, write_report
-from .timing import PeakMemory, run_case_in_subprocess, time_calls
+from t2t_vit.model import ARCHS, ModelConfigError  # importing the model module registers the models with timm
+from t2t_vit.cli import comma_list, run_command
+from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.timing import PeakMemory, run_case_in_subprocess, time_calls
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelConfigError(f"unknown models {unknown}; registered: {', '.join(ARCHS)}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cases = build_cases(device, args.quick, args.attn_model, tuple(args.throughput_models), args.img_size)
-        header = report_header("t2t_vit.benchmark", argv)
-        results = [run_case_in_subprocess("t2t_vit.benchmark", c) for c in tqdm(cases, desc="bench-model", unit="case")]
+        header = report_header("studies.bench_model", argv)
+        results = [run_case_in_subprocess("studies.bench_model", c) for c in tqdm(cases, desc="bench-model", unit="case")]
         report = {
             **header,
             "device": device,
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md)
         return 0
 
-    return run_command(body, "t2t_vit.benchmark")
+    return run_command(body, "studies.bench_model")
 
 
 if __name__ == "__main__":
