@@ -2,7 +2,7 @@
 
 ``make bench-calib`` ::
 
-    python -m studies.bench_calib --models t2t_vit_7,t2t_vit_14 --img-size 224 --batch-sizes 1,8 --out reports
+    python -m studies calib --models t2t_vit_7,t2t_vit_14 --img-size 224 --batch-sizes 1,8 --out reports
 
 For each model the fp32/fp16 graphs are exported (``export.to_onnx.export_model``, random weights with
 a trained model's nonzero biases and LayerNorm affines, :func:`t2t_vit.checkpoint.trained_like_`) into

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.graphs import ort_session
-from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import load_average, time_interleaved
 
 from export import to_onnx
@@ -121,17 +121,15 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"median run latency; the graphs of one batch are timed side by side in interleaved rounds.", ""]
     for m in report["models"]:
         batches = [t["batch"] for t in m["rows"][0]["throughput"]]
-        lines += [f"## {m['model']} ({m['img_size']} px)", "",
-                  "| graph | nodes | file (MiB) | export (s) | " + " | ".join(f"img/s b{b} | ms b{b}" for b in batches) + " |",
-                  "|---|---:|---:|---:|" + "---:|---:|" * len(batches)]
-        for r in m["rows"]:
-            tp = " | ".join(f"{t['images_per_s']:.1f} | {t['median_ms']:.1f}" for t in r["throughput"])
-            lines.append(f"| {r['graph']} | {r['nodes']} | {r['file_mib']:.2f} | {r['export_s']:.1f} | {tp} |")
+        header = ["graph", "nodes", "file (MiB)", "export (s)"] + [c for b in batches for c in (f"img/s b{b}", f"ms b{b}")]
+        rows = [[r["graph"], r["nodes"], f"{r['file_mib']:.2f}", f"{r['export_s']:.1f}"]
+                + [v for t in r["throughput"] for v in (f"{t['images_per_s']:.1f}", f"{t['median_ms']:.1f}")]
+                for r in m["rows"]]
+        lines += [f"## {m['model']} ({m['img_size']} px)", "", markdown_table(header, rows, right=range(1, len(header)))]
         ops = sorted({op for r in m["rows"] for op in r["op_census"]})
+        census = [[op] + [r["op_census"].get(op, 0) for r in m["rows"]] for op in ops]
         lines += ["", "<details><summary>op census</summary>", "",
-                  "| op | " + " | ".join(r["graph"] for r in m["rows"]) + " |",
-                  "|---|" + "---:|" * len(m["rows"])]
-        lines += [f"| {op} | " + " | ".join(str(r["op_census"].get(op, 0)) for r in m["rows"]) + " |" for op in ops]
+                  markdown_table(["op"] + [r["graph"] for r in m["rows"]], census, right=range(1, len(m["rows"]) + 1))]
         lines += ["", "</details>", ""]
     lines += ["ONNX Runtime's CPU provider has few fp16 kernels: it inserts Casts and runs most fp16 nodes in "
               "float32, so the fp16 row measures the graph on CPU, not fp16 speed (that is TensorRT's job).", ""]

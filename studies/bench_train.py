@@ -1,7 +1,7 @@
 """Training throughput (img/s) and peak memory per model, SDPA vs explicit attention, in one run.
 
-    python -m studies.bench_train                          # CPU: t2t_vit_7 and t2t_vit_t_14 at 112 px
-    python -m studies.bench_train --img-size 224 --batch-size 64 --compile   # on a GPU: bf16 autocast
+    python -m studies train                          # CPU: t2t_vit_7 and t2t_vit_t_14 at 112 px
+    python -m studies train --img-size 224 --batch-size 64 --compile   # on a GPU: bf16 autocast
 
 One training step = forward + loss + backward + AdamW step (timm optimizer factory, the recipe's
 no-weight-decay rules), on random inputs of the model's shape, so data loading is excluded. Each
@@ -25,7 +25,7 @@ from tqdm import tqdm
 import t2t_vit  # registers the models with timm
 from t2t_vit.cli import comma_list, run_command
 from t2t_vit.errors import T2TError
-from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import PeakMemory, load_average, run_case_in_subprocess
 
 from train.train import resolve_precision
@@ -108,14 +108,13 @@ def render_markdown(report: dict[str, Any], tag: str) -> list[str]:
              f"{report['load_average_end']}.", "", report["what"] + ".", ""]
     if "note" in report:
         lines += [report["note"], ""]
-    lines += ["| model | attention | img | batch | precision | img/s | step ms (median) | peak mem MiB |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['attn']} | {r['img_size']} | {r['batch_size']} | - | error: {r['error']} | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['attn']} | {r['img_size']} | {r['batch_size']} | {r['precision_resolved']} "
-                         f"| {r['img_per_s']} | {r['step_ms_median']} | {r['peak_mem_mib']} ({r['peak_mem_kind']}) |")
+    rows = [[r["model"], r["attn"], r["img_size"], r["batch_size"]]
+            + (["-", f"error: {r['error']}", "", ""] if "error" in r else
+               [r["precision_resolved"], str(r["img_per_s"]), str(r["step_ms_median"]),
+                f"{r['peak_mem_mib']} ({r['peak_mem_kind']})"])
+            for r in report["results"]]
+    lines += markdown_table(["model", "attention", "img", "batch", "precision", "img/s", "step ms (median)",
+                             "peak mem MiB"], rows).split("\n")
     return lines
 
 

@@ -102,3 +102,31 @@ def test_benchmark_smoke(tmp_path):
         assert r["images_per_s"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] / (r.get("latency_ms_median") or r["step_ms_median"]) * 1e3)
     assert report["host"]["torch"] == torch.__version__ and report["tool"] == "studies.bench_model"
+
+
+def test_study_reports_render_as_committed():
+    """The committed reports' Markdown is what the studies render from the committed JSON (tables through
+    t2t_vit.reports.markdown_table): moving the studies changed no report's format."""
+    from studies import bench_model, bench_onnx, bench_train
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+
+    def load(stem):
+        if not (reports / f"{stem}.json").is_file():
+            pytest.skip(f"reports/{stem}.json is not committed in this checkout")
+        return json.loads((reports / f"{stem}.json").read_text()), (reports / f"{stem}.md").read_text()
+
+    report, md = load("bench-model-cpu")
+    assert bench_model.to_markdown(report) == md
+    report, md = load("bench-onnx-cpu")
+    assert bench_onnx.render_markdown(report) == md
+    report, md = load("bench-train-cpu")
+    assert "\n".join(bench_train.render_markdown(report, "cpu")).rstrip() == md.rstrip()
+
+
+def test_markdown_table_right_aligns_the_columns_it_is_told():
+    from t2t_vit.reports import markdown_table
+
+    assert markdown_table(["a", "b", "c"], [["x", 1.5, "2.0"]], right=[1, 2]).splitlines() == [
+        "| a | b | c |", "|---|---:|---:|", "| x | 1.50 | 2.0 |"]
+    assert markdown_table(["a"], [[None]]).splitlines()[1:] == ["|---|", "| - |"]
