@@ -76,7 +76,9 @@ class SoftSplit(nn.Module):
     @impl.setter
     def impl(self, value: str) -> None:
         if value not in self.IMPLS:
-            raise ValueError(f"SoftSplit impl must be one of {self.IMPLS}, got {value!r}")
+            hint = " (the dense one-hot form is an export option: export.patterns.soft_split_as_conv(model, 'conv'))"
+            raise ValueError(f"SoftSplit impl must be one of {self.IMPLS}, got {value!r}"
+                             + (hint if value == "conv" else ""))
         self._impl = value
 
     def out_size(self, in_size: int) -> int:
