@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,9 @@ import torch
 import t2t_vit  # noqa: F401  (registers the models)
 from studies import __main__ as driver
 from studies.onednn import OneDNNLinear, onednn_linears
+from tests.test_model import _randomize  # weights with realistic scales (logits O(1..10))
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights with realistic scales (logits O(1..10)), frozen ones kept."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            elif "norm" in name and name.endswith(".weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def test_every_question_names_a_study_with_a_make_target():
