@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     # Imported on demand: each study pulls in its own heavy stack (ONNX Runtime, the training loop).
     study = importlib.import_module(QUESTIONS[argv[0]].module)
+    sys.argv[0] = f"python -m studies {argv[0]}"  # the usage line argparse prints names this command
     return study.main(argv[1:])
 
 
