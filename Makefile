@@ -32,8 +32,7 @@ STAGE_ARGS  = $(ENGINE_ARGS) $(call opt,--weights,$(WEIGHTS))
 # Images per batch of the stages that batch images (BATCH_SIZE >= 1; empty = each stage's default).
 RUN_ARGS    = $(call opt,--batch-size,$(BATCH_SIZE))
 
-.PHONY: help install test test-fast train validate bench-model bench-train onnx bench-onnx calib bench-calib \
-        engine bench bench-cpu bench-busy parity demo clean
+.PHONY: help install test test-fast train validate onnx calib engine bench parity demo clean
 
 # $(VAR) in a help line is shown with its value (REPORT_DIR=... changes where the reports go).
 help:
@@ -54,10 +53,6 @@ test:
 ## test-fast    unit tests only (skips the slow integration tier)
 test-fast:
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-## bench-model  SDPA vs explicit attention and fp32 throughput -> reports/bench-model-*.{json,md}
-bench-model:
-	$(PYTHON) -m t2t_vit.benchmark --out reports $(ARGS)
 
 ## clean        remove artifacts/, runs/ and .pytest_cache (trained checkpoints in runs/ too; reports/ stays)
 clean:
@@ -112,29 +107,21 @@ precision-sweep:
 GPU_PACK    ?= artifacts/gpu-pack
 ## gpu-pack     on the development machine: GPU_CHECKPOINT's weights alone + 160 val images -> artifacts/gpu-pack/ (< 64 MiB, to carry to a lent GPU)
 gpu-pack:
-	$(PYTHON) -m evaluation.gpu_check --pack $(GPU_PACK) --checkpoint $(GPU_CHECKPOINT) --data $(or $(DATA),$(REF_DATA)/val) $(ARGS)
+	$(PYTHON) -m studies.gpu_check --pack $(GPU_PACK) --checkpoint $(GPU_CHECKPOINT) --data $(or $(DATA),$(REF_DATA)/val) $(ARGS)
 
 ## gpu-check    on a lent CUDA machine, < 8 min: golden parity, fp16/bf16 autocast agreement (GPU_CHECKPOINT, DATA), t2t_vit_t_14 training SDPA vs authors', torch.compile -> reports/gpu-check.{json,md} (ARGS=--dry-run on a CPU)
 gpu-check:
-	$(PYTHON) -m evaluation.gpu_check $(call opt,--checkpoint,$(wildcard $(GPU_CHECKPOINT))) $(call opt,--data,$(DATA)) --out $(or $(REPORT_DIR),reports) $(ARGS)
+	$(PYTHON) -m studies.gpu_check $(call opt,--checkpoint,$(wildcard $(GPU_CHECKPOINT))) $(call opt,--data,$(DATA)) --out $(or $(REPORT_DIR),reports) $(ARGS)
 
 ## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
 validate:
 	@test -n "$(DATA)" || { echo "make validate: error: set DATA=/path/to/val (an ImageFolder split), e.g. make validate CHECKPOINT=runs/t2t_vit_7/best.pth DATA=../shared/data/imagenette2/val" >&2; exit 2; }
 	$(PYTHON) -m train.validate $(STAGE_ARGS) $(RUN_ARGS) --data $(DATA) $(call opt,--limit,$(LIMIT)) $(ARGS)
 
-## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
-bench-train:
-	$(PYTHON) -m train.benchmark --out reports $(ARGS)
-
 # ----- export (export/) -----
 ## onnx         <out>/<model>.fp32.onnx + .fp16.onnx + export report, validated on ORT CPU vs PyTorch (CHECKPOINT=... DATA=...)
 onnx:
 	$(PYTHON) -m export.to_onnx $(STAGE_ARGS) $(RUN_ARGS) $(call opt,--data,$(DATA)) $(ARGS)
-
-## bench-onnx   ORT CPU: patterned fp32 vs plain export vs fp16, t2t_vit_7/14 at 224 -> reports/bench-onnx-cpu.{json,md}
-bench-onnx:
-	$(PYTHON) -m export.bench --out reports $(ARGS)
 
 # ----- calibration (calibration/) -----
 MAX_DROP    ?= 1.0
@@ -145,19 +132,6 @@ calib:
 	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make calib CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
 	$(PYTHON) -m calibration.calib $(STAGE_ARGS) $(RUN_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
 		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) $(ARGS)
-
-## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
-bench-calib:
-	$(PYTHON) -m calibration.bench --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
-
-## bench-busy   the demo's training step idle and with a competing job, per thread setting -> reports/bench-busy.{json,md,png}
-bench-busy:
-	$(PYTHON) -m evaluation.bench_busy --out reports $(ARGS)
-
-## bench-cpu    CPU inference vs the authors' code, one run: ORT fp32/int8-cpu + PyTorch eager/compile/bf16, t2t_vit_7/14, 224, batch 1 and 8, per-op profiles, GFLOP/s vs peak -> reports/bench-cpu.{json,md,png}
-bench-cpu:
-	$(PYTHON) -m evaluation.bench_cpu --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
-
 
 # ----- engines (engines/) -----
 BATCHES     ?=
@@ -244,3 +218,34 @@ serve:
 ## loadtest     Triton (HTTP and gRPC, concurrency 1,4,16) vs the same runner called directly -> reports/serve-<MODEL>.{json,md,png}
 loadtest:
 	$(PYTHON) -m serving.loadtest --model $(MODEL) --artifacts $(OUT) $(call opt,--artifact,$(ARTIFACT)) $(ARGS)
+
+# ----- studies (studies/): one target per question, each writes its report to reports/ -----
+.PHONY: studies bench-model bench-train bench-onnx bench-calib bench-cpu bench-busy
+
+## studies      list the questions the studies answer (python -m studies <question>; make bench-<question>)
+studies:
+	$(PYTHON) -m studies --help
+
+## bench-model  SDPA vs explicit attention and fp32 throughput -> reports/bench-model-*.{json,md}
+bench-model:
+	$(PYTHON) -m studies model --out reports $(ARGS)
+
+## bench-train  training img/s + peak memory, t2t_vit_7 and t2t_vit_t_14, SDPA vs explicit attention -> reports/bench-train-*.{json,md}
+bench-train:
+	$(PYTHON) -m studies train --out reports $(ARGS)
+
+## bench-onnx   ORT CPU: patterned fp32 vs plain export vs fp16, t2t_vit_7/14 at 224 -> reports/bench-onnx-cpu.{json,md}
+bench-onnx:
+	$(PYTHON) -m studies onnx --out reports $(ARGS)
+
+## bench-calib  ORT CPU throughput of fp32/fp16/int8 graphs (t2t_vit_7, t2t_vit_14, 224, batch 1 and 8) -> reports/bench-calib-cpu.{json,md}
+bench-calib:
+	$(PYTHON) -m studies calib --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
+
+## bench-cpu    CPU inference vs the authors' code, one run: ORT fp32/int8-cpu + PyTorch eager/compile/bf16, t2t_vit_7/14, 224, batch 1 and 8, per-op profiles, GFLOP/s vs peak -> reports/bench-cpu.{json,md,png}
+bench-cpu:
+	$(PYTHON) -m studies cpu --out reports $(call opt,--calib-data,$(CALIB_DATA)) $(ARGS)
+
+## bench-busy   the demo's training step idle and with a competing job, per thread setting -> reports/bench-busy.{json,md,png}
+bench-busy:
+	$(PYTHON) -m studies busy --out reports $(ARGS)

@@ -29,12 +29,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, make_hint, onnx_path
-from t2t_vit.checkpoint import build_model
+from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.graphs import expect_graph, graph_inputs, read_metadata
-from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
 from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
 from t2t_vit.timing import latency_stats, load_average, time_calls
@@ -440,7 +439,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
         "kind": "bench-engines",
         "model": args.model,
         "img_size": img_size,
-        "weights": args.checkpoint or "random, trained-like biases (no --checkpoint: t2t_vit.model.trained_like_)",
+        "weights": args.checkpoint or "random, trained-like biases (no --checkpoint: t2t_vit.checkpoint.trained_like_)",
         "onnx_graphs": describe_graphs(graphs),
         # Other processes on the machine distort timings; the report says how busy it was.
         "load_average_during": {"before": load_before and load_before[0], "after": load_after and load_after[0]},

@@ -43,7 +43,7 @@ from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.layers import TokenPerformer
 from t2t_vit.metrics import LogitStats
-from t2t_vit.model import trained_like_
+from t2t_vit.checkpoint import trained_like_
 from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, write_report
 
 _logger = logging.getLogger(__name__)

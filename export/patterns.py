@@ -7,8 +7,9 @@ what it computes. Each pattern is a function named after what it makes, applied 
 * :func:`soft_split_as_conv` - each soft split (``nn.Unfold``) becomes one ``Conv`` with a one-hot
   kernel, instead of the Gather/GatherND/ScatterND (or Col2Im/Im2Col) chains exporters emit for
   Unfold; TensorRT has no Im2Col and runs gathers poorly. The default form is grouped (``group=C``,
-  C*k^4 multiply-adds per output pixel); the dense form (C^2*k^4, mostly by zero) stays selectable
-  (``--soft-split conv``). Why grouped for TensorRT too: docs/export.md.
+  C*k^4 multiply-adds per output pixel); the dense form (:class:`DenseSoftSplit`, C^2*k^4, mostly by
+  zero) stays selectable for comparison (``--soft-split conv``). Why grouped for TensorRT too:
+  docs/export.md.
 * :func:`explicit_attention` - softmax attention exported as MatMul -> Softmax(last axis) -> MatMul on
   4-D [B, heads, tokens, dim] tensors with the scale applied to Q first (TensorRT's fused-attention
   pattern), instead of whatever ``scaled_dot_product_attention`` lowers to (an opset-23 ``Attention``
@@ -36,12 +37,13 @@ import copy
 from collections import Counter
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from t2t_vit.errors import T2TError
 from t2t_vit.graphs import ONNX_FLOAT, ONNX_FLOAT16, consumers, producers, value_types
-from t2t_vit.layers import Attention, TokenAttention
+from t2t_vit.layers import Attention, SoftSplit, TokenAttention
 
 __all__ = [
     "FORBIDDEN_OPS",
@@ -49,6 +51,7 @@ __all__ = [
     "soft_split_as_conv",
     "SOFT_SPLIT_FORMS",
     "DEFAULT_SOFT_SPLIT",
+    "DenseSoftSplit",
     "explicit_attention",
     "remove_reduction_upcasts",
     "performer_core_fp32",
@@ -76,12 +79,46 @@ SOFT_SPLIT_FORMS = ("grouped", "conv")
 DEFAULT_SOFT_SPLIT = "grouped"
 
 
+class DenseSoftSplit(SoftSplit):
+    """A soft split computed by a dense one-hot convolution, (C*k*k, C, k, k): kept for comparison only.
+
+    C^2*k^4 multiply-adds per output pixel, C times the grouped form's (3x for the first split, 64x for
+    the others), all but C*k^4 of them multiplying by zero; the same numbers exactly (each output is one
+    input value, copied). ``--soft-split conv`` exports it; docs/export.md has the cost of both forms.
+    The kernel is a non-persistent buffer, so the state dict is the split's own.
+    """
+
+    def __init__(self, split: SoftSplit):
+        super().__init__(split.in_chans, split.kernel_size, split.stride, split.padding, impl="grouped")
+        k = self.kernel_size
+        eye = torch.eye(self.out_chans, dtype=torch.float32).reshape(self.out_chans, self.in_chans, k, k)
+        ref = split.one_hot_grouped  # the split's dtype and device (a half model's splits are half)
+        self.register_buffer("one_hot", eye.to(ref), persistent=False)
+        self.one_hot_grouped = self.one_hot_grouped.to(ref)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.one_hot.to(x.dtype), stride=self.stride, padding=self.padding)
+        return y.flatten(2).transpose(1, 2)
+
+
+def _swap_soft_splits(model: nn.Module, dense: bool) -> None:
+    """Replace every soft split by its dense form (``dense``) or the dense ones back by plain splits."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if dense and type(child) is SoftSplit:
+                setattr(parent, name, DenseSoftSplit(child))
+            elif not dense and type(child) is DenseSoftSplit:
+                plain = SoftSplit(child.in_chans, child.kernel_size, child.stride, child.padding, impl="grouped")
+                setattr(parent, name, plain.to(child.one_hot_grouped))
+
+
 def soft_split_as_conv(model: nn.Module, form: str = DEFAULT_SOFT_SPLIT) -> nn.Module:
-    """Switch every soft split to a one-hot ``Conv`` (identical numbers, no gather chains): ``"grouped"``
-    (one group per input channel, the default) or ``"conv"`` (dense)."""
+    """Switch every soft split to a one-hot ``Conv`` (identical numbers, no gather chains), in place:
+    ``"grouped"`` (one group per input channel, the default) or ``"conv"`` (dense, :class:`DenseSoftSplit`)."""
     if form not in SOFT_SPLIT_FORMS:
         raise PatternError(f"--soft-split must be one of {SOFT_SPLIT_FORMS}, got {form!r}")
-    model.set_soft_split_impl(form)
+    _swap_soft_splits(model, dense=form == "conv")
+    model.set_soft_split_impl("grouped")
     return model
 
 
@@ -147,7 +184,8 @@ def layernorm_fp32(model: nn.Module, enable: bool = True) -> nn.Module:
 
 
 # name -> swap, applied in order. Each one is a setter of the model package, so the reference
-# numerics are the package's own (tested there); here they are only selected for export.
+# numerics are the package's own (tested there); here they are only selected for export. The one form
+# defined here, the dense soft split, is tested against Unfold in tests/test_model.py.
 MODULE_PATTERNS = {
     "soft_split_as_conv": soft_split_as_conv,
     "explicit_attention": explicit_attention,
@@ -165,6 +203,7 @@ def apply_export_patterns(model: nn.Module, patterns: bool = True, soft_split: s
         out = soft_split_as_conv(out, soft_split)
         out = explicit_attention(out)
     else:
+        _swap_soft_splits(out, dense=False)
         out.set_soft_split_impl("unfold")
         out.set_fused_attn(True)
     return out

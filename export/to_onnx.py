@@ -52,13 +52,12 @@ from torch import nn
 
 import t2t_vit
 from t2t_vit.artifacts import default_out, onnx_path
-from t2t_vit.checkpoint import build_model
+from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_save_onnx, ensure_dir, file_sha256
 from t2t_vit.graphs import check_graph, describe_graph, fp32_tensors, read_metadata, set_metadata
-from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, report_header, write_report
 
 from . import patterns as P

@@ -46,6 +46,7 @@ __all__ = [
     "loaded_weights",
     "recorded_img_size",
     "resize_pos_embed",
+    "trained_like_",
 ]
 
 # Classes a checkpoint may contain besides tensors and plain containers. argparse.Namespace is what
@@ -357,4 +358,27 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
         if meta.get("class_names"):
             extra["class_names"] = list(meta["class_names"])
         model.pretrained_cfg = {**model.pretrained_cfg, **extra}
+    return model
+
+
+def trained_like_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every Linear bias and every LayerNorm scale and shift seeded random values (in place), as a
+    trained model has them; returns ``model``.
+
+    A freshly initialised model has zero biases and unit LayerNorm scales
+    (:meth:`t2t_vit.model.T2TViT._init_weights`). An exported graph keeps the Add of a zero bias only until
+    a simplifier (onnxslim, or constant folding) drops it, so a graph or benchmark of such a model is
+    cheaper than any trained checkpoint's, while an unsimplified baseline still pays for its Adds. Every
+    command that runs without a checkpoint (``make onnx``, ``make bench``, the studies) calls this first.
+    Biases and shifts ~ N(0, 0.02), scales ~ N(1, 0.1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+                if module.bias is not None:
+                    module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
     return model

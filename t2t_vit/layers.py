@@ -7,7 +7,6 @@ transformer, and timm-style ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,m
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -22,8 +21,6 @@ __all__ = [
     "TokenTransformer",
     "Attention",
     "Block",
-    "OneDNNLinear",
-    "onednn_linears",
 ]
 
 
@@ -45,22 +42,19 @@ def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
 class SoftSplit(nn.Module):
     """Overlapping patch extraction ("soft split"): ``nn.Unfold`` followed by a transpose.
 
-    Output is (B, L, C*k*k) with Unfold's channel order ``c*k*k + ky*k + kx``. Three forms compute the same
+    Output is (B, L, C*k*k) with Unfold's channel order ``c*k*k + ky*k + kx``. Two forms compute the same
     numbers exactly (each output is one input value, copied):
 
     * ``impl="unfold"`` (default): ``F.unfold``, the training form.
     * ``impl="grouped"``: a grouped convolution, ``groups=C``, each group copying its one input channel
       to its k*k outputs with a one-hot (k*k, 1, k, k) kernel: C*k^4 multiply-adds per output pixel.
       The export form: one ONNX ``Conv`` instead of the Gather/GatherND chains exporters emit for
-      Unfold (TensorRT has no Im2Col), without the dense form's zeros.
-    * ``impl="conv"``: a dense one-hot convolution, (C*k*k, C, k, k): C^2*k^4 multiply-adds per output
-      pixel, C times the grouped form's (3x for the first split, 64x for the others), all but C*k^4 of
-      them multiplying by zero. Kept selectable for comparison.
+      Unfold (TensorRT has no Im2Col).
 
-    The kernels are non-persistent buffers, so the state dict is the same for every form.
+    The kernel is a non-persistent buffer, so the state dict is the same for every form.
     """
 
-    IMPLS = ("unfold", "grouped", "conv")
+    IMPLS = ("unfold", "grouped")
 
     def __init__(self, in_chans: int, kernel_size: int, stride: int, padding: int, impl: str = "unfold"):
         super().__init__()
@@ -70,10 +64,6 @@ class SoftSplit(nn.Module):
         self.padding = padding
         self.out_chans = in_chans * kernel_size * kernel_size
         kk = kernel_size * kernel_size
-        eye = torch.eye(self.out_chans, dtype=torch.float32)
-        self.register_buffer(
-            "one_hot", eye.reshape(self.out_chans, in_chans, kernel_size, kernel_size), persistent=False
-        )
         # Group c holds output channels c*k*k .. c*k*k + k*k - 1, the same order as Unfold's.
         grouped = torch.eye(kk, dtype=torch.float32).reshape(kk, 1, kernel_size, kernel_size).repeat(in_chans, 1, 1, 1)
         self.register_buffer("one_hot_grouped", grouped, persistent=False)
@@ -86,7 +76,9 @@ class SoftSplit(nn.Module):
     @impl.setter
     def impl(self, value: str) -> None:
         if value not in self.IMPLS:
-            raise ValueError(f"SoftSplit impl must be one of {self.IMPLS}, got {value!r}")
+            hint = " (the dense one-hot form is an export option: export.patterns.soft_split_as_conv(model, 'conv'))"
+            raise ValueError(f"SoftSplit impl must be one of {self.IMPLS}, got {value!r}"
+                             + (hint if value == "conv" else ""))
         self._impl = value
 
     def out_size(self, in_size: int) -> int:
@@ -96,9 +88,6 @@ class SoftSplit(nn.Module):
         if self._impl == "grouped":
             y = F.conv2d(x, self.one_hot_grouped.to(x.dtype), stride=self.stride, padding=self.padding,
                          groups=self.in_chans)
-            return y.flatten(2).transpose(1, 2)
-        if self._impl == "conv":
-            y = F.conv2d(x, self.one_hot.to(x.dtype), stride=self.stride, padding=self.padding)
             return y.flatten(2).transpose(1, 2)
         y = F.unfold(x, self.kernel_size, stride=self.stride, padding=self.padding)
         return y.transpose(1, 2)
@@ -283,7 +272,7 @@ class Attention(nn.Module):
             w, bias = self.qkv.weight, self.qkv.bias
             kv = F.linear(x, w[c:], None if bias is None else bias[c:])
             q = F.linear(x[:, :n], w[:c], None if bias is None else bias[:c])
-        else:  # another kernel in its place (OneDNNLinear): one projection of every token, q's rows taken from it
+        else:  # another module in its place (a study's kernel): one projection of every token, q's rows taken from it
             qkv = self.qkv(x)
             q, kv = qkv[:, :n, :c], qkv[..., c:]
         k, v = kv.reshape(b, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -317,56 +306,3 @@ class Block(nn.Module):
         y = self.drop_path(self.attn(self.norm1(x)))
         x = (x[:, :self.query_tokens] if self.query_tokens else x) + y
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class OneDNNLinear(nn.Module):
-    """An inference-only ``nn.Linear`` computed by oneDNN (``aten::mkldnn_linear``) in float32 on the CPU.
-
-    PyTorch's own fp32 CPU GEMM goes through its BLAS (MKL in the official wheels), which on some x86 CPUs,
-    AMD's among them, runs well below the vector units' rate; oneDNN picks the kernel for the CPU it runs on.
-    The weights are converted to oneDNN tensors once; each call converts its input and output (dense <->
-    oneDNN). Results equal ``nn.Linear`` to float32 rounding (another summation order).
-    """
-
-    def __init__(self, linear: nn.Linear | None = None, *, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None):
-        super().__init__()
-        if linear is not None:
-            weight, bias = linear.weight, linear.bias
-        if weight is None or weight.dim() != 2:
-            raise ValueError("OneDNNLinear needs an nn.Linear or a 2-D weight")
-        self.out_features, self.in_features = weight.shape
-        weight = weight.detach().float()
-        bias = bias.detach().float() if bias is not None else torch.zeros(self.out_features)
-        # Not in the state dict: this module is made from a trained Linear, never saved.
-        self.register_buffer("weight", weight.to_mkldnn(), persistent=False)
-        self.register_buffer("bias", bias.to_mkldnn(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise TypeError(f"OneDNNLinear computes float32 on the CPU; got {x.dtype} on {x.device}")
-        return torch.ops.aten.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
-
-    def __deepcopy__(self, memo: dict) -> "OneDNNLinear":
-        # oneDNN tensors have no storage to copy; rebuild from their dense values.
-        return OneDNNLinear(weight=self.weight.to_dense(), bias=self.bias.to_dense())
-
-
-def onednn_linears(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for fp32 CPU inference with every ``nn.Linear`` replaced by :class:`OneDNNLinear`.
-
-    The copy is in eval mode and has no gradients (use it under ``torch.inference_mode()``); the caller's model
-    is untouched, so it stays the numerical reference and the one to train or save. Raises RuntimeError when
-    this PyTorch build has no oneDNN (``torch.backends.mkldnn.is_available()``).
-    """
-    if not torch.backends.mkldnn.is_available():
-        raise RuntimeError("this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)")
-    out = copy.deepcopy(model).eval().float().cpu()
-    for parent in list(out.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, OneDNNLinear(child))
-    return out.requires_grad_(False)

@@ -19,7 +19,7 @@ from .errors import T2TError
 from .layers import Block, SoftSplit, TokenPerformer, TokenTransformer, sinusoid_table
 
 __all__ = ["T2TModule", "T2TViT", "ARCHS", "TEST_MODELS", "list_t2t_models", "ModelConfigError",
-           "check_img_size", "trained_like_"]
+           "check_img_size"]
 
 
 class ModelConfigError(T2TError, ValueError):
@@ -129,8 +129,8 @@ class T2TViT(nn.Module):
                 m.fused_attn = enable
 
     def set_soft_split_impl(self, impl: str) -> None:
-        """Switch every soft split between ``F.unfold`` ("unfold") and the one-hot grouped ("grouped") or
-        dense ("conv") convolution (:class:`t2t_vit.layers.SoftSplit`)."""
+        """Switch every soft split between ``F.unfold`` ("unfold") and the one-hot grouped convolution
+        ("grouped"), :class:`t2t_vit.layers.SoftSplit`."""
         for m in self.modules():
             if isinstance(m, SoftSplit):
                 m.impl = impl
@@ -268,25 +268,3 @@ for _name in ARCHS:
 def list_t2t_models(include_test: bool = True) -> list[str]:
     """Registered T2T-ViT model names, in ``ARCHS`` order."""
     return [n for n in ARCHS if include_test or n not in TEST_MODELS]
-
-
-def trained_like_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every Linear bias and every LayerNorm scale and shift seeded random values (in place), as a
-    trained model has them; returns ``model``.
-
-    A freshly initialised model has zero biases and unit LayerNorm scales (:meth:`T2TViT._init_weights`).
-    An exported graph keeps the Add of a zero bias only until a simplifier (onnxslim, or constant folding)
-    drops it, so a benchmark of such a model times a cheaper graph than any trained checkpoint exports,
-    while an unsimplified baseline still pays for its Adds. Benchmarks that run without a checkpoint call
-    this first. Biases and shifts ~ N(0, 0.02), scales ~ N(1, 0.1).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
-            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-                if module.bias is not None:
-                    module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
-    return model

@@ -101,8 +101,9 @@ def pyplot() -> Any:
     return plt
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; floats get 2 decimals (3 significant digits below 1)."""
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A Markdown table; floats get 2 decimals (3 significant digits below 1), strings are written as they
+    are (format a number into a string for other precision). ``right``: indices of right-aligned columns."""
     def fmt(v: Any) -> str:
         if v is None:
             return "-"
@@ -112,6 +113,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
             return f"{v:.3g}" if abs(v) < 1 and v != 0 else f"{v:.2f}"
         return str(v)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if i in right else "---|" for i in range(len(header)))]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)

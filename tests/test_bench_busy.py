@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from evaluation import bench_busy
+from studies import bench_busy
 from t2t_vit.errors import T2TError
 
 

@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from evaluation import bench_cpu
+from studies import bench_cpu
+from t2t_vit.errors import T2TError
 from t2t_vit.graphs import read_metadata
 
 
@@ -43,6 +44,20 @@ def _fake_report(speedups, authors_gflops=(100.0, 120.0), gemm=150.0, int8_peak=
     peak = {"fp32_gflops": 200.0, "gemm_measured": {"ort_fp32_gflops": gemm, "ort_int8_gops": int8_peak,
                                                     "torch_fp32_gflops": gemm}}
     return {"peak": peak, "models": [{"model": "t2t_vit_14", "rows": rows}]}
+
+
+def test_goals_come_from_the_docs(tmp_path):
+    """The factors live in docs/cpu-speed.md's goals table; a changed cell changes the judged goal."""
+    goals = bench_cpu.read_goals()
+    assert set(goals) == {"t2t_vit_7", "t2t_vit_14"} and goals["t2t_vit_14"]["int8-cpu"] == 2.5
+    doc = tmp_path / "cpu-speed.md"
+    doc.write_text(bench_cpu.GOALS_DOC.read_text().replace("| `int8-cpu` | 2.0 | 2.5 |", "| `int8-cpu` | 2.0 | 3.1 |"))
+    speedups = {("onnxruntime", "ours int8-cpu", 1): 2.6, ("onnxruntime", "ours int8-cpu", 8): 2.6}
+    (g,) = bench_cpu._goals(_fake_report(speedups), bench_cpu.read_goals(doc))
+    assert g["goal"].startswith("t2t_vit_14: int8-cpu >= 3.1x") and not g["met"]
+    doc.write_text("# CPU speed\n\nno table\n")
+    with pytest.raises(T2TError, match="no goals table"):
+        bench_cpu.read_goals(doc)
 
 
 def test_pytorch_goal_states_the_ratio_at_equal_kernels():
@@ -188,8 +203,8 @@ def test_authors_model_takes_the_same_linear_kernel():
     the same count as our model's nn.Linear modules, the same logits."""
     import timm
 
-    from evaluation.authors import AuthorsModel
-    from t2t_vit.layers import OneDNNLinear
+    from studies.authors import AuthorsModel
+    from studies.onednn import OneDNNLinear
     from t2t_vit.model import ARCHS
 
     model = timm.create_model("t2t_vit_7", img_size=64).eval()

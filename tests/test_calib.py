@@ -76,7 +76,7 @@ def test_structural_classification_matches_module_scopes(tmp_path):
     from t2t_vit.checkpoint import build_model
 
     model = build_model("t2t_vit_test").eval()
-    model.set_soft_split_impl("conv")
+    model.set_soft_split_impl("grouped")
     model.set_fused_attn(False)
     path = tmp_path / "ts.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), input_names=["input"], output_names=["logits"],
@@ -642,7 +642,7 @@ def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, caps
 def test_bench_calib_redoes_graphs_cached_from_other_weights(tmp_path):
     """bench-calib keeps its graphs in --work between runs; graphs without its weights stamp (a run before
     trained-like biases, whose zero bias Adds were simplified away) are exported and quantized again."""
-    from calibration import bench
+    from studies import bench_calib as bench
 
     paths = bench.build_graphs("t2t_vit_test", 32, tmp_path, None, 4)
     stamp = paths["fp32"].parent / "weights.txt"

@@ -1,8 +1,8 @@
 """The project's cross-cutting contract: import direction, one CLI exit-code convention, one report header.
 
 * Imports go one way: t2t_vit (model package and shared machinery) <- train, export <- calibration <-
-  engines <- evaluation. No cycles between modules, and no function-local import of a project module
-  unless its line states why (``# local: <reason>``).
+  engines <- evaluation <- studies (nothing imports a study). No cycles between modules, and no
+  function-local import of a project module unless its line states why (``# local: <reason>``).
 * Every command exits 2 on bad input with one ``<tool>: error: ...`` line and no traceback.
 * Every JSON report starts with the same header keys (``t2t_vit.reports.HEADER_KEYS``).
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"t2t_vit": 0, "train": 1, "export": 1, "calibration": 2, "engines": 3, "evaluation": 4, "serving": 5}
+LAYERS = {"t2t_vit": 0, "train": 1, "export": 1, "calibration": 2, "engines": 3, "evaluation": 4, "serving": 5,
+          "studies": 5}
 
 
 def _modules() -> dict[str, Path]:
@@ -80,7 +81,8 @@ def test_imports_go_one_way():
                 continue
             if LAYERS[other] > LAYERS[pkg] or (LAYERS[other] == LAYERS[pkg]):
                 problems.append(f"{path.relative_to(REPO)}:{line} imports {target} ({other} is not below {pkg})")
-    assert not problems, "imports must go t2t_vit <- train/export <- calibration <- engines <- evaluation:\n" + \
+    assert not problems, ("imports must go t2t_vit <- train/export <- calibration <- engines <- evaluation <- "
+                          "studies:\n") + \
         "\n".join(problems)
 
 
@@ -131,26 +133,27 @@ COMMANDS_BAD_INPUT = {
     "train.train": ["--model", "t2t_vit_test", "--data", "/nonexistent/data", "--out", "{tmp}/run"],
     "train.validate": ["--model", "t2t_vit_test", "--data", "/nonexistent/val", "--out", "{tmp}"],
     "train.report": ["--run", "{tmp}/no-run", "--name", "x", "--out", "{tmp}"],
-    "train.benchmark": ["--models", "t2t_vit_test", "--attn", "flash", "--out", "{tmp}"],
+    "studies.bench_train": ["--models", "t2t_vit_test", "--attn", "flash", "--out", "{tmp}"],
     "export.to_onnx": ["--model", "no_such_model", "--out", "{tmp}"],
-    "export.bench": ["--models", "no_such_model", "--out", "{tmp}"],
+    "studies.bench_onnx": ["--models", "no_such_model", "--out", "{tmp}"],
     "calibration.calib": ["--model", "t2t_vit_test", "--out", "{tmp}", "--calib-data", "/nonexistent/train"],
-    "calibration.bench": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
+    "studies.bench_calib": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
     "engines.build": ["--model", "t2t_vit_test", "--out", "{tmp}", "--dry-run"],
     "engines.bench": ["--model", "t2t_vit_test", "--out", "{tmp}", "--tensorrt", "require"],
     "engines.trtexec_log": ["{tmp}/missing.log"],
     "evaluation.parity": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
     "evaluation.demo": ["--out", "{tmp}/demo", "--steps", "data,fly"],
     "evaluation.layerwise": ["--model", "t2t_vit_test", "--out", "{tmp}", "--precision", "fp16"],
-    "evaluation.bench_busy": ["--conditions", "noisy:auto", "--out", "{tmp}"],
-    "evaluation.bench_cpu": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
+    "studies.bench_busy": ["--conditions", "noisy:auto", "--out", "{tmp}"],
+    "studies.bench_cpu": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
-    "evaluation.gpu_check": ["--dry-run", "--out", "{tmp}", "--checkpoint", "{tmp}/missing.pth"],
-    "t2t_vit.benchmark": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
+    "studies.gpu_check": ["--dry-run", "--out", "{tmp}", "--checkpoint", "{tmp}/missing.pth"],
     "serving.predict": ["--artifact", "{tmp}/missing.onnx", "--images", "a.jpg"],
     "serving.triton_repo": ["--model", "t2t_vit_test", "--out", "{tmp}/none"],
     "serving.server": ["--artifact", "{tmp}/missing.onnx", "--http-port", "1", "--grpc-port", "2"],
     "serving.loadtest": ["--model", "t2t_vit_test", "--artifacts", "{tmp}"],
+    "studies.bench_model": ["--out", "{tmp}", "--attn-model", "no_such_model", "--throughput-models", "x"],
+    "studies.__main__": ["no_such_question"],
 }
 
 
@@ -167,7 +170,8 @@ def test_bad_input_exits_2_with_one_line(module, tmp_path, capsys):
     assert rc == 2, err
     assert "Traceback" not in err
     errors = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and errors[0].startswith(f"{module}: error:"), err
+    tool = module.removesuffix(".__main__")  # python -m studies names itself "studies"
+    assert len(errors) == 1 and errors[0].startswith(f"{tool}: error:"), err
 
 
 def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ the model's modules (an independent count), never against numbers the exporter p
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import Counter
@@ -109,6 +110,46 @@ def test_caller_model_untouched(tiny):
     assert all(m.impl == "unfold" for m in model.modules() if isinstance(m, SoftSplit))
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
     assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("in_chans,k,s,p,size", [(3, 7, 4, 2, 32), (16, 3, 2, 1, 14), (64, 3, 2, 1, 8)])
+def test_dense_soft_split_equals_unfold(in_chans, k, s, p, size):
+    """``--soft-split conv``'s form (export's comparison option): the same copy as Unfold, C^2*k^4 weights."""
+    from export.patterns import DenseSoftSplit
+    from t2t_vit.layers import SoftSplit
+
+    dense = DenseSoftSplit(SoftSplit(in_chans, k, s, p))
+    x = torch.randn(2, in_chans, size, size)
+    ref = torch.nn.functional.unfold(x, k, stride=s, padding=p).transpose(1, 2)  # independent call
+    torch.testing.assert_close(dense(x), ref, atol=0, rtol=0)  # a copy: exactly equal
+    torch.testing.assert_close(dense.half()(x.half()), ref.half(), atol=0, rtol=0)
+    assert dense.one_hot.numel() == in_chans**2 * k**4 and not dense.state_dict()
+
+
+def test_soft_split_forms_swap_in_place_and_back():
+    """soft_split_as_conv: "conv" swaps in DenseSoftSplit (a half model's kernels stay half), "grouped" swaps it
+    back; the state dict and the logits never change."""
+    from export.patterns import DenseSoftSplit, soft_split_as_conv
+    from t2t_vit.layers import SoftSplit
+
+    torch.manual_seed(0)
+    model = timm.create_model("t2t_vit_test").eval()
+    keys = set(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    plain_half = copy.deepcopy(model).half()
+    with torch.no_grad():
+        ref = model(x)
+        soft_split_as_conv(model, "conv")
+        splits = [m for m in model.modules() if isinstance(m, SoftSplit)]
+        assert len(splits) == 3 and all(type(m) is DenseSoftSplit for m in splits)
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        assert set(model.state_dict()) == keys
+        half = soft_split_as_conv(plain_half, "conv")
+        assert all(m.one_hot.dtype == torch.float16 for m in half.modules() if isinstance(m, DenseSoftSplit))
+        soft_split_as_conv(model, "grouped")
+        splits = [m for m in model.modules() if isinstance(m, SoftSplit)]
+        assert all(type(m) is SoftSplit and m.impl == "grouped" for m in splits)
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_default_fp16_graph_keeps_layernorms_fp32(tiny):
@@ -473,7 +514,7 @@ def test_bad_arguments(tiny, tmp_path):
 def test_trained_like_weights_keep_every_bias_in_the_graph(tmp_path):
     """A fresh init's zero biases are Adds of zeros that onnxslim drops, so a benchmark of such a model
     times a graph cheaper than any checkpoint's; with trained_like_ every bias reaches the graph."""
-    from t2t_vit.model import trained_like_
+    from t2t_vit.checkpoint import trained_like_
 
     torch.manual_seed(0)
     model = timm.create_model("t2t_vit_test", num_classes=10, img_size=64).eval()
@@ -492,7 +533,7 @@ def test_trained_like_weights_keep_every_bias_in_the_graph(tmp_path):
 def test_side_by_side_throughput_keeps_each_graph_its_own_times(tiny, monkeypatch):
     """bench-onnx times its graphs in interleaved rounds; each result carries the times of the graph at its
     position, and each graph's session runs on its own input."""
-    from export import bench
+    from studies import bench_onnx as bench
 
     _, fp32, fp16, _ = tiny
     ran = {}

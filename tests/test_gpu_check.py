@@ -1,4 +1,4 @@
-"""evaluation.gpu_check: the CPU dry run of the lent-GPU script (every section with the tiny models), its
+"""studies.gpu_check: the CPU dry run of the lent-GPU script (every section with the tiny models), its
 one-line failure without CUDA, the carry pack, and the numpy-drawn golden weights."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import timm
 import torch
 from PIL import Image
 
-from evaluation import gpu_check as G
+from studies import gpu_check as G
 from t2t_vit.checkpoint import build_model, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evaluation.gpu_check", *argv], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "studies.gpu_check", *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -80,7 +80,7 @@ def test_without_cuda_fails_with_one_line(tmp_path):
     res = _run("--out", str(tmp_path), env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "evaluation.gpu_check: error: no CUDA device visible to PyTorch (torch.cuda.is_available() is False); run "
+        "studies.gpu_check: error: no CUDA device visible to PyTorch (torch.cuda.is_available() is False); run "
         "this on the lent GPU machine, or pass --dry-run to check the script on a CPU"]
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -89,7 +89,7 @@ def test_make_gpu_check_passes_the_dry_run_and_reports_to_report_dir(tmp_path):
     out = subprocess.run(["make", "-n", "gpu-check", "ARGS=--dry-run", f"REPORT_DIR={tmp_path}",
                           "GPU_CHECKPOINT=/nonexistent.pth"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
-    assert "-m evaluation.gpu_check" in out and f"--out {tmp_path} --dry-run" in out
+    assert "-m studies.gpu_check" in out and f"--out {tmp_path} --dry-run" in out
     assert "--checkpoint" not in out  # an absent checkpoint is left out: the autocast section is skipped
 
 

@@ -105,7 +105,7 @@ def setup(shared_data, tmp_path_factory):
     meta = {"model": MODEL, "num_classes": "10", "checkpoint_sha256": file_sha256(ckpt),
             **DataConfig.from_model(model).to_metadata()}
     fp32 = out / f"{MODEL}.fp32.onnx"
-    model.set_soft_split_impl("conv")
+    model.set_soft_split_impl("grouped")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(fp32), input_names=["input"],

@@ -46,7 +46,7 @@ def test_round_tf32_is_round_to_nearest_even_with_10_mantissa_bits():
 def test_tf32_scopes_touch_only_what_they_name():
     torch.manual_seed(0)
     model = build_model("t2t_vit_test").eval()
-    model.set_soft_split_impl("conv")
+    model.set_soft_split_impl("grouped")
     model.set_fused_attn(False)
     x = torch.randn(2, 3, 64, 64)
     calls = {"island": 0}

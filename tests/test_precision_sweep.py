@@ -18,7 +18,7 @@ from evaluation import precision as PR
 from export.to_onnx import sweep_headroom
 from t2t_vit.checkpoint import build_model
 from t2t_vit.layers import TokenPerformer
-from t2t_vit.model import trained_like_
+from t2t_vit.checkpoint import trained_like_
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)

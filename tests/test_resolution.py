@@ -13,7 +13,7 @@ import timm
 import torch
 
 import t2t_vit  # noqa: F401
-from evaluation.authors import numpy_sinusoid
+from studies.authors import numpy_sinusoid
 from t2t_vit.checkpoint import build_model, load_checkpoint, read_checkpoint
 from t2t_vit.files import file_sha256
 from train import report as report_mod

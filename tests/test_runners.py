@@ -30,7 +30,7 @@ def tiny_model() -> torch.nn.Module:
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
     """The tiny model exported directly with torch.onnx (independent of the project's exporter)."""
     path = tmp_path_factory.mktemp("onnx") / "t2t_vit_test.fp32.onnx"
-    tiny_model.set_soft_split_impl("conv")
+    tiny_model.set_soft_split_impl("grouped")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(tiny_model, (torch.randn(2, 3, 64, 64),), str(path), input_names=["input"],

@@ -354,7 +354,7 @@ def test_ddp_two_processes_on_cpu(dataset, tmp_path):
 
 
 def test_benchmark_writes_both_attention_paths(tmp_path):
-    from train.benchmark import main
+    from studies.bench_train import main
 
     rc = main(["--models", "t2t_vit_test", "--img-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
                "--device", "cpu", "--threads", "1", "--in-process", "--out", str(tmp_path)])

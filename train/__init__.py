@@ -1,1 +1,1 @@
-"""Training stack: `python -m train.train`, `train.validate`, `train.benchmark`, `train.report` (timm utilities, torchrun/DDP)."""
+"""Training stack: `python -m train.train`, `train.validate`, `train.report` (timm utilities, torchrun/DDP)."""

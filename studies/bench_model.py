@@ -12,7 +12,7 @@ Peak memory is :class:`t2t_vit.timing.PeakMemory`'s growth over the memory in us
 measured steps (CPU: peak resident set, ``ru_maxrss``; GPU: ``torch.cuda.max_memory_allocated``), each
 case in a fresh subprocess so cases do not share a high-water mark.
 
-Usage: ``python -m t2t_vit.benchmark --out reports`` (``make bench-model``) writes
+Usage: ``python -m studies model --out reports`` (``make bench-model``) writes
 ``reports/bench-model-<device>.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ import timm
 import torch
 from tqdm import tqdm
 
-from .model import ARCHS, ModelConfigError  # importing the model module registers the models with timm
-from .cli import comma_list, run_command
-from .reports import host_line, report_header, write_report
-from .timing import PeakMemory, run_case_in_subprocess, time_calls
+from t2t_vit.cli import comma_list, run_command
+from t2t_vit.model import ARCHS, ModelConfigError  # importing the model module registers the models with timm
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
+from t2t_vit.timing import PeakMemory, run_case_in_subprocess, time_calls
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -105,24 +105,23 @@ def build_cases(device: str, quick: bool, attn_model: str = "t2t_vit_t_14",
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Model benchmark ({report['device']})", "", f"`{report['command']}`", "",
              f"Host: {host_line(report['host'])}; {report['host']['torch_threads']} torch threads.", "",
-             f"## SDPA vs explicit attention ({report['attn_model']}, {report['img_size']} px)", "",
-             "| case | batch | attention | median ms | img/s | peak mem MiB |", "|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        if r["model"] != report["attn_model"] or r["attention"] == "sdpa" and r["batch"] == 128:
-            continue
-        ms = r.get("latency_ms_median", r.get("step_ms_median"))
-        mem = f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "-"
-        lines.append(f"| {r['kind']} | {r['batch']} | {r['attention']} | {ms:.1f} | {r['images_per_s']:.1f} | {mem} |")
-    lines.append("")
+             f"## SDPA vs explicit attention ({report['attn_model']}, {report['img_size']} px)", ""]
+    attn = [[r["kind"], r["batch"], r["attention"], f"{r.get('latency_ms_median', r.get('step_ms_median')):.1f}",
+             f"{r['images_per_s']:.1f}", f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "-"]
+            for r in report["results"]
+            if r["model"] == report["attn_model"] and not (r["attention"] == "sdpa" and r["batch"] == 128)]
+    lines += [markdown_table(["case", "batch", "attention", "median ms", "img/s", "peak mem MiB"], attn), ""]
     lines += [f"- {key}: **{value:.2f}x**" for key, value in report["ratios"].items()]
-    lines += ["", "## fp32 forward throughput (eval, SDPA)", "", "| model | batch | median ms | img/s |", "|---|---|---|---|"]
-    for r in report["results"]:
-        if r["kind"] == "forward" and r["model"] in report["throughput_models"]:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['latency_ms_median']:.1f} | {r['images_per_s']:.1f} |")
+    fwd = [[r["model"], r["batch"], f"{r['latency_ms_median']:.1f}", f"{r['images_per_s']:.1f}"]
+           for r in report["results"] if r["kind"] == "forward" and r["model"] in report["throughput_models"]]
+    lines += ["", "## fp32 forward throughput (eval, SDPA)", "",
+              markdown_table(["model", "batch", "median ms", "img/s"], fwd)]
     gpu_train = [r for r in report["results"] if r["kind"] == "train_step" and r["batch"] == 128]
     if gpu_train:
-        lines += ["", "## GPU training step (bf16 autocast)", "", "| model | batch | img/s | peak MiB |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['batch']} | {r['images_per_s']:.0f} | {r['peak_mem_mib']:.0f} |" for r in gpu_train]
+        lines += ["", "## GPU training step (bf16 autocast)", "",
+                  markdown_table(["model", "batch", "img/s", "peak MiB"],
+                                 [[r["model"], r["batch"], f"{r['images_per_s']:.0f}", f"{r['peak_mem_mib']:.0f}"]
+                                  for r in gpu_train])]
     elif report["device"] == "cpu":
         lines += ["", "No GPU was available for this run; on a CUDA machine the same command adds bf16 training-step "
                       "throughput and peak memory."]
@@ -169,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelConfigError(f"unknown models {unknown}; registered: {', '.join(ARCHS)}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cases = build_cases(device, args.quick, args.attn_model, tuple(args.throughput_models), args.img_size)
-        header = report_header("t2t_vit.benchmark", argv)
-        results = [run_case_in_subprocess("t2t_vit.benchmark", c) for c in tqdm(cases, desc="bench-model", unit="case")]
+        header = report_header("studies.bench_model", argv)
+        results = [run_case_in_subprocess("studies.bench_model", c) for c in tqdm(cases, desc="bench-model", unit="case")]
         report = {
             **header,
             "device": device,
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md)
         return 0
 
-    return run_command(body, "t2t_vit.benchmark")
+    return run_command(body, "studies.bench_model")
 
 
 if __name__ == "__main__":

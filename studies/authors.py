@@ -131,7 +131,7 @@ class AuthorsModel(torch.nn.Module):
 
     def with_linear_kernel(self, make: Callable[[torch.Tensor, torch.Tensor | None], torch.nn.Module]) -> "AuthorsModel":
         """Every Linear (each 2-D ``*.weight``) computed by ``make(weight, bias)`` instead of ``F.linear``: the
-        same kernel choice as a model's (e.g. ``t2t_vit.layers.OneDNNLinear``), to tell the formulation's
+        same kernel choice as a model's (e.g. ``studies.onednn.OneDNNLinear``), to tell the formulation's
         speed from the kernel library's. Returns self."""
         sd = dict(zip(self.names, (getattr(self, f"w{i}") for i in range(len(self.names)))))
         for k, w in sd.items():

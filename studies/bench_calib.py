@@ -2,10 +2,10 @@
 
 ``make bench-calib`` ::
 
-    python -m calibration.bench --models t2t_vit_7,t2t_vit_14 --img-size 224 --batch-sizes 1,8 --out reports
+    python -m studies calib --models t2t_vit_7,t2t_vit_14 --img-size 224 --batch-sizes 1,8 --out reports
 
 For each model the fp32/fp16 graphs are exported (``export.to_onnx.export_model``, random weights with
-a trained model's nonzero biases and LayerNorm affines, :func:`t2t_vit.model.trained_like_`) into
+a trained model's nonzero biases and LayerNorm affines, :func:`t2t_vit.checkpoint.trained_like_`) into
 ``--work``, and the int8 graph is built by ``make calib``'s own function
 (:func:`calibration.quantize.build_int8`: default policy, entropy calibration on ``--calib-images`` images:
 real ones from ``--calib-data`` when given, else Gaussian noise, which only sets ranges; checked, with its
@@ -30,17 +30,16 @@ import torch
 from tqdm import tqdm
 
 from export.to_onnx import export_model
-from t2t_vit.checkpoint import build_model
+from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
 from t2t_vit.graphs import ort_session, read_metadata
-from t2t_vit.model import trained_like_
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import load_average, time_calls
 
-from .data import load_or_preprocess, select_samples
-from .policy import DEFAULT_POLICY, Placement
-from .quantize import TensorDataReader, build_int8, ensure_opset
+from calibration.data import load_or_preprocess, select_samples
+from calibration.policy import DEFAULT_POLICY, Placement
+from calibration.quantize import TensorDataReader, build_int8, ensure_opset
 
 __all__ = ["get_args_parser", "time_session", "run", "main"]
 
@@ -74,7 +73,7 @@ def time_session(path: str | Path, batch: int, img_size: int, min_time: float, m
             "latency_ms_min": 1000 * min(times), "images_per_s": batch / med}
 
 
-WEIGHTS = "random, t2t_vit.model.trained_like_(seed=0)"  # what the cached graphs in --work were exported from
+WEIGHTS = "random, t2t_vit.checkpoint.trained_like_(seed=0)"  # what the cached graphs in --work were exported from
 
 
 def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | None, calib_images: int) -> dict[str, Path]:
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     graphs = {m: build_graphs(m, args.img_size, Path(args.work), args.calib_data, args.calib_images)
               for m in args.models}
     points = [(m, p, b) for m in args.models for p in graphs[m] for b in args.batches]
-    header = report_header("calibration.bench", argv)
+    header = report_header("studies.bench_calib", argv)
     for m, prec, b in tqdm(points, desc="bench", unit="point"):
         r = time_session(graphs[m][prec], b, args.img_size, args.min_time, args.min_iters, threads)
         rows.append({"model": m, "precision": prec, "img_size": args.img_size, **r})
@@ -150,7 +149,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run_command(lambda: run(args, argv) and 0, "calibration.bench")
+    return run_command(lambda: run(args, argv) and 0, "studies.bench_calib")
 
 
 if __name__ == "__main__":

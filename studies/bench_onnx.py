@@ -1,7 +1,7 @@
 """Benchmark the exported graphs on ONNX Runtime's CPU provider (``make bench-onnx``).
 
 For each model (default t2t_vit_7 and t2t_vit_14 at 224 px, random weights with the nonzero biases and
-LayerNorm affines of a trained model, :func:`t2t_vit.model.trained_like_`, so no graph loses an Add of
+LayerNorm affines of a trained model, :func:`t2t_vit.checkpoint.trained_like_`, so no graph loses an Add of
 zeros that a checkpoint's graph keeps) and in one run:
 
 * ``patterned fp32`` - :func:`export.to_onnx.export_onnx` (one-hot Conv soft splits, explicit
@@ -32,15 +32,14 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from t2t_vit.checkpoint import build_model
+from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.graphs import ort_session
-from t2t_vit.model import trained_like_
-from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import load_average, time_interleaved
 
-from . import to_onnx
-from .patterns import apply_export_patterns, op_census
+from export import to_onnx
+from export.patterns import apply_export_patterns, op_census
 
 __all__ = ["plain_export", "throughput_side_by_side", "bench_model", "get_args_parser", "main"]
 
@@ -111,7 +110,7 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
         path.unlink()
     work.rmdir()
     return {"model": name, "img_size": size, "rows": rows,
-            "weights": "random, trained-like biases and LayerNorm affines (t2t_vit.model.trained_like_)"}
+            "weights": "random, trained-like biases and LayerNorm affines (t2t_vit.checkpoint.trained_like_)"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -122,17 +121,15 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"median run latency; the graphs of one batch are timed side by side in interleaved rounds.", ""]
     for m in report["models"]:
         batches = [t["batch"] for t in m["rows"][0]["throughput"]]
-        lines += [f"## {m['model']} ({m['img_size']} px)", "",
-                  "| graph | nodes | file (MiB) | export (s) | " + " | ".join(f"img/s b{b} | ms b{b}" for b in batches) + " |",
-                  "|---|---:|---:|---:|" + "---:|---:|" * len(batches)]
-        for r in m["rows"]:
-            tp = " | ".join(f"{t['images_per_s']:.1f} | {t['median_ms']:.1f}" for t in r["throughput"])
-            lines.append(f"| {r['graph']} | {r['nodes']} | {r['file_mib']:.2f} | {r['export_s']:.1f} | {tp} |")
+        header = ["graph", "nodes", "file (MiB)", "export (s)"] + [c for b in batches for c in (f"img/s b{b}", f"ms b{b}")]
+        rows = [[r["graph"], r["nodes"], f"{r['file_mib']:.2f}", f"{r['export_s']:.1f}"]
+                + [v for t in r["throughput"] for v in (f"{t['images_per_s']:.1f}", f"{t['median_ms']:.1f}")]
+                for r in m["rows"]]
+        lines += [f"## {m['model']} ({m['img_size']} px)", "", markdown_table(header, rows, right=range(1, len(header)))]
         ops = sorted({op for r in m["rows"] for op in r["op_census"]})
+        census = [[op] + [r["op_census"].get(op, 0) for r in m["rows"]] for op in ops]
         lines += ["", "<details><summary>op census</summary>", "",
-                  "| op | " + " | ".join(r["graph"] for r in m["rows"]) + " |",
-                  "|---|" + "---:|" * len(m["rows"])]
-        lines += [f"| {op} | " + " | ".join(str(r["op_census"].get(op, 0)) for r in m["rows"]) + " |" for op in ops]
+                  markdown_table(["op"] + [r["graph"] for r in m["rows"]], census, right=range(1, len(m["rows"]) + 1))]
         lines += ["", "</details>", ""]
     lines += ["ONNX Runtime's CPU provider has few fp16 kernels: it inserts Casts and runs most fp16 nodes in "
               "float32, so the fp16 row measures the graph on CPU, not fp16 speed (that is TensorRT's job).", ""]
@@ -160,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         threads = apply_threads(args.threads)
-        report: dict[str, Any] = {**report_header("export.bench", argv), "threads": threads, "models": []}
+        report: dict[str, Any] = {**report_header("studies.bench_onnx", argv), "threads": threads, "models": []}
         for name in args.models:
             report["models"].append(bench_model(name, args.img_size, out, tuple(args.batches),
                                                 not args.no_dynamo_row, args.min_seconds, threads))
@@ -170,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md)
         return 0
 
-    return run_command(body, "export.bench")
+    return run_command(body, "studies.bench_onnx")
 
 
 if __name__ == "__main__":

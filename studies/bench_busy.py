@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.load < 1:
             raise T2TError(f"--load must be at least 1 competing process, got {args.load}")
         conds = [parse_condition(c, cores) for c in args.conditions]
-        header = report_header("evaluation.bench_busy", argv)
+        header = report_header("studies.bench_busy", argv)
         start_load = load_average()
         with tempfile.TemporaryDirectory(prefix="t2t-busy-") as tmp:
             work = Path(args.work) if args.work else Path(tmp)
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md)
         return 0
 
-    return run_command(body, "evaluation.bench_busy")
+    return run_command(body, "studies.bench_busy")
 
 
 if __name__ == "__main__":

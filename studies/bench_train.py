@@ -1,7 +1,7 @@
 """Training throughput (img/s) and peak memory per model, SDPA vs explicit attention, in one run.
 
-    python -m train.benchmark                          # CPU: t2t_vit_7 and t2t_vit_t_14 at 112 px
-    python -m train.benchmark --img-size 224 --batch-size 64 --compile   # on a GPU: bf16 autocast
+    python -m studies train                          # CPU: t2t_vit_7 and t2t_vit_t_14 at 112 px
+    python -m studies train --img-size 224 --batch-size 64 --compile   # on a GPU: bf16 autocast
 
 One training step = forward + loss + backward + AdamW step (timm optimizer factory, the recipe's
 no-weight-decay rules), on random inputs of the model's shape, so data loading is excluded. Each
@@ -25,10 +25,10 @@ from tqdm import tqdm
 import t2t_vit  # registers the models with timm
 from t2t_vit.cli import comma_list, run_command
 from t2t_vit.errors import T2TError
-from t2t_vit.reports import host_line, report_header, write_report
+from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import PeakMemory, load_average, run_case_in_subprocess
 
-from .train import resolve_precision
+from train.train import resolve_precision
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -108,14 +108,13 @@ def render_markdown(report: dict[str, Any], tag: str) -> list[str]:
              f"{report['load_average_end']}.", "", report["what"] + ".", ""]
     if "note" in report:
         lines += [report["note"], ""]
-    lines += ["| model | attention | img | batch | precision | img/s | step ms (median) | peak mem MiB |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['attn']} | {r['img_size']} | {r['batch_size']} | - | error: {r['error']} | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['attn']} | {r['img_size']} | {r['batch_size']} | {r['precision_resolved']} "
-                         f"| {r['img_per_s']} | {r['step_ms_median']} | {r['peak_mem_mib']} ({r['peak_mem_kind']}) |")
+    rows = [[r["model"], r["attn"], r["img_size"], r["batch_size"]]
+            + (["-", f"error: {r['error']}", "", ""] if "error" in r else
+               [r["precision_resolved"], str(r["img_per_s"]), str(r["step_ms_median"]),
+                f"{r['peak_mem_mib']} ({r['peak_mem_kind']})"])
+            for r in report["results"]]
+    lines += markdown_table(["model", "attention", "img", "batch", "precision", "img/s", "step ms (median)",
+                             "peak mem MiB"], rows).split("\n")
     return lines
 
 
@@ -142,14 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = [dict(model=m, attn=a, device=device, img_size=img, batch_size=bs, steps=steps, warmup=args.warmup,
                       precision=args.precision, compile=args.compile, threads=args.threads)
                  for m in args.models for a in args.attn]
-        header = report_header("train.benchmark", argv)
+        header = report_header("studies.bench_train", argv)
         results = []
         for case in tqdm(cases, desc="bench-train", unit="case"):
             if args.in_process:
                 results.append(run_case(case))
                 continue
             try:
-                results.append(run_case_in_subprocess("train.benchmark", case))
+                results.append(run_case_in_subprocess("studies.bench_train", case))
             except T2TError as e:
                 print(e, file=sys.stderr)
                 results.append({**case, "error": str(e).strip().splitlines()[-1]})
@@ -167,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise T2TError("some benchmark cases failed (see the report)")
         return 0
 
-    return run_command(body, "train.benchmark")
+    return run_command(body, "studies.bench_train")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Everything this project wants from a few minutes on a lent CUDA machine, in one command and one report.
 
-    python -m evaluation.gpu_check --pack artifacts/gpu-pack --checkpoint runs/imagenette-t2t_vit_7-224/best.pth
-    python -m evaluation.gpu_check --checkpoint artifacts/gpu-pack/weights.pth --data artifacts/gpu-pack/val  # on the GPU
-    python -m evaluation.gpu_check --dry-run        # on a CPU: every section with the tiny models, seconds
+    python -m studies.gpu_check --pack artifacts/gpu-pack --checkpoint runs/imagenette-t2t_vit_7-224/best.pth
+    python -m studies.gpu_check --checkpoint artifacts/gpu-pack/weights.pth --data artifacts/gpu-pack/val  # on the GPU
+    python -m studies.gpu_check --dry-run        # on a CPU: every section with the tiny models, seconds
 
 Sections (``reports/gpu-check.{json,md}``; the dry run writes ``gpu-check-dry-run.*``):
 
-1. ``parity``: golden logits = the authors' formulation (:mod:`evaluation.authors`) in float64 on the CPU, for
+1. ``parity``: golden logits = the authors' formulation (:mod:`studies.authors`) in float64 on the CPU, for
    two variants (t2t_vit_7: Performer; t2t_vit_t_14: token transformer) at 224 px with weights and inputs
    drawn by numpy (the same on every machine and PyTorch version); our model on CUDA in fp32 (TF32 off),
    SDPA and explicit attention, must match them to 1e-4 of the logit scale.
@@ -47,11 +47,11 @@ from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.model import ARCHS
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 from t2t_vit.timing import PeakMemory
-from train.benchmark import run_case
+from studies.bench_train import run_case
 
 from . import authors as authors_module
 from .authors import authors_forward
-from .precision import _compare
+from evaluation.precision import _compare
 
 __all__ = ["golden_weights", "golden_parity", "autocast_agreement", "train_throughput", "write_pack", "main"]
 
@@ -162,7 +162,7 @@ _cached_sinusoid = functools.lru_cache(maxsize=8)(authors_module.numpy_sinusoid)
 
 
 class AuthorsTrainable(nn.Module):
-    """The authors' formulation (:func:`evaluation.authors.authors_forward`) with trainable weights: ``model``'s
+    """The authors' formulation (:func:`studies.authors.authors_forward`) with trainable weights: ``model``'s
     parameters, frozen where the model's are (Performer ``w``, ``pos_embed``)."""
 
     def __init__(self, model: nn.Module):
@@ -176,7 +176,7 @@ class AuthorsTrainable(nn.Module):
                                          for p in named.values()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The authors build their sinusoid table once, at init; evaluation.authors (a pure function of a state
+        # The authors build their sinusoid table once, at init; studies.authors (a pure function of a state
         # dict) rebuilds it in Python on every call, 0.1-0.3 s, which would be timed as the formulation's cost.
         rebuild = authors_module.numpy_sinusoid
         authors_module.numpy_sinusoid = _cached_sinusoid
@@ -187,7 +187,7 @@ class AuthorsTrainable(nn.Module):
 
 
 def _time_authors(case: dict[str, Any]) -> dict[str, Any]:
-    """``train.benchmark.run_case``'s timing loop for :class:`AuthorsTrainable` (bf16 autocast, AdamW)."""
+    """``studies.bench_train.run_case``'s timing loop for :class:`AuthorsTrainable` (bf16 autocast, AdamW)."""
     device = torch.device(case["device"])
     torch.manual_seed(0)
     model = AuthorsTrainable(timm.create_model(case["model"], num_classes=1000, img_size=case["img_size"]))
@@ -290,7 +290,7 @@ def _markdown(r: dict[str, Any]) -> str:
     if t.get("error"):
         lines += [f"error: {t['error']}", ""]
     else:
-        lines += ["One step = forward + loss + backward + AdamW on random inputs, 1000 classes (train.benchmark's "
+        lines += ["One step = forward + loss + backward + AdamW on random inputs, 1000 classes (studies.bench_train's "
                   "loop; ours with drop path 0.1, the authors' formulation without).", "",
                   markdown_table(["model", "formulation", "img", "batch", "img/s", "step ms (median)",
                                   "peak mem MiB", "wall s incl. compile"],
@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     if args.data and not Path(args.data).is_dir():
         raise T2TError(f"--data {args.data} is not a folder (an ImageFolder of val images, e.g. a --pack's val/)")
     t0 = time.perf_counter()
-    report: dict[str, Any] = {**report_header("evaluation.gpu_check", argv), "dry_run": bool(args.dry_run),
+    report: dict[str, Any] = {**report_header("studies.gpu_check", argv), "dry_run": bool(args.dry_run),
                               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                               "sections": {}}
     _section(report, "parity", lambda: {"rows": golden_parity(device, plan["parity_models"], plan["img"],
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ThresholdMissed(f"golden parity missed {PARITY_TOL:g} for {[(p['model'], p['attention']) for p in bad]}")
         return 0
 
-    return run_command(body, "evaluation.gpu_check")
+    return run_command(body, "studies.gpu_check")
 
 
 if __name__ == "__main__":
