@@ -147,17 +147,64 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         return _run_demo(args, out)
 
 
+# ------------------------------------------------------------------------------------------ the demo
+# _run_demo reads as the demo does: plan (steps, dataset, subsets, checkpoint), one function per step in the
+# order of the module docstring, then the summary. Each step is a stage's command line, run by _Steps.run.
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What the demo will run, settled before any step starts."""
+    out: Path
+    model: str
+    steps: tuple[str, ...]  # the selected steps (--steps)
+    dataset: str  # "imagenette" or "digits"
+    imagenette: Path | None
+    train_images: int | None  # class-balanced subsets; None: the whole split
+    val_images: int | None
+    checkpoint: Path  # --checkpoint, or the one the train step writes
+    env: dict[str, str] = field(hash=False)
+    thread_args: tuple[str, ...] = ()
+    py: str = sys.executable
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "model"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.out / "train"
+
+    @property
+    def common(self) -> list[str]:
+        """The flags every stage after training takes: the model, the shared output folder and the checkpoint."""
+        return ["--model", self.model, "--out", str(self.model_dir), "--checkpoint", str(self.checkpoint)]
+
+
 def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "model"
-    train_dir = out / "train"
-    py = sys.executable
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    plan = _plan_demo(args, out)
+    steps = _Steps(plan, args.verbose)
+    t_start = time.perf_counter()
+    data_root = _data_step(args, plan, steps)
+    _train_step(args, plan, steps, data_root)
+    _export_steps(args, plan, steps, data_root)
+    _engine_step(plan, steps)
+    _bench_step(args, plan, steps)
+    _parity_step(args, plan, steps, data_root)
+    return _write_summary(args, plan, steps, data_root, time.perf_counter() - t_start)
+
+
+def _plan_demo(args: argparse.Namespace, out: Path) -> DemoPlan:
+    """The selected steps, the dataset and its subsets, the threads and the checkpoint; bad options refused."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    thread_args: list[str] = []
+    thread_args: tuple[str, ...] = ()
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-        thread_args = ["--threads", str(args.threads)]
+        thread_args = ("--threads", str(args.threads))
     # Otherwise every step picks its threads itself (--threads auto: the cores idle when it starts).
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else list(STEPS)
     unknown = [s for s in steps if s not in STEPS]
@@ -173,46 +220,39 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     # Imagenette is big enough that the demo trains on a class-balanced subset; digits is used whole.
     train_images = args.train_images if args.train_images is not None else (1500 if dataset == "imagenette" else None)
     val_images = args.val_images if args.val_images is not None else (300 if dataset == "imagenette" else None)
+    ckpt = Path(args.checkpoint).resolve() if args.checkpoint else out / "train" / "best.pth"
+    return DemoPlan(out, args.model, tuple(steps), dataset, imagenette, train_images, val_images, ckpt, env,
+                    thread_args)
 
-    results: list[StepResult] = []
-    t_start = time.perf_counter()
 
+class _Steps:
+    """Runs the steps' commands and keeps their results, in order, and which of them failed."""
+
+    def __init__(self, plan: DemoPlan, verbose: bool):
+        self.plan, self.verbose = plan, verbose
+        self.results: list[StepResult] = []
+        self.failed: set[str] = set()
+
+    @staticmethod
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    # 1. data ------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if dataset == "imagenette":
-        data_root = imagenette
-        results.append(StepResult("data", "ok", time.perf_counter() - t0, reason=f"Imagenette at {data_root}",
-                                  outputs=[str(data_root)]))
-    else:
-        data_root = write_digits_dataset(out / "data" / "digits", size=args.digits_size)
-        results.append(StepResult("data", "ok", time.perf_counter() - t0,
-                                  reason="scikit-learn digits (1,797 scans) as PNG folders", outputs=[str(data_root)]))
-    say(f"[demo] data: {results[-1].reason} -> {data_root}")
-    train_split, val_split = data_root / "train", data_root / "val"
-
-    ckpt = Path(args.checkpoint).resolve() if args.checkpoint else train_dir / "best.pth"
-    common = ["--model", args.model, "--out", str(model_dir)]
-    ck_args = ["--checkpoint", str(ckpt)]
-    failed: set[str] = set()
-
-    def step(name: str, cmd: list[str], needs: Sequence[str] = (), outputs: Sequence[Path] = (),
-             label: str | None = None, soft: bool = False) -> StepResult:
+    def run(self, name: str, cmd: list[str], needs: Sequence[str] = (), outputs: Sequence[Path] = (),
+            label: str | None = None, soft: bool = False) -> StepResult:
         """Run one stage's CLI; ``label`` names the result and log when a step runs several times.
 
         ``soft``: exit code 1 with every output written means "a quality threshold was missed" (export
         validation, int8 drop, parity): a finding the summary shows, not a reason to stop the demo.
         """
-        if name not in steps:
+        say, failed, py = self.say, self.failed, self.plan.py
+        if name not in self.plan.steps:
             res = StepResult(label or name, "skipped", reason="not selected (--steps)")
         elif any(n in failed for n in needs):
             res = StepResult(label or name, "skipped",
                              reason=f"needs {', '.join(n for n in needs if n in failed)}, which failed")
         else:
             say(f"[demo] {label or name}: {shlex.join(cmd[2:]) if cmd[:2] == [py, '-m'] else shlex.join(cmd)}")
-            rc, secs, log = _run_step(label or name, cmd, logs, args.verbose, env)
+            rc, secs, log = _run_step(label or name, cmd, self.plan.logs, self.verbose, self.plan.env)
             outs = [str(p) for p in outputs if Path(p).exists()]
             if rc == 0:
                 res = StepResult(label or name, "ok", secs, shlex.join(cmd), str(log), outputs=outs)
@@ -225,12 +265,31 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                  outputs=outs)
                 failed.add(label or name)  # calib-cpu failing does not fail calib
                 say(f"[demo] {label or name} FAILED (exit {rc}); last lines of {log}:\n{_tail(log)}")
-        results.append(res)
+        self.results.append(res)
         if res.status == "ok":
             say(f"[demo] {res.step}: ok in {res.seconds:.0f} s")
         return res
 
-    # 2. train -----------------------------------------------------------------------------------------
+
+def _data_step(args: argparse.Namespace, plan: DemoPlan, steps: _Steps) -> Path:
+    """1. data: Imagenette where it is, or the digits written as PNG folders; returns the dataset root."""
+    t0 = time.perf_counter()
+    if plan.dataset == "imagenette":
+        data_root = plan.imagenette  # _plan_demo refused Imagenette without it
+        steps.results.append(StepResult("data", "ok", time.perf_counter() - t0, reason=f"Imagenette at {data_root}",
+                                        outputs=[str(data_root)]))
+    else:
+        data_root = write_digits_dataset(plan.out / "data" / "digits", size=args.digits_size)
+        steps.results.append(StepResult("data", "ok", time.perf_counter() - t0,
+                                        reason="scikit-learn digits (1,797 scans) as PNG folders",
+                                        outputs=[str(data_root)]))
+    steps.say(f"[demo] data: {steps.results[-1].reason} -> {data_root}")
+    return data_root
+
+
+def _train_step(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_root: Path) -> None:
+    """2. train from scratch (skipped with --checkpoint) -> train/best.pth."""
+    dataset, py, train_dir = plan.dataset, plan.py, plan.train_dir
     train_cmd = [py, "-m", "train.train", "--model", args.model, "--img-size", str(args.img_size),
                  "--data", str(data_root), "--out", str(train_dir), "--num-classes", "10",
                  "--epochs", str(args.epochs), "--cooldown-epochs", "0", "--warmup-epochs", "1",
@@ -241,66 +300,79 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                  "--weight-decay", "0.05", "--aa", "", "--scale", "0.5,1.0",
                  "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0.1", "--drop-path", "0",
                  "--model-ema", "--model-ema-decay", "0.99", "--model-ema-warmup", "--precision", "fp32",
-                 "--workers", str(args.workers), "--seed", "0", *thread_args]
+                 "--workers", str(args.workers), "--seed", "0", *plan.thread_args]
     if dataset == "digits":
         train_cmd += ["--hflip", "0"]  # a mirrored digit is another symbol
     else:
         train_cmd += ["--cache-images", str(int(args.img_size * 1.25))]
-    if train_images:
-        train_cmd += ["--limit-train", str(train_images)]
-    if val_images:
-        train_cmd += ["--limit-val", str(val_images)]
+    if plan.train_images:
+        train_cmd += ["--limit-train", str(plan.train_images)]
+    if plan.val_images:
+        train_cmd += ["--limit-val", str(plan.val_images)]
     if args.checkpoint:
-        results.append(StepResult("train", "skipped", reason=f"--checkpoint {ckpt} given"))
-    else:
-        if "train" in steps and train_dir.is_dir():
-            # The demo trains from scratch every time; train.train would resume (or refuse) a run it finds there.
-            shutil.rmtree(train_dir)
-        step("train", train_cmd, outputs=[train_dir / "best.pth", train_dir / "curves.png", train_dir / "summary.csv"])
-        if "train" in steps and not ckpt.is_file():
-            failed.add("train")
+        steps.results.append(StepResult("train", "skipped", reason=f"--checkpoint {plan.checkpoint} given"))
+        return
+    if "train" in plan.steps and train_dir.is_dir():
+        # The demo trains from scratch every time; train.train would resume (or refuse) a run it finds there.
+        shutil.rmtree(train_dir)
+    steps.run("train", train_cmd, outputs=[train_dir / "best.pth", train_dir / "curves.png", train_dir / "summary.csv"])
+    if "train" in plan.steps and not plan.checkpoint.is_file():
+        steps.failed.add("train")
 
-    # 3. onnx ------------------------------------------------------------------------------------------
-    step("onnx", [py, "-m", "export.to_onnx", *common, *ck_args, "--data", str(val_split),
-                  "--val-images", str(min(val_images or 200, 200))],
-         needs=["train"], outputs=[model_dir / f"{args.model}.fp32.onnx", model_dir / f"{args.model}.fp16.onnx",
-                                   model_dir / f"{args.model}.export.md"], soft=True)
 
-    # 4. calib -----------------------------------------------------------------------------------------
-    calib_cmd = [py, "-m", "calibration.calib", *common, *ck_args, "--calib-data", str(train_split),
+def _export_steps(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_root: Path) -> None:
+    """3. onnx (fp32/fp16 graphs), 4. calib (int8 Q/DQ graph) and its CPU target (calib-cpu)."""
+    py, model_dir, common, val_images = plan.py, plan.model_dir, plan.common, plan.val_images
+    train_split, val_split = data_root / "train", data_root / "val"
+    steps.run("onnx", [py, "-m", "export.to_onnx", *common, "--data", str(val_split),
+                       "--val-images", str(min(val_images or 200, 200))],
+              needs=["train"], outputs=[model_dir / f"{args.model}.fp32.onnx", model_dir / f"{args.model}.fp16.onnx",
+                                        model_dir / f"{args.model}.export.md"], soft=True)
+
+    calib_cmd = [py, "-m", "calibration.calib", *common, "--calib-data", str(train_split),
                  "--calib-size", str(args.calib_size), "--method", args.calib_method, "--val-data", str(val_split),
-                 "--workers", str(args.workers), "--no-progress", *thread_args]
+                 "--workers", str(args.workers), "--no-progress", *plan.thread_args]
     if val_images:
         calib_cmd += ["--val-size", str(val_images)]
-    step("calib", calib_cmd, needs=["train", "onnx"],
-         outputs=[model_dir / f"{args.model}.int8.onnx", model_dir / f"{args.model}.calib.md"], soft=True)
+    steps.run("calib", calib_cmd, needs=["train", "onnx"],
+              outputs=[model_dir / f"{args.model}.int8.onnx", model_dir / f"{args.model}.calib.md"], soft=True)
     # The same calibration for ONNX Runtime's CPU integer kernels (make calib TARGET=cpu): parity's int8-cpu row.
-    step("calib", [*calib_cmd, "--target", "cpu"], needs=["train", "onnx"], label="calib-cpu",
-         outputs=[model_dir / f"{args.model}.int8-cpu.onnx", model_dir / f"{args.model}.calib-cpu.md"], soft=True)
+    steps.run("calib", [*calib_cmd, "--target", "cpu"], needs=["train", "onnx"], label="calib-cpu",
+              outputs=[model_dir / f"{args.model}.int8-cpu.onnx", model_dir / f"{args.model}.calib-cpu.md"],
+              soft=True)
 
-    # 5. engine ----------------------------------------------------------------------------------------
+
+def _engine_step(plan: DemoPlan, steps: _Steps) -> None:
+    """5. engine: fp32/fp16/int8 TensorRT engines, or one skipped entry saying why not."""
     trt_ok, trt_why = TensorRTRunner.availability()
-    if "engine" not in steps:
-        results.append(StepResult("engine", "skipped", reason="not selected (--steps)"))
+    if "engine" not in plan.steps:
+        steps.results.append(StepResult("engine", "skipped", reason="not selected (--steps)"))
     elif not trt_ok:
-        results.append(StepResult("engine", "skipped", reason=trt_why))
-        say(f"[demo] engine: skipped: {trt_why}")
+        steps.results.append(StepResult("engine", "skipped", reason=trt_why))
+        steps.say(f"[demo] engine: skipped: {trt_why}")
     else:
         for prec in ("fp32", "fp16", "int8"):
-            step("engine", [py, "-m", "engines.build", *common, *ck_args, "--precision", prec],
-                 needs=["train", "onnx"] + (["calib"] if prec == "int8" else []),
-                 outputs=[model_dir / f"{args.model}.{prec}.engine"], label=f"engine-{prec}")
+            steps.run("engine", [plan.py, "-m", "engines.build", *plan.common, "--precision", prec],
+                      needs=["train", "onnx"] + (["calib"] if prec == "int8" else []),
+                      outputs=[plan.model_dir / f"{plan.model}.{prec}.engine"], label=f"engine-{prec}")
 
-    # 6. bench -----------------------------------------------------------------------------------------
-    step("bench", [py, "-m", "engines.bench", *common, *ck_args, "--precision", "fp16", "--tensorrt", "auto",
-                   "--batches", "1,8", "--min-time", str(args.bench_seconds), "--no-progress", *thread_args],
-         needs=["onnx"], outputs=sorted(model_dir.glob("bench-engines-*")) if model_dir.exists() else [])
-    if results[-1].status == "ok":
-        results[-1].outputs = [str(p) for p in sorted(model_dir.glob("bench-engines-*.md"))]
 
-    # 7. parity ----------------------------------------------------------------------------------------
-    parity_cmd = [py, "-m", "evaluation.parity", *common, *ck_args, "--data", str(val_split), "--no-progress",
-                  "--workers", str(args.workers), *thread_args]
+def _bench_step(args: argparse.Namespace, plan: DemoPlan, steps: _Steps) -> None:
+    """6. bench: every backend at batch 1 and 8 -> model/bench-engines-*."""
+    model_dir = plan.model_dir
+    res = steps.run("bench", [plan.py, "-m", "engines.bench", *plan.common, "--precision", "fp16", "--tensorrt", "auto",
+                              "--batches", "1,8", "--min-time", str(args.bench_seconds), "--no-progress",
+                              *plan.thread_args],
+                    needs=["onnx"], outputs=sorted(model_dir.glob("bench-engines-*")) if model_dir.exists() else [])
+    if res.status == "ok":
+        res.outputs = [str(p) for p in sorted(model_dir.glob("bench-engines-*.md"))]
+
+
+def _parity_step(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_root: Path) -> None:
+    """7. parity: every backend against PyTorch on the val images -> model/parity-<model>.*."""
+    model_dir, val_split, val_images = plan.model_dir, data_root / "val", plan.val_images
+    parity_cmd = [plan.py, "-m", "evaluation.parity", *plan.common, "--data", str(val_split), "--no-progress",
+                  "--workers", str(args.workers), *plan.thread_args]
     if val_images:
         parity_cmd += ["--limit", str(val_images)]
     # One image of a few hundred moves top-1 by more than fp16's 0.1-point default, so the demo allows a
@@ -310,28 +382,32 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     one_image = round(100.0 / max(n_val, 1) + 1e-6, 4)
     for prec, default in (("fp16", 0.1), ("bf16", 0.5)):
         parity_cmd += ["--max-delta-top1", f"{prec}={max(default, one_image)}"]
-    step("parity", parity_cmd, needs=["train", "onnx"],
-         outputs=[model_dir / f"parity-{args.model}.md", model_dir / f"parity-{args.model}.png",
-                  model_dir / f"parity-{args.model}-disagreements.csv"], soft=True)
+    steps.run("parity", parity_cmd, needs=["train", "onnx"],
+              outputs=[model_dir / f"parity-{args.model}.md", model_dir / f"parity-{args.model}.png",
+                       model_dir / f"parity-{args.model}-disagreements.csv"], soft=True)
 
+
+def _write_summary(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_root: Path,
+                   total_s: float) -> dict[str, Any]:
+    """The summary of every step and the headline numbers -> demo.json and demo-summary.md."""
     summary = {
         "tool": "evaluation.demo",
-        "out": str(out),
-        "dataset": dataset,
+        "out": str(plan.out),
+        "dataset": plan.dataset,
         "data_root": str(data_root),
         "model": args.model,
         "img_size": args.img_size,
         "epochs": args.epochs,
-        "checkpoint": str(ckpt),
-        "total_s": time.perf_counter() - t_start,
+        "checkpoint": str(plan.checkpoint),
+        "total_s": total_s,
         "hardware": host_info(),
-        "steps": [asdict(r) for r in results],
-        "metrics": _collect_metrics(train_dir, model_dir, args.model),
-        "ok": not failed,
+        "steps": [asdict(r) for r in steps.results],
+        "metrics": _collect_metrics(plan.train_dir, plan.model_dir, args.model),
+        "ok": not steps.failed,
     }
-    atomic_write_json(out / "demo.json", summary)
+    atomic_write_json(plan.out / "demo.json", summary)
     text = render_summary(summary)
-    atomic_write_text(out / "demo-summary.md", text)
+    atomic_write_text(plan.out / "demo-summary.md", text)
     return summary
 
 
