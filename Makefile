@@ -111,7 +111,7 @@ gpu-pack:
 
 ## gpu-check    on a lent CUDA machine, < 8 min: golden parity, fp16/bf16 autocast agreement (GPU_CHECKPOINT, DATA), t2t_vit_t_14 training SDPA vs authors', torch.compile -> reports/gpu-check.{json,md} (ARGS=--dry-run on a CPU)
 gpu-check:
-	$(PYTHON) -m studies.gpu_check $(call opt,--checkpoint,$(wildcard $(GPU_CHECKPOINT))) $(call opt,--data,$(DATA)) --out $(or $(REPORT_DIR),reports) $(ARGS)
+	$(PYTHON) -m studies gpu $(call opt,--checkpoint,$(wildcard $(GPU_CHECKPOINT))) $(call opt,--data,$(DATA)) --out $(or $(REPORT_DIR),reports) $(ARGS)
 
 ## validate     top-1/top-5 of CHECKPOINT on DATA (a val folder) with the model's eval transform -> OUT/validate-*.{json,md}
 validate:

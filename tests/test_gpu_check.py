@@ -89,7 +89,7 @@ def test_make_gpu_check_passes_the_dry_run_and_reports_to_report_dir(tmp_path):
     out = subprocess.run(["make", "-n", "gpu-check", "ARGS=--dry-run", f"REPORT_DIR={tmp_path}",
                           "GPU_CHECKPOINT=/nonexistent.pth"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
-    assert "-m studies.gpu_check" in out and f"--out {tmp_path} --dry-run" in out
+    assert "-m studies gpu" in out and f"--out {tmp_path} --dry-run" in out
     assert "--checkpoint" not in out  # an absent checkpoint is left out: the autocast section is skipped
 
 
