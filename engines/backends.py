@@ -1,18 +1,110 @@
-"""Which inference backends this machine can run, and why the others cannot (``python -m engines.backends``)."""
+"""The one backend factory: a :class:`t2t_vit.backends.BackendSpec` and an artifacts folder -> a runner or
+a skip reason; and which backends this machine can run (``python -m engines.backends``).
+
+::
+
+    from engines.backends import Skip, resolve_backend
+
+    runner = resolve_backend("onnxruntime-cpu-int8", "artifacts/t2t_vit_7", "t2t_vit_7", threads=4)
+    if isinstance(runner, Skip):
+        print(runner.reason)             # e.g. "artifacts/t2t_vit_7/t2t_vit_7.int8.onnx not found (...)"
+    else:
+        with runner:
+            logits = runner.infer(images)
+
+It lives in ``engines`` because it makes TensorRT runners too (``t2t_vit`` may not import this stage);
+every tool above it (the engines benchmark, parity, the demo, serving) makes its runners here. Runner
+construction is device-free (files and metadata only): the GPU is touched inside ``with`` only.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
-from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner
+import torch
+
+from t2t_vit.artifacts import make_hint
+from t2t_vit.backends import DEVICES, BackendSpec, parse_backend
+from t2t_vit.checkpoint import build_model
+from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 from .trt_runtime import TensorRTRunner
 
-__all__ = ["BackendStatus", "backend_statuses", "get_args_parser", "main"]
+__all__ = ["Skip", "resolve_backend", "availability", "BackendStatus", "backend_statuses", "get_args_parser",
+           "main"]
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+@dataclass(frozen=True)
+class Skip:
+    """A backend that cannot run here: why (and how to fix it), and the file it would have run."""
+
+    backend: BackendSpec
+    reason: str
+    artifact: str | None = None
+
+
+def availability(spec: BackendSpec) -> tuple[bool, str]:
+    """Whether the backend's runtime runs on this machine: ``(True, "")`` or ``(False, reason)``."""
+    if spec.runtime == "pytorch":
+        return TorchRunner.availability(spec.device)
+    if spec.runtime == "onnxruntime":
+        return OnnxRuntimeRunner.availability(spec.device)
+    return TensorRTRunner.availability()
+
+
+def _missing_hint(spec: BackendSpec, model: str) -> str:
+    if spec.runtime == "tensorrt":
+        return f"build it with `make engine PRECISION={spec.precision}`"
+    return f"create it with {make_hint(spec.precision, model)} and the same OUT"
+
+
+def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model_name: str, *,
+                    model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+                    checkpoint: str | os.PathLike | None = None, threads: int | None = None) -> Runner | Skip:
+    """The runner a backend names, built (device-free) from the artifacts folder, or why it cannot run.
+
+    Args:
+        spec: a spec, or a backend name (parsed: an unknown or old name raises).
+        artifacts: the folder holding ``<model>.<precision>.onnx`` / ``.engine`` (OUT=).
+        model_name: the registered model the files were made for.
+        model: PyTorch backends: the module (or a function returning it, called only when needed);
+            default: :func:`t2t_vit.checkpoint.build_model` of ``model_name`` with ``checkpoint``.
+        threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default).
+
+    Returns:
+        The runner (activate it with ``with``), or a :class:`Skip` when the runtime is missing here or
+        the file is absent (the reason says how to make it).
+
+    Raises:
+        RunnerError: an unknown backend name. Errors reading a present file (GraphError, SidecarError)
+            propagate: a damaged file is not a skip.
+    """
+    spec = parse_backend(spec)
+    path = spec.artifact(artifacts, model_name)
+    ok, why = availability(spec)
+    if not ok:
+        return Skip(spec, why, str(path) if path else None)
+    if path is not None and not path.is_file():
+        return Skip(spec, f"{path} not found ({_missing_hint(spec, model_name)})", str(path))
+    if spec.runtime == "onnxruntime":
+        return OnnxRuntimeRunner(path, provider=spec.device, threads=threads)
+    if spec.runtime == "tensorrt":
+        return TensorRTRunner(path)
+    if model is None:
+        model = build_model(model_name, checkpoint).eval()
+    elif callable(model) and not isinstance(model, torch.nn.Module):
+        model = model()
+    return TorchRunner(model, device=spec.device, autocast_dtype=_AUTOCAST[spec.precision], compile=spec.compile)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The listing
+# ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BackendStatus:
     """One backend family on this machine: whether it runs, and if not, why."""
@@ -23,16 +115,13 @@ class BackendStatus:
 
 
 def backend_statuses() -> list[BackendStatus]:
-    """Every backend family this project knows, with availability and the reason when unavailable."""
+    """Every backend family (runtime on a device) this project knows, with the reason when unavailable."""
+    families = [("pytorch", d) for d in DEVICES] + [("onnxruntime", d) for d in DEVICES] + [("tensorrt", "cuda")]
     out = []
-    for backend, (ok, why) in (
-        ("pytorch-cpu", TorchRunner.availability("cpu")),
-        ("pytorch-cuda", TorchRunner.availability("cuda")),
-        ("onnxruntime-cpu", OnnxRuntimeRunner.availability("cpu")),
-        ("onnxruntime-cuda", OnnxRuntimeRunner.availability("cuda")),
-        ("tensorrt", TensorRTRunner.availability()),
-    ):
-        out.append(BackendStatus(backend, bool(ok), "" if ok else str(why)))
+    for runtime, device in families:
+        ok, why = availability(BackendSpec(runtime, device, "fp32"))
+        name = runtime if runtime == "tensorrt" else f"{runtime}-{device}"
+        out.append(BackendStatus(name, bool(ok), "" if ok else str(why)))
     return out
 
 

@@ -5,7 +5,7 @@ One report per model holds:
 * TensorRT: a trtexec batch sweep (default 1, 8, 32, 128) over ``<out>/<model>.<precision>.engine``,
   with the flags that make 10.x time like 11.x (:mod:`engines.trtexec`); the exact command lines, logs
   and TensorRT version are recorded. trtexec times GPU work only (CUDA graphs, no host<->device copies).
-* Baselines through the shared runners (:mod:`t2t_vit.runners`): ONNX Runtime on the CPU (and CUDA) for
+* Baselines through the shared runners (made by :func:`engines.backends.resolve_backend`): ONNX Runtime on the CPU (and CUDA) for
   every ``<out>/<model>.{fp32,fp16,int8,int8-cpu}.onnx`` present, PyTorch eager on the CPU, and on a GPU
   PyTorch eager fp32 / fp16 / bf16 autocast and ``torch.compile``. Baselines are timed end to end through
   ``Runner.infer`` (host tensor in, host logits out), i.e. including copies on a GPU.
@@ -28,16 +28,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, make_hint, onnx_path
+from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, onnx_path
+from t2t_vit.backends import BackendSpec, select_backends
 from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
 from t2t_vit.files import OutputLock, file_sha256
 from t2t_vit.graphs import expect_graph, graph_inputs, read_metadata
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
-from t2t_vit.runners import OnnxRuntimeRunner, TorchRunner, select_backends
+from t2t_vit.runners import Runner
 from t2t_vit.timing import latency_stats, load_average, time_calls
 
+from .backends import Skip, resolve_backend
 from .sidecar import EngineMismatchError, SidecarError, check_sidecar, read_sidecar
 from .trt_compat import INSTALL_HINT, TensorRTUnavailable, gpu_info, parse_version
 from .trtexec import TimingBudget, TrtexecError, find_trtexec, run_trtexec, trtexec_command, trtexec_version
@@ -49,19 +51,15 @@ __all__ = ["BenchError", "TrtPlan", "plan_tensorrt", "time_runner", "onnx_files"
 
 DEFAULT_BATCHES = (1, 8, 32, 128)
 ONNX_PRECISIONS = GRAPH_PRECISIONS
-# The PyTorch baselines: runner name -> (device, autocast dtype, torch.compile).
-TORCH_BASELINES: dict[str, tuple[str, Any, bool]] = {
-    "pytorch-cpu-fp32": ("cpu", None, False),
-    "pytorch-cuda-fp32": ("cuda", None, False),
-    "pytorch-cuda-fp16-autocast": ("cuda", torch.float16, False),
-    "pytorch-cuda-bf16-autocast": ("cuda", torch.bfloat16, False),
-    "pytorch-cuda-fp32-compile": ("cuda", None, True),
-}
 
 
-def baseline_backends() -> list[str]:
-    """Every baseline this benchmark knows, named as its runner (the --backends vocabulary)."""
-    return [f"onnxruntime-{prov}-{p}" for prov in ("cpu", "cuda") for p in ONNX_PRECISIONS] + list(TORCH_BASELINES)
+def baseline_backends() -> list[BackendSpec]:
+    """Every baseline this benchmark knows (the --backends vocabulary): ONNX Runtime on both providers, then
+    PyTorch eager fp32 on the CPU and, on a GPU, fp32, fp16/bf16 autocast and ``torch.compile``."""
+    return ([BackendSpec("onnxruntime", prov, p) for prov in ("cpu", "cuda") for p in ONNX_PRECISIONS]
+            + [BackendSpec("pytorch", "cpu", "fp32"), BackendSpec("pytorch", "cuda", "fp32"),
+               BackendSpec("pytorch", "cuda", "fp16"), BackendSpec("pytorch", "cuda", "bf16"),
+               BackendSpec("pytorch", "cuda", "fp32", compile=True)])
 
 
 class BenchError(T2TError, RuntimeError):
@@ -198,7 +196,7 @@ def checked_graphs(args: argparse.Namespace, out: Path) -> dict[str, Path]:
         GraphError: a graph that is unreadable or not the one its name promises (the message names the fix).
     """
     wanted = select_backends(args.backends, baseline_backends())
-    precisions = {n.split("-", 2)[2] for n in wanted if n.startswith("onnxruntime-")}
+    precisions = {s.precision for s in wanted if s.runtime == "onnxruntime"}
     ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else None
     graphs = {p: path for p, path in onnx_files(out, args.model).items() if p in precisions}
     for precision, path in graphs.items():
@@ -207,16 +205,13 @@ def checked_graphs(args: argparse.Namespace, out: Path) -> dict[str, Path]:
     return graphs
 
 
-def _baseline_factories(args: argparse.Namespace, out: Path, img_size: int, threads: int,
-                        ) -> tuple[list[tuple[str, Callable[[], Any]]], list[dict]]:
-    """(name, runner factory) for every selected baseline that can run here, and the skipped ones with why."""
-    wanted = select_backends(args.backends, baseline_backends())
-    factories: list[tuple[str, Callable[[], Any]]] = []
-    skipped: list[dict] = []
-    graphs = onnx_files(out, args.model)
+def _baseline_runners(args: argparse.Namespace, out: Path, img_size: int, threads: int,
+                      ) -> tuple[list[tuple[str, Runner]], list[dict]]:
+    """(name, runner) for every selected baseline that can run here (:func:`engines.backends.resolve_backend`),
+    and the skipped ones with why."""
     model_holder: dict[str, Any] = {}
 
-    def get_model():
+    def get_model() -> torch.nn.Module:
         if "m" not in model_holder:
             model_holder["m"] = build_model(args.model, args.checkpoint, img_size=img_size,
                                             weights=args.weights).eval()
@@ -226,27 +221,15 @@ def _baseline_factories(args: argparse.Namespace, out: Path, img_size: int, thre
                 trained_like_(model_holder["m"])
         return model_holder["m"]
 
-    for name in wanted:
-        if name.startswith("onnxruntime-"):
-            _, provider, precision = name.split("-", 2)
-            ok, why = OnnxRuntimeRunner.availability(provider)
-            if not ok:
-                skipped.append({"backend": name, "reason": why})
-            elif precision not in graphs:
-                skipped.append({"backend": name, "reason": f"{onnx_path(out, args.model, precision)} not found "
-                                                           f"({make_hint(precision, args.model)})"})
-            else:
-                factories.append((name, lambda p=graphs[precision], prov=provider:
-                                  OnnxRuntimeRunner(p, provider=prov, threads=threads)))
-            continue
-        device, dtype, compile_ = TORCH_BASELINES[name]
-        ok, why = TorchRunner.availability(device)
-        if not ok:
-            skipped.append({"backend": name, "reason": why})
-            continue
-        factories.append((name, lambda d=device, dt=dtype, c=compile_: TorchRunner(get_model(), device=d,
-                                                                                 autocast_dtype=dt, compile=c)))
-    return factories, skipped
+    runners: list[tuple[str, Runner]] = []
+    skipped: list[dict] = []
+    for spec in select_backends(args.backends, baseline_backends()):
+        runner = resolve_backend(spec, out, args.model, model=get_model, threads=threads)
+        if isinstance(runner, Skip):
+            skipped.append({"backend": spec.name, "reason": runner.reason})
+        else:
+            runners.append((spec.name, runner))
+    return runners, skipped
 
 
 def run_baselines(args: argparse.Namespace, out: Path, img_size: int, batches: Sequence[int],
@@ -254,14 +237,13 @@ def run_baselines(args: argparse.Namespace, out: Path, img_size: int, batches: S
     """Time every available baseline over ``batches``: (rows, skipped backends with reasons)."""
     from tqdm import tqdm
 
-    factories, skipped = _baseline_factories(args, out, img_size, threads)
+    runners, skipped = _baseline_runners(args, out, img_size, threads)
     gen = torch.Generator().manual_seed(0)
     images = {b: torch.randn(b, 3, img_size, img_size, generator=gen) for b in batches}
     rows: list[dict] = []
-    bar = tqdm(total=len(factories) * len(batches), desc="baselines", unit="run", disable=args.no_progress)
-    for key, factory in factories:
+    bar = tqdm(total=len(runners) * len(batches), desc="baselines", unit="run", disable=args.no_progress)
+    for key, runner in runners:
         try:
-            runner = factory()
             with runner:
                 device = getattr(runner, "device", None) or getattr(runner, "provider", "cpu")
                 for batch in batches:
@@ -488,7 +470,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="batch sizes for the baselines (default: --batches; CPUs may want fewer)")
     g.add_argument("--backends", default=None,
                    help="baselines to run, comma-separated runner names or prefixes (default: all available), "
-                        "e.g. onnxruntime-cpu,pytorch-cpu-fp32; names: " + ", ".join(baseline_backends()))
+                        "e.g. onnxruntime-cpu,pytorch-cpu-fp32; names: " + ", ".join(map(str, baseline_backends())))
     g.add_argument("--min-time", type=float, default=1.0, help="baselines: seconds of timed calls per batch (default 1)")
     g.add_argument("--min-iters", type=int, default=3, help="baselines: at least this many timed calls (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="baselines: untimed calls first (default 1)")

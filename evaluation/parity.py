@@ -16,7 +16,8 @@ that cannot run; a run asked only for the reference is reported as ``REFERENCE O
 ONNX graph or engine whose recorded model, precision or checkpoint is not this run's is refused before
 anything runs (:func:`t2t_vit.graphs.graph_mismatch`, the check every stage shares).
 Backends are named as their runners (``onnxruntime-cpu-int8``, ``tensorrt-fp16``; ``--backends`` takes
-names or prefixes, :func:`t2t_vit.runners.select_backends`).
+names or prefixes, :func:`t2t_vit.backends.select_backends`); their runners come from the one factory,
+:func:`engines.backends.resolve_backend`.
 
 Per backend (:mod:`t2t_vit.metrics` keys): top-1, top-5, delta top-1 vs the reference (points), top-1
 agreement with the reference (percent), mean/max |delta logit|, mean KL(reference softmax || backend
@@ -39,24 +40,25 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from engines.sidecar import read_sidecar
+from engines.backends import Skip, resolve_backend
 from engines.trt_runtime import TensorRTRunner
-from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, engine_path, make_hint, onnx_path
+from t2t_vit.artifacts import ENGINE_PRECISIONS, GRAPH_PRECISIONS, default_out, make_hint
+from t2t_vit.backends import BackendSpec, select_backends
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_limit_arg, add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher, class_balanced_subset
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_text, file_sha256
-from t2t_vit.graphs import GraphError, graph_mismatch, read_metadata
+from t2t_vit.graphs import GraphError, graph_mismatch
 from t2t_vit.labels import model_class_names, readable_class, resolve_eval_set, shifted_label_check
 from t2t_vit.metrics import LogitStats
 from t2t_vit.reports import host_line, pyplot, report_header, write_report
-from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner, select_backends
+from t2t_vit.runners import OnnxRuntimeRunner, Runner
 
 _logger = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ __all__ = [
     "Thresholds",
     "BackendResult",
     "parity_backends",
+    "ParityPlan",
+    "ParityRun",
+    "plan_parity",
+    "resolve_runners",
+    "execute_parity",
+    "parity_report",
     "run_parity",
     "get_args_parser",
     "main",
@@ -82,7 +90,6 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, float | None]] = {
     "int8-cpu": (1.0, None),
 }
 ONNX_PRECISIONS = GRAPH_PRECISIONS
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ParityError(T2TError, RuntimeError):
@@ -117,18 +124,6 @@ class Thresholds:
 # Backends
 # ----------------------------------------------------------------------------------------------------
 @dataclass
-class BackendSpec:
-    """A backend that may run: its runner name, how to build the runner (device-free), or why it cannot run."""
-
-    name: str
-    family: str
-    precision: str
-    artifact: str | None
-    make: Callable[[], Runner] | None
-    skip_reason: str = ""
-
-
-@dataclass
 class BackendResult:
     name: str
     family: str
@@ -137,6 +132,10 @@ class BackendResult:
     reason: str = ""
     artifact: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def not_run(cls, spec: BackendSpec, status: str, reason: str, artifact: str | None) -> "BackendResult":
+        return cls(spec.name, spec.family, spec.precision, status, reason, artifact)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "precision": self.precision,
@@ -147,23 +146,19 @@ def autocast_precision(device: str) -> str:
     return "bf16" if str(device).startswith("cpu") else "fp16"
 
 
-def parity_backends(device: str, provider: str) -> list[str]:
+def parity_backends(device: str, provider: str) -> list[BackendSpec]:
     """Every backend parity knows on this device/provider, reference first (the --backends vocabulary)."""
     dev = str(device).split(":")[0]
-    return ([f"pytorch-{dev}-fp32", f"pytorch-{dev}-{autocast_precision(dev)}-autocast"]
-            + [f"onnxruntime-{provider}-{p}" for p in ONNX_PRECISIONS]
-            + [f"tensorrt-{p}" for p in ENGINE_PRECISIONS])
+    return ([BackendSpec("pytorch", dev, "fp32"), BackendSpec("pytorch", dev, autocast_precision(dev))]
+            + [BackendSpec("onnxruntime", provider, p) for p in ONNX_PRECISIONS]
+            + [BackendSpec("tensorrt", "cuda", p) for p in ENGINE_PRECISIONS])
 
 
-def _artifact_metadata(spec: BackendSpec) -> dict[str, str]:
+def _artifact_metadata(runner: Runner) -> dict[str, str]:
     """The export metadata of an ONNX file, or of the ONNX file an engine was built from (its sidecar)."""
-    if spec.family == "onnxruntime":
-        return read_metadata(spec.artifact)
-    try:
-        return dict(read_sidecar(spec.artifact).get("onnx_metadata") or {})
-    except T2TError as e:  # the runner reports an unreadable sidecar properly on start
-        _logger.debug("no sidecar metadata for %s: %s", spec.artifact, e)
-        return {}
+    if isinstance(runner, TensorRTRunner):
+        return dict(runner.sidecar.get("onnx_metadata") or {})
+    return dict(getattr(runner, "metadata", None) or {})
 
 
 def _onnx_mismatch(meta: dict[str, str], model: torch.nn.Module, model_name: str, precision: str,
@@ -193,7 +188,7 @@ def _fix_hint(spec: BackendSpec, model_name: str, checkpoint: str | None, out: P
     return graph
 
 
-def check_artifacts(specs: Sequence[BackendSpec], model: torch.nn.Module, model_name: str, data_cfg: Any,
+def check_artifacts(runners: dict[BackendSpec, Runner], model: torch.nn.Module, model_name: str, data_cfg: Any,
                     ckpt_sha: str, checkpoint: str | None, out: Path) -> None:
     """Refuse, before anything runs, an ONNX graph or engine that is not this model's at the backend's
     precision with --checkpoint's weights (its recorded metadata says so).
@@ -201,16 +196,12 @@ def check_artifacts(specs: Sequence[BackendSpec], model: torch.nn.Module, model_
     Raises:
         ParityError: one line naming the file, what is wrong and the make command that fixes it.
     """
-    for spec in specs:
-        if spec.make is None or not spec.artifact:
+    for spec, runner in runners.items():
+        if spec.runtime == "pytorch":
             continue
-        try:
-            meta = _artifact_metadata(spec)
-        except GraphError as e:  # 0 bytes, truncated, not ONNX: the message says which file and why
-            raise ParityError(f"{spec.name}: {e} with {_fix_hint(spec, model_name, checkpoint, out)}") from e
-        why = _onnx_mismatch(meta, model, model_name, spec.precision, data_cfg, ckpt_sha)
+        why = _onnx_mismatch(_artifact_metadata(runner), model, model_name, spec.precision, data_cfg, ckpt_sha)
         if why:
-            raise ParityError(f"{spec.name}: {spec.artifact} {why}: re-create it with "
+            raise ParityError(f"{spec.name}: {spec.artifact(out, model_name)} {why}: re-create it with "
                               f"{_fix_hint(spec, model_name, checkpoint, out)}, or leave it out (BACKENDS=)")
 
 
@@ -244,55 +235,8 @@ def check_ran(asked: Sequence[str], required: Sequence[str], results: dict[str, 
                           f"named, or pick backends that can run here (BACKENDS=)")
 
 
-def plan_backends(names: Sequence[str], model: torch.nn.Module, model_name: str, out: Path, device: str,
-                  provider: str, threads: int | None = None) -> tuple[BackendSpec, list[BackendSpec]]:
-    """The reference and the other selected backends, each with a runner factory or a skip reason."""
-    dev = device.split(":")[0]
-    reference = BackendSpec(f"pytorch-{dev}-fp32", "pytorch", "fp32", None,
-                            lambda: TorchRunner(model, device=device, name=f"pytorch-{dev}-fp32"))
-    specs: list[BackendSpec] = []
-    ort_ok, ort_why = OnnxRuntimeRunner.availability(provider)
-    trt_ok, trt_why = TensorRTRunner.availability()
-    for name in names:
-        if name == reference.name:
-            continue
-        family = name.split("-", 1)[0]
-        if family == "pytorch":
-            prec = autocast_precision(dev)
-            dtype = torch.bfloat16 if prec == "bf16" else torch.float16
-            specs.append(BackendSpec(name, "pytorch", prec, None,
-                                     lambda dt=dtype: TorchRunner(model, device=device, autocast_dtype=dt)))
-        elif family == "onnxruntime":
-            prec = name.split("-", 2)[2]
-            path = onnx_path(out, model_name, prec)
-            specs.append(_file_backend(name, family, prec, path, ort_why if not ort_ok else None,
-                                       f"create it with {make_hint(prec, model_name)} and the same OUT",
-                                       lambda p=path: OnnxRuntimeRunner(p, provider=provider, threads=threads)))
-        else:
-            prec = name.split("-", 1)[1]
-            path = engine_path(out, model_name, prec)
-            specs.append(_file_backend(name, "tensorrt", prec, path, trt_why if not trt_ok else None,
-                                       f"build it with `make engine PRECISION={prec}`",
-                                       lambda p=path: TensorRTRunner(p)))
-    return reference, specs
-
-
-def _file_backend(name: str, family: str, prec: str, path: Path, unavailable: str | None, how: str,
-                  make: Callable[[], Any]) -> "BackendSpec":
-    """A backend that runs a file (ONNX graph or engine): skipped with the runtime's reason, or because the
-    file is missing (saying how to make it)."""
-    spec = BackendSpec(name, family, prec, str(path), None)
-    if unavailable:
-        spec.skip_reason = unavailable
-    elif not path.is_file():
-        spec.skip_reason = f"{path} not found ({how})"
-    else:
-        spec.make = make
-    return spec
-
-
 # ----------------------------------------------------------------------------------------------------
-# The run
+# The run: plan (what runs on which images), execute (every runner on the same batches), report
 # ----------------------------------------------------------------------------------------------------
 def _auto_device(device: str) -> str:
     if device == "auto":
@@ -306,121 +250,199 @@ def _auto_provider(provider: str) -> str:
     return provider
 
 
-def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run every selected backend on the same batches and write the report files; returns the report."""
-    from tqdm import tqdm
+@dataclass
+class ParityPlan:
+    """Everything a parity run decides before any runner starts."""
 
-    device, provider = _auto_device(args.device), _auto_provider(args.provider)
-    vocabulary = parity_backends(device, provider)
-    names = select_backends(args.backends, vocabulary, device=device, provider=provider)
-    required = select_backends(args.require, vocabulary, device=device, provider=provider) if args.require else []
-    required = [n for n in required if n != vocabulary[0]]  # the reference always runs
-    names = [n for n in vocabulary if n in names or n in required]
+    model_name: str
+    out: Path
+    device: str
+    provider: str
+    threads: int | None
+    thresholds: Thresholds
+    model: torch.nn.Module
+    ckpt_sha: str
+    data_cfg: DataConfig
+    evalset: Any
+    batcher: ImageBatcher
+    reference: BackendSpec
+    backends: list[BackendSpec]
+    required: list[str]
+
+    def artifact(self, spec: BackendSpec) -> str | None:
+        """The file a backend runs, as the report names it (None for PyTorch)."""
+        path = spec.artifact(self.out, self.model_name)
+        return str(path) if path else None
+
+
+@dataclass
+class ParityRun:
+    """What the runners produced: streaming statistics per backend, and the backends that did not run."""
+
+    stats: dict[str, LogitStats]
+    not_run: dict[str, BackendResult]
+    describes: dict[str, dict[str, Any]]
+    labels: np.ndarray
+    paths: list[str]
+
+
+def _thresholds(args: argparse.Namespace) -> Thresholds:
     thresholds = Thresholds()
     for prec, val in (args.max_delta_top1 or []):
         thresholds.max_delta_top1[prec] = val
     for prec, val in (args.min_agreement or []):
         thresholds.min_agreement[prec] = val
+    return thresholds
 
+
+def plan_parity(args: argparse.Namespace) -> ParityPlan:
+    """Select the backends, build the reference model and the batcher; nothing runs yet."""
+    device, provider = _auto_device(args.device), _auto_provider(args.provider)
+    vocabulary = parity_backends(device, provider)
+    asked = select_backends(args.backends, vocabulary)
+    required = select_backends(args.require, vocabulary) if args.require else []
+    required = [s for s in required if s != vocabulary[0]]  # the reference always runs
     out = Path(args.out) if args.out else default_out(args.model)
     if args.checkpoint is None:
         warnings.warn(
             f"NO --checkpoint: {args.model} gets RANDOM weights (seed {args.seed}); accuracies are meaningless "
             f"and ONNX files exported from other random weights will disagree. Pass CHECKPOINT=...",
-            stacklevel=2)
+            stacklevel=3)
     threads = apply_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.checkpoint, img_size=args.img_size, weights=args.weights).eval()
-    ckpt_sha = file_sha256(args.checkpoint) if args.checkpoint else ""
     data_cfg = DataConfig.from_model(model)
-
     evalset = resolve_eval_set(args.data, class_names=model_class_names(model), num_classes=model.num_classes,
                                labels_file=args.labels)
     samples = evalset.samples
     if args.limit:
         samples = class_balanced_subset(samples, int(args.limit), seed=args.seed, what="--limit (LIMIT=)")
-    batcher = ImageBatcher(samples, data_cfg, batch_size=args.batch_size, num_workers=args.workers)
+    return ParityPlan(
+        model_name=args.model, out=out, device=device, provider=provider, threads=threads,
+        thresholds=_thresholds(args), model=model, ckpt_sha=file_sha256(args.checkpoint) if args.checkpoint else "",
+        data_cfg=data_cfg, evalset=evalset,
+        batcher=ImageBatcher(samples, data_cfg, batch_size=args.batch_size, num_workers=args.workers),
+        reference=vocabulary[0], backends=[s for s in vocabulary[1:] if s in asked or s in required],
+        required=[s.name for s in required])
 
-    reference, specs = plan_backends(names, model, args.model, out, device, provider, threads=threads)
-    check_artifacts(specs, model, args.model, data_cfg, ckpt_sha, args.checkpoint, out)
-    results: dict[str, BackendResult] = {}
-    for spec in specs:
-        if spec.make is None:
-            results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "skipped",
-                                               spec.skip_reason, spec.artifact)
-    asked = [spec.name for spec in specs]
-    check_ran(asked, required, results)
 
-    stats: dict[str, LogitStats] = {}
-    runners: dict[str, Runner] = {}
-    labels_all: list[np.ndarray] = []
-    paths_all: list[str] = []
-    ref_name = reference.name
+def resolve_runners(plan: ParityPlan, checkpoint: str | None) -> tuple[Runner, dict[BackendSpec, Runner],
+                                                                        dict[str, BackendResult]]:
+    """The reference runner, the runners of the backends that can run (their files checked against this
+    model, precision and checkpoint), and the skipped or unstartable ones with why.
+
+    Raises:
+        ParityError: the reference cannot run, or a file is unreadable or not this run's.
+    """
+    def resolve(spec: BackendSpec) -> Runner | Skip:
+        return resolve_backend(spec, plan.out, plan.model_name, model=plan.model, threads=plan.threads)
+
+    reference = resolve(plan.reference)
+    if isinstance(reference, Skip):
+        raise ParityError(f"the reference {plan.reference.name} cannot run: {reference.reason} (--device)")
+    runners: dict[BackendSpec, Runner] = {}
+    not_run: dict[str, BackendResult] = {}
+    for spec in plan.backends:
+        artifact = plan.artifact(spec)
+        try:
+            runner = resolve(spec)
+        except GraphError as e:  # 0 bytes, truncated, not ONNX: the message says which file and why
+            raise ParityError(f"{spec.name}: {e} with {_fix_hint(spec, plan.model_name, checkpoint, plan.out)}") from e
+        except (T2TError, OSError, RuntimeError, ValueError) as e:  # e.g. an unreadable engine sidecar
+            not_run[spec.name] = BackendResult.not_run(spec, "error", f"could not start: {e}", artifact)
+            continue
+        if isinstance(runner, Skip):
+            not_run[spec.name] = BackendResult.not_run(spec, "skipped", runner.reason, artifact)
+        else:
+            runners[spec] = runner
+    check_artifacts(runners, plan.model, plan.model_name, plan.data_cfg, plan.ckpt_sha, checkpoint, plan.out)
+    return reference, runners, not_run
+
+
+def execute_parity(plan: ParityPlan, reference: Runner, runners: dict[BackendSpec, Runner],
+                   not_run: dict[str, BackendResult], progress: bool = True) -> ParityRun:
+    """Start every runner (one that cannot start is an error result) and run them all on the same batches."""
+    asked = [s.name for s in plan.backends]
+    stats: dict[str, LogitStats] = {plan.reference.name: LogitStats()}
+    active: dict[str, Runner] = {}
     with ExitStack() as stack:
-        ref_runner = stack.enter_context(reference.make())
-        stats[ref_name] = LogitStats()
-        for spec in specs:
-            if spec.name in results:
-                continue
+        stack.enter_context(reference)
+        for spec, runner in runners.items():
             try:
-                runner = spec.make()
                 stack.enter_context(runner)
             except (T2TError, OSError, RuntimeError, ValueError) as e:
-                results[spec.name] = BackendResult(spec.name, spec.family, spec.precision, "error",
-                                                   f"could not start: {e}", spec.artifact)
+                not_run[spec.name] = BackendResult.not_run(spec, "error", f"could not start: {e}", plan.artifact(spec))
                 continue
-            runners[spec.name] = runner
+            active[spec.name] = runner
             stats[spec.name] = LogitStats()
-        check_ran(asked, required, results)  # again: a runner that could not start did not run either
+        check_ran(asked, plan.required, not_run)  # again: a runner that could not start did not run either
+        labels, paths = _run_batches(plan, reference, active, stats, progress)
+        describes = {k: r.describe() for k, r in active.items()}
+    return ParityRun(stats, not_run, describes, labels, paths)
 
-        n_batches = len(batcher)
-        bar = tqdm(batcher, total=n_batches, desc=f"parity {args.model}", unit="batch",
-                   disable=args.no_progress or None)
-        for i, (images, labels, paths) in enumerate(bar):
-            y = labels.numpy()
-            # First batch is warm-up (session/graph initialisation) unless it is the only one.
-            timed = i > 0 or n_batches == 1
+
+def _run_batches(plan: ParityPlan, reference: Runner, runners: dict[str, Runner], stats: dict[str, LogitStats],
+                 progress: bool) -> tuple[np.ndarray, list[str]]:
+    """Every batch through the reference and each runner; the labels and image paths seen."""
+    from tqdm import tqdm
+
+    ref_name = plan.reference.name
+    labels_all: list[np.ndarray] = []
+    paths_all: list[str] = []
+    n_batches = len(plan.batcher)
+    bar = tqdm(plan.batcher, total=n_batches, desc=f"parity {plan.model_name}", unit="batch",
+               disable=not progress or None)
+    for i, (images, labels, paths) in enumerate(bar):
+        y = labels.numpy()
+        # First batch is warm-up (session/graph initialisation) unless it is the only one.
+        timed = i > 0 or n_batches == 1
+        t0 = time.perf_counter()
+        ref_logits = reference.infer(images)
+        dt = time.perf_counter() - t0
+        stats[ref_name].update(ref_logits, y, None, dt if timed else None)
+        for name, runner in runners.items():
             t0 = time.perf_counter()
-            ref_logits = ref_runner.infer(images)
+            logits = runner.infer(images)
             dt = time.perf_counter() - t0
-            stats[ref_name].update(ref_logits, y, None, dt if timed else None)
-            for name, runner in runners.items():
-                t0 = time.perf_counter()
-                logits = runner.infer(images)
-                dt = time.perf_counter() - t0
-                if logits.shape != ref_logits.shape:
-                    raise ParityError(f"{runner.name} returned logits of shape {logits.shape}, the reference "
-                                      f"{ref_logits.shape}; is {getattr(runner, 'path', '')} from this model?")
-                stats[name].update(logits, y, ref_logits, dt if timed else None)
-            labels_all.append(y)
-            paths_all.extend(paths)
-            bar.set_postfix(top1=f"{100.0 * stats[ref_name].correct1 / max(stats[ref_name].n, 1):.1f}")
-        bar.close()
-        describes = {k: r.describe() for k, r in runners.items()}
-
+            if logits.shape != ref_logits.shape:
+                raise ParityError(f"{runner.name} returned logits of shape {logits.shape}, the reference "
+                                  f"{ref_logits.shape}; is {getattr(runner, 'path', '')} from this model?")
+            stats[name].update(logits, y, ref_logits, dt if timed else None)
+        labels_all.append(y)
+        paths_all.extend(paths)
+        bar.set_postfix(top1=f"{100.0 * stats[ref_name].correct1 / max(stats[ref_name].n, 1):.1f}")
+    bar.close()
     if not labels_all:
         raise ParityError("no readable images in the selection")
-    ref_stats = stats[ref_name]
-    results_ordered: list[BackendResult] = [BackendResult(ref_name, "pytorch", "fp32", "reference",
-                                                          metrics=ref_stats.summary())]
-    results_ordered[0].metrics.update({"delta_top1": 0.0, "top1_agreement": 100.0})
-    for spec in specs:
-        if spec.name in results:
-            results_ordered.append(results[spec.name])
+    return np.concatenate(labels_all), paths_all
+
+
+def _results(plan: ParityPlan, run: ParityRun) -> list[BackendResult]:
+    """Reference first, then every asked-for backend in order: judged against its thresholds, or not run."""
+    ref_stats = run.stats[plan.reference.name]
+    reference = BackendResult(plan.reference.name, "pytorch", "fp32", "reference", metrics=ref_stats.summary())
+    reference.metrics.update({"delta_top1": 0.0, "top1_agreement": 100.0})
+    results = [reference]
+    for spec in plan.backends:
+        if spec.name in run.not_run:
+            results.append(run.not_run[spec.name])
             continue
-        m = stats[spec.name].summary(ref_stats)
-        fails = thresholds.check(spec.precision, m["delta_top1"], m["top1_agreement"])
+        m = run.stats[spec.name].summary(ref_stats)
+        fails = plan.thresholds.check(spec.precision, m["delta_top1"], m["top1_agreement"])
         if m["nonfinite_images"]:
             fails.append(f"{m['nonfinite_images']} images with non-finite logits")
         res = BackendResult(spec.name, spec.family, spec.precision, "fail" if fails else "pass",
-                            "; ".join(fails), spec.artifact, m)
-        res.metrics["runner"] = describes[spec.name]
-        results_ordered.append(res)
+                            "; ".join(fails), plan.artifact(spec), m)
+        res.metrics["runner"] = run.describes[spec.name]
+        results.append(res)
+    return results
 
-    labels_np = np.concatenate(labels_all)
-    ref_pred = ref_stats.predictions
+
+def _label_checks(plan: ParityPlan, ref_pred: np.ndarray, labels: np.ndarray) -> tuple[Any, list[str]]:
+    """The 1-based-labels check of a flat labels file, and every label warning (logged)."""
+    evalset = plan.evalset
     label_warnings = list(evalset.warnings)
-    shift = shifted_label_check(ref_pred, labels_np) if evalset.layout == "flat+labels" else None
+    shift = shifted_label_check(ref_pred, labels) if evalset.layout == "flat+labels" else None
     if shift and shift["looks_one_based"]:
         label_warnings.append(
             f"the reference agrees with label - 1 on {shift['top1_label_minus_1']:.1f}% of the images but with the "
@@ -428,47 +450,68 @@ def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
             f"from every label (0-based indices into the model's classes) and run again")
     for w in label_warnings:
         _logger.warning("LABELS: %s", w)
-    preds = {r.name: stats[r.name].predictions for r in results_ordered if r.name in stats and r.name != ref_name}
-    failed = [r for r in results_ordered if r.status in ("fail", "error")]
-    compared = [r.name for r in results_ordered if r.status in ("pass", "fail")]
+    return shift, label_warnings
+
+
+def parity_report(plan: ParityPlan, run: ParityRun, args: argparse.Namespace,
+                  argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The report (JSON-ready) of a finished run: verdict, per-backend metrics, data and settings."""
+    results = _results(plan, run)
+    ref_stats = run.stats[plan.reference.name]
+    shift, label_warnings = _label_checks(plan, ref_stats.predictions, run.labels)
+    failed = [r for r in results if r.status in ("fail", "error")]
+    compared = [r.name for r in results if r.status in ("pass", "fail")]
     # A run that compared nothing is not a pass; check_ran refuses one unless only the reference was asked for.
     verdict = "FAIL" if failed else ("PASS" if compared else "REFERENCE ONLY")
-    stem = out / f"parity-{args.model}"
+    stem = plan.out / f"parity-{plan.model_name}"
     outputs = {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png",
                "disagreements": f"{stem}-disagreements.csv"}
     if args.save_predictions:
         outputs["predictions"] = f"{stem}-predictions.csv"
-
-    report: dict[str, Any] = {
+    evalset, model = plan.evalset, plan.model
+    return {
         **report_header("evaluation.parity", argv),
-        "model": args.model,
+        "model": plan.model_name,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "checkpoint_sha256": ckpt_sha or None,
+        "checkpoint_sha256": plan.ckpt_sha or None,
         "weights": model.pretrained_cfg.get("weights", "random"),
         "num_classes": int(model.num_classes),
         "data": {"root": str(evalset.root), "labels_file": evalset.labels_file, "layout": evalset.layout,
                  "class_mapping": evalset.mapping, "images_found": len(evalset.samples),
                  "limit": args.limit, "images_evaluated": int(ref_stats.n),
-                 "images_unreadable": list(batcher.skipped), "notes": evalset.notes,
+                 "images_unreadable": list(plan.batcher.skipped), "notes": evalset.notes,
                  "labels": evalset.label_summary(), "label_shift_check": shift, "label_warnings": label_warnings},
-        "data_config": data_cfg.as_dict(),
+        "data_config": plan.data_cfg.as_dict(),
         "batch_size": args.batch_size,
-        "device": device,
-        "ort_provider": provider,
-        "threads": threads,
-        "thresholds": thresholds.as_dict(),
-        "reference": ref_name,
-        "asked": asked,
-        "required": required,
+        "device": plan.device,
+        "ort_provider": plan.provider,
+        "threads": plan.threads,
+        "thresholds": plan.thresholds.as_dict(),
+        "reference": plan.reference.name,
+        "asked": [s.name for s in plan.backends],
+        "required": plan.required,
         "compared": compared,
         "verdict": verdict,
         "passed": verdict == "PASS",
-        "not_run": not_run_groups(results_ordered),
-        "backends": [r.as_dict() for r in results_ordered],
+        "not_run": not_run_groups(results),
+        "backends": [r.as_dict() for r in results],
         "outputs": outputs,
     }
-    with OutputLock(out):
-        _write_outputs(report, outputs, stem, paths_all, labels_np, ref_pred, preds, evalset.class_names)
+
+
+def run_parity(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every selected backend on the same batches and write the report files; returns the report."""
+    plan = plan_parity(args)
+    reference, runners, not_run = resolve_runners(plan, args.checkpoint)
+    check_ran([s.name for s in plan.backends], plan.required, not_run)
+    run = execute_parity(plan, reference, runners, not_run, progress=not args.no_progress)
+    report = parity_report(plan, run, args, argv)
+    ref_name = plan.reference.name
+    preds = {r["name"]: run.stats[r["name"]].predictions for r in report["backends"]
+             if r["name"] in run.stats and r["name"] != ref_name}
+    with OutputLock(plan.out):
+        _write_outputs(report, report["outputs"], plan.out / f"parity-{plan.model_name}", run.paths, run.labels,
+                       run.stats[ref_name].predictions, preds, plan.evalset.class_names)
     return report
 
 

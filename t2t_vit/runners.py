@@ -10,19 +10,16 @@ whole list of backends, ask each class for :meth:`Runner.availability`, and acti
 ``engines.trt_runtime.TensorRTRunner`` implements the same interface for TensorRT engines; it lives with
 the rest of the TensorRT code, and the tools above the engines stage use it from there.
 
-Backend names are the runner names, one vocabulary for every tool (:func:`select_backends`):
-``pytorch-<cpu|cuda>-fp32``, ``pytorch-<device>-<bf16|fp16>-autocast``, ``pytorch-cuda-fp32-compile``,
-``onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu>``, ``tensorrt-<fp32|fp16|int8>``. A selector picks a
-name exactly, or every name it is a dash-separated prefix of (``onnxruntime``, ``onnxruntime-cpu``).
+Backend names are the runner names, one vocabulary for every tool: :mod:`t2t_vit.backends` parses them
+into typed specs, and :func:`engines.backends.resolve_backend` makes the runner a spec names.
 """
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +35,6 @@ __all__ = [
     "RunnerError",
     "TorchRunner",
     "OnnxRuntimeRunner",
-    "select_backends",
-    "DEPRECATED_BACKENDS",
 ]
 
 
@@ -283,65 +278,3 @@ class OnnxRuntimeRunner(Runner):
 
         return {**super().describe(), "path": str(self.path), "provider": self.provider,
                 "onnxruntime": ort.__version__}
-
-
-# ----------------------------------------------------------------------------------------------------
-# One backend vocabulary
-# ----------------------------------------------------------------------------------------------------
-# Spellings used before the vocabulary was unified -> the runner-name pattern they meant. {dev} is the
-# PyTorch device of the run, {prov} the ONNX Runtime provider.
-DEPRECATED_BACKENDS: dict[str, str] = {
-    "pytorch-fp32": "pytorch-{dev}-fp32",
-    "pytorch-autocast": "pytorch-{dev}-*-autocast",
-    "ort": "onnxruntime",
-    "ort-fp32": "onnxruntime-{prov}-fp32",
-    "ort-fp16": "onnxruntime-{prov}-fp16",
-    "ort-int8": "onnxruntime-{prov}-int8",
-    "ort-cpu": "onnxruntime-cpu",
-    "ort-cuda": "onnxruntime-cuda",
-    "trt": "tensorrt",
-    "trt-fp32": "tensorrt-fp32",
-    "trt-fp16": "tensorrt-fp16",
-    "trt-int8": "tensorrt-int8",
-    "torch-cpu": "pytorch-cpu-fp32",
-    "torch-cuda": "pytorch-cuda-fp32",
-    "torch-cuda-fp16": "pytorch-cuda-fp16-autocast",
-    "torch-cuda-bf16": "pytorch-cuda-bf16-autocast",
-    "torch-cuda-compile": "pytorch-cuda-fp32-compile",
-}
-
-
-def _matches(pattern: str, name: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + "-")
-
-
-def select_backends(spec: str | Iterable[str] | None, candidates: Sequence[str], *, device: str = "cpu",
-                    provider: str = "cpu") -> list[str]:
-    """The candidate backend names a selection picks, in candidate order.
-
-    Args:
-        spec: comma-separated selectors (or a list); None, "" or "all" pick every candidate. A selector is
-            a backend name (exact), a dash-separated prefix of names (``onnxruntime-cpu``), or a glob
-            (``onnxruntime-*-int8``); an exact name picks only itself. Old spellings (``ort-fp16``,
-            ``torch-cuda``) are accepted with a deprecation warning.
-        candidates: every backend name the tool knows for this run (available or not).
-        device / provider: fill in the old, device-less spellings.
-
-    Raises:
-        RunnerError: a selector that matches no candidate (the message lists the names).
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
-        return list(candidates)
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    picked: set[str] = set()
-    for raw in (i.strip().lower() for i in items if i and i.strip()):
-        sel = raw
-        if sel not in candidates and sel in DEPRECATED_BACKENDS:
-            sel = DEPRECATED_BACKENDS[sel].format(dev=str(device).split(":")[0], prov=provider)
-            _logger.warning("backend %r is deprecated: use %r (the runner names are the one vocabulary)", raw, sel)
-        hits = [sel] if sel in candidates else [c for c in candidates if _matches(sel, c)]
-        if not hits:
-            raise RunnerError(f"unknown backend {raw!r}; backends here: {', '.join(candidates)} (a prefix such as "
-                              f"'onnxruntime' or 'tensorrt' selects a family; comma-separate several)")
-        picked.update(hits)
-    return [c for c in candidates if c in picked]

@@ -23,7 +23,8 @@ from PIL import Image
 
 from evaluation import parity
 from evaluation.parity import Thresholds, parity_backends
-from t2t_vit.runners import RunnerError, select_backends
+from t2t_vit.backends import select_backends
+from t2t_vit.runners import RunnerError
 
 MODEL = "t2t_vit_test"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -45,15 +46,35 @@ def test_thresholds_defaults_and_overrides():
 
 
 def test_backend_vocabulary_is_the_runner_names():
-    names = parity_backends("cpu", "cpu")
+    specs = parity_backends("cpu", "cpu")
+    names = [s.name for s in specs]
     assert names[:2] == ["pytorch-cpu-fp32", "pytorch-cpu-bf16-autocast"]
-    assert select_backends("onnxruntime", names) == [f"onnxruntime-cpu-{p}" for p in ("fp32", "fp16", "int8", "int8-cpu")]
+    assert [s.name for s in select_backends("onnxruntime", specs)] == [
+        f"onnxruntime-cpu-{p}" for p in ("fp32", "fp16", "int8", "int8-cpu")]
     assert select_backends("onnxruntime-cpu-int8,tensorrt-fp16", names) == ["onnxruntime-cpu-int8", "tensorrt-fp16"]
-    # the old spellings still select the same backends (with a deprecation warning)
-    assert select_backends("ort-int8,trt-fp16", names) == ["onnxruntime-cpu-int8", "tensorrt-fp16"]
-    assert select_backends("pytorch-autocast", names) == ["pytorch-cpu-bf16-autocast"]
+    assert [s.runtime for s in select_backends("*-int8", specs)] == ["onnxruntime", "tensorrt"]
+    # the old spellings are gone: the error names the backend that replaces them here
+    with pytest.raises(RunnerError, match="old backend names .* gone; use onnxruntime-cpu-int8$"):
+        select_backends("onnxruntime-cpu-fp32,ort-int8", names)
+    with pytest.raises(RunnerError, match="use pytorch-cpu-bf16-autocast$"):
+        select_backends("pytorch-autocast", names)
     with pytest.raises(RunnerError, match="unknown backend"):
         select_backends("tensorflow", names)
+
+
+def test_old_backend_name_is_refused_with_exit_2_and_the_new_name(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    for cmd, new in ((["evaluation.parity", "--model", MODEL, "--data", str(tmp_path), "--backends", "trt-fp16"],
+                      "tensorrt-fp16"),
+                     (["engines.bench", "--model", MODEL, "--out", str(tmp_path), "--tensorrt", "off",
+                       "--backends", "torch-cpu"], "pytorch-cpu-fp32")):
+        proc = subprocess.run([sys.executable, "-m", *cmd], cwd=repo, capture_output=True, text=True, timeout=120)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"{cmd[0]}: error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(errors) == 1 and "old backend names" in errors[0] and f"use {new}" in errors[0], errors
 
 
 # ------------------------------------------------------------------------------------------------

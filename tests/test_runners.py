@@ -173,3 +173,68 @@ def test_base_runner_validates_and_casts_output():
         out = r.infer(torch.ones(2, 1, 1, 2, dtype=torch.float64))
     np.testing.assert_array_equal(out, np.full((2, 2), 0.5, np.float32))
     assert out.dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# The backend vocabulary and the one factory
+# ------------------------------------------------------------------------------------------------
+def test_backend_names_parse_to_typed_specs_and_back():
+    import dataclasses
+
+    from t2t_vit.backends import BackendSpec, all_backends, parse_backend
+
+    specs = all_backends()
+    assert len({s.name for s in specs}) == len(specs) == 19  # one name per spec, no two specs share one
+    for spec in specs:
+        assert parse_backend(spec.name) == spec and parse_backend(spec.name.upper()) == spec
+    assert parse_backend("onnxruntime-cuda-int8-cpu") == BackendSpec("onnxruntime", "cuda", "int8-cpu")
+    assert parse_backend("pytorch-cpu-bf16-autocast") == BackendSpec("pytorch", "cpu", "bf16")
+    assert parse_backend("pytorch-cuda-fp32-compile") == BackendSpec("pytorch", "cuda", "fp32", compile=True)
+    assert parse_backend("tensorrt-int8") == BackendSpec("tensorrt", "cuda", "int8")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        specs[0].precision = "fp16"
+    for bad in (("tensorrt", "cpu", "fp16"), ("pytorch", "cpu", "int8"), ("tensorflow", "cpu", "fp32"),
+                ("onnxruntime", "tpu", "fp32")):
+        with pytest.raises(RunnerError):
+            BackendSpec(*bad)
+
+
+def test_unknown_and_old_backend_names_are_one_line_errors():
+    from t2t_vit.backends import parse_backend
+
+    with pytest.raises(RunnerError) as e:
+        parse_backend("tensorflow-cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "onnxruntime-cpu-int8-cpu" in msg and "tensorrt-fp16" in msg
+    # The pre-vocabulary spellings are gone; the error names what replaces them.
+    for old, new in (("ort-fp16", "onnxruntime-cpu-fp16"), ("trt-int8", "tensorrt-int8"),
+                     ("torch-cuda-bf16", "pytorch-cuda-bf16-autocast"), ("pytorch-fp32", "pytorch-cpu-fp32")):
+        with pytest.raises(RunnerError, match="old backend names") as e:
+            parse_backend(old)
+        assert new in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resolve_backend_makes_the_runner_or_says_why_not(tiny_model, tiny_onnx, tmp_path):
+    from engines.backends import Skip, resolve_backend
+    from engines.trt_runtime import TensorRTRunner
+
+    x = torch.randn(2, 3, 64, 64)
+    runner = resolve_backend("onnxruntime-cpu-fp32", tiny_onnx.parent, "t2t_vit_test", threads=1)
+    assert isinstance(runner, OnnxRuntimeRunner) and runner.path == tiny_onnx and runner.name == "onnxruntime-cpu-fp32"
+    runner = resolve_backend("pytorch-cpu-bf16-autocast", tmp_path, "t2t_vit_test", model=tiny_model)
+    assert isinstance(runner, TorchRunner) and runner.name == "pytorch-cpu-bf16-autocast"
+    assert runner.autocast_dtype == torch.bfloat16
+    built = []
+    runner = resolve_backend("pytorch-cpu-fp32", tmp_path, "t2t_vit_test", model=lambda: built.append(1) or tiny_model)
+    assert built == [1]  # a model factory is called only for a PyTorch backend
+    with runner:
+        np.testing.assert_allclose(runner.infer(x), tiny_model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    skip = resolve_backend("onnxruntime-cpu-int8", tmp_path, "t2t_vit_test", model=lambda: built.append(2))
+    assert isinstance(skip, Skip) and built == [1]
+    assert skip.artifact == str(tmp_path / "t2t_vit_test.int8.onnx")
+    assert "not found" in skip.reason and "make calib MODEL=t2t_vit_test" in skip.reason
+    ok, why = TensorRTRunner.availability()
+    trt = resolve_backend("tensorrt-fp16", tmp_path, "t2t_vit_test")
+    assert isinstance(trt, Skip) and (trt.reason == why if not ok else "make engine PRECISION=fp16" in trt.reason)
+    with pytest.raises(RunnerError, match="use onnxruntime-cpu-fp32"):
+        resolve_backend("ort-fp32", tmp_path, "t2t_vit_test")
