@@ -687,15 +687,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _by_reason(backends: Sequence[dict[str, Any]]) -> list[tuple[tuple[str, str], list[str]]]:
-    """Backends that did not run, grouped by (status, reason) in first-seen order: TensorRT missing is
-    one reason for its three backends, stated once."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for b in backends:
-        groups.setdefault((b["status"], b["reason"]), []).append(b["name"])
-    return list(groups.items())
-
-
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for the terminal."""
     lines = []
