@@ -11,8 +11,9 @@
    transform through :class:`t2t_vit.data.ImageBatcher` and caches the tensor under ``<out>/``;
 3. for each method: calibrates with onnxruntime.quantization (range cache kept under ``<out>/``),
    quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`), then, for ``--target tensorrt``
-   (default), converts the rest to fp16 except the Performer's linear-attention core, which stays fp32 as
-   in the fp16 export, or, for ``--target cpu``, keeps the rest fp32 (the form ONNX Runtime's CPU provider
+   (default), converts the rest to fp16 after the fp32 graph's recorded export recipe
+   (:class:`export.settings.ExportSettings`): the Performer's linear-attention core stays fp32 as in the fp16
+   export, and the LayerNorms keep the export's precision; or, for ``--target cpu``, keeps the rest fp32 (the form ONNX Runtime's CPU provider
    fuses into integer kernels); checks the Q/DQ pattern and writes ``<out>/<model>.int8.onnx`` (cpu:
    ``.int8-cpu.onnx``) for the first method and ``<out>/<model>.int8[-cpu]-<method>.onnx`` for the others;
 4. evaluates fp32, fp16 and every int8 graph on ONNX Runtime CPU on the labeled ``--val-data`` images
@@ -33,7 +34,6 @@ import onnx
 
 from export import to_onnx
 from export.patterns import LAYERNORM_PRECISIONS
-from export.to_onnx import DEFAULT_LAYERNORM
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
@@ -83,8 +83,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "TensorRT; cpu: <model>.int8-cpu.onnx, the same Q/DQ over fp32, which ONNX Runtime's CPU "
                         "provider runs with integer kernels (make calib TARGET=cpu)")
     g.add_argument("--layernorm-precision", choices=LAYERNORM_PRECISIONS, default=None,
-                   help=f"LayerNorms of the TensorRT int8 graph: fp16, or fp32 behind Casts (default "
-                        f"{DEFAULT_LAYERNORM}, as the fp16 export; the CPU target is fp32 throughout)")
+                   help="LayerNorms of the TensorRT int8 graph: fp16, or fp32 behind Casts (default: as the export "
+                        "chose, read from the fp32 graph's recipe; the CPU target is fp32 throughout)")
     g.add_argument("--val-data", default=None,
                    help="labeled ImageFolder tree for accuracy (default: the 'val' folder beside --calib-data)")
     g.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the validation images (default all)")
@@ -153,7 +153,6 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     if args.target == "cpu" and args.layernorm_precision not in (None, "fp32"):
         _logger.warning("--layernorm-precision %s is ignored for --target cpu: that graph computes everything, "
                         "LayerNorms included, in fp32", args.layernorm_precision)
-    args.layernorm_precision = args.layernorm_precision or DEFAULT_LAYERNORM
     threads = apply_threads(args.threads)
     methods = _methods(args.method)
     calib_root = Path(args.calib_data)
@@ -238,7 +237,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     first = int8[methods[0]]["fp32_island"]
     report["fp32_island"] = {"pattern": first["pattern"], "nodes": len(first["nodes"]),
                              "reason": FP32_ISLAND_REASON if first["nodes"] else "",
-                             "layernorm_precision": "fp32" if args.target == "cpu" else args.layernorm_precision,
+                             "layernorm_precision": int8[methods[0]]["layernorm_precision"],
                              "note": "the same island in every int8 graph of this report; the node and tensor "
                                      "lists are under int8.<method>.fp32_island"}
 

@@ -11,7 +11,8 @@ calibration). The steps added here are:
 3. the quantized fp32 graph is converted to fp16 (``onnxruntime.transformers.float16``) with fp32 graph
    I/O: Q/DQ scales become fp16, which opset >= 19 QuantizeLinear/DequantizeLinear allow, so every
    DequantizeLinear emits fp16 and the non-quantized ops (LayerNorm, Softmax, GELU, Adds) run in fp16,
-   as TensorRT runs them. The one exception is the fp32 island of the fp16 export: each Performer's
+   as TensorRT runs them. The exceptions follow the export's recipe, read back from the fp32 graph by
+   :func:`export_recipe`: the LayerNorms keep its precision, and its fp32 island stays: each Performer's
    linear-attention core (:func:`calibration.policy.performer_core_nodes`; feature MatMuls with ``w``,
    ReduceMax/Exp/ReduceSum, the normaliser, the rescaled epsilon, the division) stays fp32 behind
    Casts, because an fp16 core is measurably wrong (``FP32_ISLAND_REASON``);
@@ -37,7 +38,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from export.patterns import FP32_ISLAND_REASON, fp32_tensor_reasons
-from export.to_onnx import DEFAULT_LAYERNORM
+from export.settings import ExportSettings
 from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import (check_graph, consumers, default_opset, describe_graph, fp32_tensors, producers,
@@ -55,6 +56,7 @@ __all__ = [
     "TensorDataReader",
     "build_int8",
     "int8_metadata",
+    "export_recipe",
     "ensure_opset",
     "quiet_onnxruntime",
     "quantize_model",
@@ -238,14 +240,16 @@ def quiet_onnxruntime(level: int = logging.ERROR) -> Iterator[None]:
 
 def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str], method: str,
                reader: TensorDataReader | None, path: str | os.PathLike, *, target: str = "tensorrt",
-               cache: str | os.PathLike | None = None, percentile: float = 99.99, layernorm: str = DEFAULT_LAYERNORM,
+               cache: str | os.PathLike | None = None, percentile: float = 99.99, layernorm: str | None = None,
                meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """An fp32 graph -> the checked int8 graph of ``target``, with its metadata, written (atomically) to ``path``.
 
     1. :func:`quantize_model` on the placement's nodes (ranges read from ``cache`` when it holds them, else
        calibrated on ``reader`` and kept there);
-    2. ``target="tensorrt"``: :func:`to_mixed_fp16`, fp16 everywhere except the Q/DQ layers and the Performer's
-       fp32 island (LayerNorms per ``layernorm``); ``target="cpu"``: :func:`to_cpu_int8`, the same Q/DQ over
+    2. ``target="tensorrt"``: :func:`to_mixed_fp16`, fp16 everywhere except the Q/DQ layers and what the export's
+       recipe keeps fp32 (:class:`export.settings.ExportSettings`, read from the fp32 graph's metadata): the
+       Performer's fp32 island when ``fp32_core``, the LayerNorms when ``layernorm`` is "fp32";
+       ``target="cpu"``: :func:`to_cpu_int8`, the same Q/DQ over
        fp32, the form ONNX Runtime's CPU provider fuses into integer kernels (DequantizeLinear + MatMul ->
        MatMulIntegerToFloat; fp16 would make it insert Casts it cannot fuse);
     3. :func:`check_qdq` for the target's pattern, and the full ONNX checker (:func:`t2t_vit.graphs.check_graph`);
@@ -254,7 +258,8 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
        (:func:`t2t_vit.graphs.describe_graph`: opset, fp32 islands, LayerNorm type).
 
     Args:
-        fp32_model: the exported fp32 graph (raised to opset 19 here when older).
+        fp32_model: the exported fp32 graph (raised to opset 19 here when older), with the export's recipe in its
+            metadata (``make onnx`` writes it; the TensorRT target refuses a graph without it).
         placement: a :class:`calibration.policy.Placement`, or the names of the MatMul/Gemm nodes to quantize.
         method: "entropy", "percentile" or "max".
         reader: calibration batches; may be None when ``cache`` already holds the ranges.
@@ -262,22 +267,25 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
         target: "tensorrt" or "cpu".
         cache: ORT calibration cache (JSON of tensor ranges), reused when it exists; None: not kept.
         percentile: the percentile for ``method="percentile"``.
-        layernorm: "fp32" or "fp16" LayerNorms in the TensorRT graph (the CPU graph is fp32 throughout).
+        layernorm: "fp32" or "fp16" LayerNorms in the TensorRT graph, overriding the export's recipe; None (the
+            default): the recipe's. The CPU graph is fp32 throughout.
         meta: further metadata from the caller (policy, calibration data); values that are not strings are
             JSON-encoded.
 
     Returns:
-        path, target, the :func:`check_qdq` summary, the fp32 island, the range cache and whether it was
-        reused, and the seconds it took.
+        path, target, the :func:`check_qdq` summary, the fp32 island, the LayerNorm precision, the range cache
+        and whether it was reused, and the seconds it took.
 
     Raises:
         QuantizationError: bad settings, or a graph without the target's Q/DQ pattern.
+        export.settings.ExportError: ``target="tensorrt"`` and the fp32 graph records no export recipe.
     """
     if target not in TARGETS:
         raise QuantizationError(f"unknown int8 target {target!r}; choose one of {list(TARGETS)}")
     t0 = time.perf_counter()
     nodes = placement.node_names if isinstance(placement, Placement) else list(placement)
     fp32_model = ensure_opset(fp32_model)
+    recipe = export_recipe(fp32_model) if target == "tensorrt" else None  # refused before calibrating
     reused = cache is not None and Path(cache).is_file()
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
@@ -289,15 +297,25 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
         # fp32 throughout: no island to speak of (the structural search would name the core).
         island = {"pattern": "none", "nodes": [], "fp32_tensors": []}
     else:
-        graph = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
-        check = check_qdq(graph, nodes, layernorm=layernorm)
+        layernorm = layernorm or recipe.layernorm
+        # The export's fp32 island (the Performer cores) and LayerNorm precision, as in its fp16 graph.
+        graph = to_mixed_fp16(qdq, fp32_nodes=None if recipe.fp32_core else [], layernorm=layernorm)
+        check = check_qdq(graph, nodes, fp32_island=recipe.fp32_core, layernorm=layernorm)
         island = fp32_island(graph)
+        meta = {**(meta or {}), **recipe.replace(layernorm=layernorm).to_metadata()}  # this graph's recipe
     set_metadata(graph, int8_metadata(fp32_model, graph, nodes, method, target, percentile, meta))
     check_graph(graph)
     atomic_save_onnx(graph, path)
     return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island,
-            "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
+            "layernorm_precision": "fp32" if target == "cpu" else layernorm, "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def export_recipe(fp32_model: onnx.ModelProto) -> ExportSettings:
+    """The precision recipe the fp32 graph was exported with (its metadata), which the TensorRT int8 graph
+    follows. Raises :class:`export.settings.ExportError` (naming ``make onnx``) for a graph without one."""
+    meta = {p.key: p.value for p in fp32_model.metadata_props}
+    return ExportSettings.from_metadata(meta, source="the fp32 graph")
 
 
 def int8_metadata(fp32_model: onnx.ModelProto, graph: onnx.ModelProto, nodes: Sequence[str], method: str,

@@ -62,7 +62,7 @@ import torch
 from calibration.data import load_or_preprocess, select_samples
 from calibration.policy import DEFAULT_POLICY, Placement
 from calibration.quantize import TensorDataReader, build_int8, ensure_opset
-from export.to_onnx import export_onnx
+from export.to_onnx import ExportSettings, export_onnx
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
@@ -387,8 +387,9 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     model.set_cls_only_last_block(False)
     graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
               "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
-              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32", cls_only_last_block=True),
-              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32", soft_split="conv")}
+              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32", settings=ExportSettings(cls_only_last_block=True)),
+              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32",
+                                                         settings=ExportSettings(soft_split="conv"))}
     graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
                                                                                work / "fp32-ort-fused.onnx")
     if calib_images is None:

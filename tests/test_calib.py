@@ -24,6 +24,7 @@ from calibration import data as cdata
 from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
 from calibration.quantize import (QuantizationError, TensorDataReader, check_qdq, ensure_opset, quantize_model,
                                   to_cpu_int8, to_mixed_fp16)
+from export.settings import METADATA_KEY, ExportError, ExportSettings
 from t2t_vit.data import DataConfig, DataError
 from t2t_vit.graphs import read_metadata
 
@@ -52,7 +53,7 @@ def exported(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    export_model(build_model("t2t_vit_test").eval(), out, layernorm="fp16")
+    export_model(build_model("t2t_vit_test").eval(), out, ExportSettings(layernorm="fp16"))
     return out
 
 
@@ -350,7 +351,8 @@ def test_cls_only_last_block_graph_quantizes_like_the_whole_one(tmp_path):
     torch.manual_seed(0)
     model = build_model("t2t_vit_test").eval()
     graphs = {cls: ensure_opset(onnx.load(str(export_onnx(model, tmp_path / f"{cls}.onnx", "fp32",
-                                                              cls_only_last_block=cls)))) for cls in (False, True)}
+                                                          settings=ExportSettings(cls_only_last_block=cls)))))
+              for cls in (False, True)}
     cands = {cls: classify_nodes(g) for cls, g in graphs.items()}
     families = {cls: collections.Counter(c.family for c in cs) for cls, cs in cands.items()}
     assert families[True] - families[False] == collections.Counter({"linear": 1})
@@ -593,6 +595,78 @@ def test_build_int8_checks_and_labels_every_target(fp32, tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
     with pytest.raises(QuantizationError, match="unknown int8 target"):
         build_int8(fp32, placement, "max", None, tmp_path / "bad.onnx", target="gpu", cache=cache)
+
+
+def _with_recipe(model: onnx.ModelProto, recipe: ExportSettings | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose metadata records ``recipe`` (None: no recipe, as an older export wrote it)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    meta = {p.key: p.value for p in out.metadata_props if p.key != METADATA_KEY}
+    del out.metadata_props[:]
+    onnx.helper.set_model_props(out, {**meta, **(recipe.to_metadata() if recipe else {})})
+    return out
+
+
+def test_build_int8_follows_the_export_recipe(exported, fp32, tmp_path):
+    """The TensorRT int8 graph is built after the recipe the fp32 graph records (read back from its metadata,
+    not re-derived): the export's LayerNorm precision and its fp32 island, which check_qdq finds again, the
+    same island as the export's own fp16 graph; an explicit layernorm overrides, and is recorded."""
+    from calibration.quantize import build_int8
+
+    assert ExportSettings.from_metadata(read_metadata(exported / "t2t_vit_test.fp32.onnx")).layernorm == "fp16"
+    placement = Placement.from_model(fp32, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    cache = tmp_path / "ranges.json"
+    runs = {"export's": build_int8(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", cache=cache),
+            "ln32": build_int8(fp32, placement, "max", None, tmp_path / "b.onnx", cache=cache, layernorm="fp32"),
+            "no-core": build_int8(_with_recipe(fp32, ExportSettings(fp32_core=False, layernorm="fp16")), placement,
+                                  "max", None, tmp_path / "c.onnx", cache=cache)}
+    metas = {k: read_metadata(r["path"]) for k, r in runs.items()}
+    assert [metas[k]["layernorm_precision"] for k in runs] == ["fp16", "fp32", "fp16"]  # read from each graph
+    assert [ExportSettings.from_metadata(metas[k]).layernorm for k in runs] == ["fp16", "fp32", "fp16"]
+    fp16_export = onnx.load(str(exported / "t2t_vit_test.fp16.onnx"))
+    island = collections.Counter(n.op_type for n in fp16_export.graph.node
+                                 if n.name in set(performer_core_nodes(fp16_export)))
+    for k in ("export's", "ln32"):
+        graph = onnx.load(runs[k]["path"])
+        core = set(performer_core_nodes(graph))
+        assert runs[k]["qdq_check"]["fp32_island_nodes"] == len(core) > 0 and metas[k]["fp32_islands"] != "none"
+        # the export's island, op for op (the int8 graph has no Q/DQ inside it under linear-attn)
+        assert collections.Counter(n.op_type for n in graph.graph.node if n.name in core) == island
+    assert runs["no-core"]["qdq_check"]["fp32_island_nodes"] == 0 and metas["no-core"]["fp32_islands"] == "none"
+
+
+def test_build_int8_refuses_a_graph_without_recipe(fp32, tmp_path):
+    """An fp32 graph from before the recipe was recorded: the TensorRT target refuses it in one line naming
+    `make onnx`, before calibrating, and writes nothing; the all-fp32 CPU target needs no recipe."""
+    from calibration.quantize import build_int8
+
+    old = _with_recipe(fp32, None)
+    placement = Placement.from_model(old, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    with pytest.raises(ExportError, match=r"fp32 graph has no 'export_settings' metadata.*`make onnx`") as e:
+        build_int8(old, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", cache=tmp_path / "r.json")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "r.json").exists()  # refused before calibrating
+    cpu = build_int8(old, placement, "max", TensorDataReader(x), tmp_path / "a.int8-cpu.onnx", target="cpu")
+    assert read_metadata(cpu["path"])["precision"] == "int8-cpu"
+
+
+def test_calib_refuses_an_old_export_with_exit_2(exported, tmp_path, capsys):
+    """make calib on an fp32 graph without the recipe: exit 2, one line on stderr naming `make onnx`, no int8
+    graph written."""
+    from calibration.calib import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    onnx.save(_with_recipe(onnx.load(str(exported / "t2t_vit_test.fp32.onnx")), None), out / "t2t_vit_test.fp32.onnx")
+    train = _make_folder(tmp_path / "train", per_class=1, seed=1)
+    rc = main(["--model", "t2t_vit_test", "--out", str(out), "--calib-data", str(train), "--calib-size", "2",
+               "--method", "max", "--workers", "0", "--no-progress", "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("calibration.calib: error: the fp32 graph has no 'export_settings'") and \
+        "`make onnx`" in err[0]
+    assert not (out / "t2t_vit_test.int8.onnx").exists()
 
 
 def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, capsys):

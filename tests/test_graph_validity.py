@@ -9,7 +9,7 @@ import torch
 
 from calibration.policy import Placement
 from calibration.quantize import TensorDataReader, build_int8, ensure_opset
-from export.to_onnx import export_model
+from export.to_onnx import ExportSettings, export_model
 from t2t_vit.checkpoint import build_model
 from t2t_vit.graphs import describe_graph
 
@@ -23,7 +23,7 @@ def graphs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     model = build_model(name).eval()
-    export_model(model, out, layernorm="fp16")
+    export_model(model, out, ExportSettings(layernorm="fp16"))
     export_model(model, out / "ln32")  # the default: fp32 LayerNorms
     fp32 = ensure_opset(onnx.load(str(out / f"{name}.fp32.onnx")))
     nodes = Placement.from_model(fp32, "linear-attn").node_names
