@@ -25,7 +25,9 @@ def graphs(request, tmp_path_factory):
     model = build_model(name).eval()
     export_model(model, out, ExportSettings(layernorm="fp16"))
     export_model(model, out / "ln32")  # the default: fp32 LayerNorms
-    fp32 = ensure_opset(onnx.load(str(out / f"{name}.fp32.onnx")))
+    # The int8 graphs start from the default export's fp32 graph: its recipe says fp32 LayerNorms, which the
+    # sensitivity graph (no override) follows; the two int8-ln graphs override it.
+    fp32 = ensure_opset(onnx.load(str(out / "ln32" / f"{name}.fp32.onnx")))
     nodes = Placement.from_model(fp32, "linear-attn").node_names
     images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
     paths = {"fp32": out / f"{name}.fp32.onnx", "fp16": out / f"{name}.fp16.onnx",
@@ -72,7 +74,8 @@ def test_metadata_says_what_the_graph_is(graphs, kind):
     performer = name == "t2t_vit_test"
     want_island = "performer_core_fp32" if performer and want_precision != "fp32" and kind != "int8-cpu" else "none"
     assert derived["fp32_islands"] == want_island
-    # fp16 LayerNorms only where asked for; the default (sensitivity graphs too) is fp32.
+    # fp16 LayerNorms only where asked for; the default (the export's recipe, followed by the sensitivity graph
+    # too) is fp32.
     want_ln = "fp16" if kind in ("fp16", "int8-lnfp16") else "fp32"
     assert derived["layernorm_precision"] == want_ln
     if want_precision == "int8":
