@@ -307,7 +307,8 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
     check_graph(graph)
     atomic_save_onnx(graph, path)
     return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island,
-            "layernorm_precision": "fp32" if target == "cpu" else layernorm, "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
+            "layernorm_precision": "fp32" if target == "cpu" else layernorm,
+            "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
