@@ -113,7 +113,8 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
         with tempfile.TemporaryDirectory(prefix="t2t-bench-calib-") as tmp:  # one calibration, both targets
             cache = Path(tmp) / "ranges-entropy.json"
             for key, target in targets.items():
-                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta)
+                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta,
+                           fp16_model=onnx.load(str(paths["fp16"])) if target == "tensorrt" else None)
     return paths
 
 

@@ -259,22 +259,23 @@ def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
     return path
 
 
-def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray, tensorrt: bool = True) -> dict[str, Path]:
-    """The CPU (and, with ``tensorrt``, the TensorRT) int8 graph of an fp32 graph, as ``make calib TARGET=cpu``
-    (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here max
-    calibration, both targets from one calibration; checked, with metadata), written beside it."""
+def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray, fp16_path: Path | None = None) -> dict[str, Path]:
+    """The CPU (and, given the export's ``fp16_path``, the TensorRT) int8 graph of an fp32 graph, as ``make calib
+    TARGET=cpu`` (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here
+    max calibration, both targets from one calibration; checked, with metadata), written beside it."""
     fp32 = ensure_opset(onnx.load(str(fp32_path)))
     placement = Placement.from_model(fp32, DEFAULT_POLICY)
     reader = TensorDataReader(calib_images, fp32.graph.input[0].name)
     paths = {"int8-cpu": work / f"{fp32_path.stem}.int8-cpu.onnx"}
-    if tensorrt:
+    if fp16_path is not None:
         paths["int8"] = work / f"{fp32_path.stem}.int8-tensorrt.onnx"
     meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(len(calib_images))}
     with tempfile.TemporaryDirectory(prefix="t2t-bench-cpu-") as tmp:
         cache = Path(tmp) / "ranges-max.json"
         for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
             if key in paths:
-                build_int8(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta)
+                build_int8(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta,
+                           fp16_model=onnx.load(str(fp16_path)) if target == "tensorrt" else None)
     return paths
 
 
@@ -394,9 +395,9 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
                                                                                work / "fp32-ort-fused.onnx")
     if calib_images is None:
         calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
-    q = int8_graphs(graphs["ours fp32"], work, calib_images)
+    q = int8_graphs(graphs["ours fp32"], work, calib_images, export_onnx(model, work / "fp16.onnx", "fp16"))
     graphs["ours int8-cpu"] = q["int8-cpu"]
-    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images, tensorrt=False)["int8-cpu"]
+    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images)["int8-cpu"]
     graphs["ours int8 (TensorRT graph)"] = q["int8"]
     rows: list[dict[str, Any]] = []
     xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
