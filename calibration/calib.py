@@ -141,9 +141,9 @@ def _fp16_export(args: argparse.Namespace, out: Path, meta: dict[str, str]) -> o
         return None
     recipe = ExportSettings.from_metadata(meta, source=str(onnx_path(out, args.model, "fp32")))
     if args.layernorm_precision not in (None, recipe.layernorm):
-        raise CalibrationError(f"--layernorm-precision {args.layernorm_precision}: the int8 graph keeps the export's "
-                               f"LayerNorms ({recipe.layernorm}); re-export with `make onnx ARGS=\"--layernorm-precision "
-                               f"{args.layernorm_precision}\"` and calibrate again")
+        raise CalibrationError(f"--layernorm-precision {args.layernorm_precision}: the int8 graph keeps the "
+                               f"export's LayerNorms ({recipe.layernorm}); re-export with `make onnx "
+                               f"ARGS=\"--layernorm-precision {args.layernorm_precision}\"` and calibrate again")
     path = onnx_path(out, args.model, "fp16")
     if not path.is_file():
         raise CalibrationError(f"{path} does not exist: the TensorRT int8 graph is the export's fp16 graph with Q/DQ; "

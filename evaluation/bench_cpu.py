@@ -259,7 +259,8 @@ def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
     return path
 
 
-def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray, fp16_path: Path | None = None) -> dict[str, Path]:
+def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray,
+                fp16_path: Path | None = None) -> dict[str, Path]:
     """The CPU (and, given the export's ``fp16_path``, the TensorRT) int8 graph of an fp32 graph, as ``make calib
     TARGET=cpu`` (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here
     max calibration, both targets from one calibration; checked, with metadata), written beside it."""
@@ -368,6 +369,29 @@ def _time_all(fns: dict[str, Callable[[], Any]], min_time: float, min_iters: int
 # ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
+def _bench_graphs(model: torch.nn.Module, name: str, work: Path,
+                  calib_images: np.ndarray | None) -> tuple[dict[str, Path], Any]:
+    """Every graph the CPU benchmark times (the authors' export, ours in each form, our int8 graphs, calibrated
+    on ``calib_images``, or 16 Gaussian images), written to ``work``; and the ORT transformer fusions the fused
+    row got."""
+    if calib_images is None:
+        size = model.img_size
+        calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+    graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
+              "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
+              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32",
+                               settings=ExportSettings(cls_only_last_block=True)),
+              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32",
+                                                         settings=ExportSettings(soft_split="conv"))}
+    graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
+                                                                               work / "fp32-ort-fused.onnx")
+    q = int8_graphs(graphs["ours fp32"], work, calib_images, export_onnx(model, work / "fp16.onnx", "fp16"))
+    graphs["ours int8-cpu"] = q["int8-cpu"]
+    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images)["int8-cpu"]
+    graphs["ours int8 (TensorRT graph)"] = q["int8"]
+    return graphs, fusions
+
+
 def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[str, Any], work: Path,
                 calib_images: np.ndarray | None, check: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
@@ -386,19 +410,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     model.set_cls_only_last_block(True)
     cls_only = model_flops(model, size) / 1e9
     model.set_cls_only_last_block(False)
-    graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
-              "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
-              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32", settings=ExportSettings(cls_only_last_block=True)),
-              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32",
-                                                         settings=ExportSettings(soft_split="conv"))}
-    graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
-                                                                               work / "fp32-ort-fused.onnx")
-    if calib_images is None:
-        calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
-    q = int8_graphs(graphs["ours fp32"], work, calib_images, export_onnx(model, work / "fp16.onnx", "fp16"))
-    graphs["ours int8-cpu"] = q["int8-cpu"]
-    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images)["int8-cpu"]
-    graphs["ours int8 (TensorRT graph)"] = q["int8"]
+    graphs, fusions = _bench_graphs(model, name, work, calib_images)
     rows: list[dict[str, Any]] = []
     xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
     onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its three rows

@@ -702,6 +702,24 @@ def test_calib_refuses_an_old_export_with_exit_2(exported, tmp_path, capsys):
     assert not (out / "t2t_vit_test.int8.onnx").exists()
 
 
+def test_calib_layernorm_flag_only_restates_the_export(exported, tmp_path, capsys):
+    """The int8 graph keeps the export's LayerNorms: --layernorm-precision with another value is exit 2 with the
+    make onnx that gives it, before any image is decoded; the CPU target ignores it with a warning."""
+    from calibration.calib import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for p in ("fp32", "fp16"):
+        shutil.copy(exported / f"t2t_vit_test.{p}.onnx", out)  # recipe: fp16 LayerNorms
+    train = _make_folder(tmp_path / "train", per_class=1, seed=1)
+    argv = ["--model", "t2t_vit_test", "--out", str(out), "--calib-data", str(train), "--calib-size", "2",
+            "--method", "max", "--workers", "0", "--no-progress", "--no-eval", "--layernorm-precision", "fp32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export's LayerNorms (fp16)" in err[0] and "--layernorm-precision fp32" in err[0], err
+    assert "make onnx" in err[0] and not (out / "calib-cache").exists()
+
+
 def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, capsys):
     """TARGET=cpu: the same placement over fp32 (no fp16, no island), written as <model>.int8-cpu.onnx, and
     ONNX Runtime's CPU provider turns every quantized MatMul into an integer kernel."""
