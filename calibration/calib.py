@@ -11,9 +11,10 @@
 2. selects ``--calib-size`` images (seeded, class-balanced), preprocesses them with the model's eval
    transform through :class:`t2t_vit.data.ImageBatcher` and caches the tensor under ``<out>/``;
 3. for each method: calibrates with onnxruntime.quantization (range cache kept under ``<out>/``),
-   quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`), then, for ``--target tensorrt``
-   (default), converts the rest to fp16 except the Performer's linear-attention core, which stays fp32 as
-   in the fp16 export, or, for ``--target cpu``, keeps the rest fp32 (the form ONNX Runtime's CPU provider
+   quantizes the policy's MatMul/Gemm inputs (:mod:`calibration.policy`): for ``--target tensorrt``
+   (default) in the export's own fp16 graph ``<out>/<model>.fp16.onnx`` (its fp32 Performer core and
+   LayerNorm precision as the recorded recipe, :class:`export.settings.ExportSettings`, chose them), or,
+   for ``--target cpu``, in the fp32 graph (the form ONNX Runtime's CPU provider
    fuses into integer kernels); checks the Q/DQ pattern and writes ``<out>/<model>.int8.onnx`` (cpu:
    ``.int8-cpu.onnx``) for the first method and ``<out>/<model>.int8[-cpu]-<method>.onnx`` for the others;
 4. evaluates fp32, fp16 and every int8 graph on ONNX Runtime CPU on the labeled ``--val-data`` images
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import onnx
 
 from export.patterns import LAYERNORM_PRECISIONS
-from export.to_onnx import DEFAULT_LAYERNORM
+from export.settings import ExportSettings
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, once_per_line, run_command
 from t2t_vit.data import DataConfig, DataError, ImageBatcher
@@ -84,8 +85,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "TensorRT; cpu: <model>.int8-cpu.onnx, the same Q/DQ over fp32, which ONNX Runtime's CPU "
                         "provider runs with integer kernels (make calib TARGET=cpu)")
     g.add_argument("--layernorm-precision", choices=LAYERNORM_PRECISIONS, default=None,
-                   help=f"LayerNorms of the TensorRT int8 graph: fp16, or fp32 behind Casts (default "
-                        f"{DEFAULT_LAYERNORM}, as the fp16 export; the CPU target is fp32 throughout)")
+                   help="LayerNorms of the TensorRT int8 graph: they are the fp16 export's (its recorded recipe); a "
+                        "different value here is refused with the make onnx that gives it (the CPU target is fp32)")
     g.add_argument("--val-data", default=None,
                    help="labeled ImageFolder tree for accuracy (default: the 'val' folder beside --calib-data)")
     g.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the validation images (default all)")
@@ -126,6 +127,27 @@ def ensure_fp32_onnx(args: argparse.Namespace, out: Path) -> Path:
     return path
 
 
+def _fp16_export(args: argparse.Namespace, out: Path, meta: dict[str, str]) -> onnx.ModelProto | None:
+    """The TensorRT target's starting point, ``<out>/<model>.fp16.onnx`` (the export's fp16 graph, which the int8
+    graph keeps whole: its fp32 island and LayerNorm precision); None for the CPU target. The export's recipe
+    decides the LayerNorm precision: ``--layernorm-precision`` may only restate it."""
+    if args.target == "cpu":
+        if args.layernorm_precision not in (None, "fp32"):
+            _logger.warning("--layernorm-precision %s is ignored for --target cpu: that graph computes everything, "
+                            "LayerNorms included, in fp32", args.layernorm_precision)
+        return None
+    recipe = ExportSettings.from_metadata(meta, source=str(onnx_path(out, args.model, "fp32")))
+    if args.layernorm_precision not in (None, recipe.layernorm):
+        raise CalibrationError(f"--layernorm-precision {args.layernorm_precision}: the int8 graph keeps the "
+                               f"export's LayerNorms ({recipe.layernorm}); re-export with `make onnx "
+                               f"ARGS=\"--layernorm-precision {args.layernorm_precision}\"` and calibrate again")
+    path = onnx_path(out, args.model, "fp16")
+    if not path.is_file():
+        raise CalibrationError(f"{path} does not exist: the TensorRT int8 graph is the export's fp16 graph with Q/DQ; "
+                               f"run `make onnx` (it writes both graphs)")
+    return onnx.load(str(path))
+
+
 def _default_val(calib_data: Path) -> Path | None:
     cand = calib_data.parent / "val"
     return cand if cand.is_dir() and cand.resolve() != calib_data.resolve() else None
@@ -147,10 +169,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
-    if args.target == "cpu" and args.layernorm_precision not in (None, "fp32"):
-        _logger.warning("--layernorm-precision %s is ignored for --target cpu: that graph computes everything, "
-                        "LayerNorms included, in fp32", args.layernorm_precision)
-    args.layernorm_precision = args.layernorm_precision or DEFAULT_LAYERNORM
     threads = apply_threads(args.threads)
     methods = _methods(args.method)
     calib_root = Path(args.calib_data)
@@ -175,6 +193,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     if not args.no_eval and fp16_path.is_file():  # its column must compare the fp32 graph's weights in fp16
         expect_graph(fp16_path, model=args.model, precision="fp16", checkpoint_sha=recorded_checkpoint(meta),
                      against=f"the fp32 graph {fp32_path}", checkpoint=args.checkpoint, out=out)
+    fp16_model = _fp16_export(args, out, meta)
     config = DataConfig.from_metadata(meta)  # preprocessing is recorded, never guessed
     fp32_sha = file_sha256(fp32_path)
 
@@ -206,8 +225,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
                 "calib_size": str(len(cached.paths)), "calib_data_key": data_key}
         print(f"[{method}] calibrating and quantizing {len(nodes)} nodes -> {path}", flush=True)
         with once_per_line("onnxruntime"):  # its histogram line, once per stride
-            int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target, cache=cache,
-                                      percentile=args.percentile, layernorm=args.layernorm_precision, meta=info)
+            int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target,
+                                      fp16_model=fp16_model, cache=cache, percentile=args.percentile, meta=info)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)
@@ -219,8 +238,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
         for g, cands in groups.items():
             path = out / "sensitivity" / f"{args.model}.{TARGET_PRECISION[args.target]}-{method}-only-{g}.onnx"
-            build_int8(fp32_model, [c.name for c in cands], method, reader, path, target=args.target, cache=cache,
-                       percentile=args.percentile, layernorm=args.layernorm_precision, meta={"sensitivity_group": g})
+            build_int8(fp32_model, [c.name for c in cands], method, reader, path, target=args.target,
+                       fp16_model=fp16_model, cache=cache, percentile=args.percentile, meta={"sensitivity_group": g})
             sens_graphs[g] = path
 
     report: dict[str, Any] = {
@@ -241,7 +260,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     first = int8[methods[0]]["fp32_island"]
     report["fp32_island"] = {"pattern": first["pattern"], "nodes": len(first["nodes"]),
                              "reason": FP32_ISLAND_REASON if first["nodes"] else "",
-                             "layernorm_precision": "fp32" if args.target == "cpu" else args.layernorm_precision,
+                             "layernorm_precision": int8[methods[0]]["layernorm_precision"],
                              "note": "the same island in every int8 graph of this report; the node and tensor "
                                      "lists are under int8.<method>.fp32_island"}
 

@@ -8,13 +8,14 @@ calibration). The steps added here are:
 1. the placement policy (:mod:`calibration.policy`) chooses ``nodes_to_quantize``;
 2. calibration ranges are computed once per method and kept in ORT's calibration cache file, so the
    sensitivity sweep re-quantizes without re-running calibration;
-3. the quantized fp32 graph is converted to fp16 (``onnxruntime.transformers.float16``) with fp32 graph
-   I/O: Q/DQ scales become fp16, which opset >= 19 QuantizeLinear/DequantizeLinear allow, so every
-   DequantizeLinear emits fp16 and the non-quantized ops (LayerNorm, Softmax, GELU, Adds) run in fp16,
-   as TensorRT runs them. The one exception is the fp32 island of the fp16 export: each Performer's
+3. the TensorRT graph is the export's own fp16 graph with Q/DQ (:func:`quantize_fp16_export`): the same
+   ranges, renamed to its tensors, typed float16 so the Q/DQ scales are fp16 (opset >= 19) and every
+   DequantizeLinear feeds an fp16 MatMul. Everything else is the export's: fp16 where it computes in fp16
+   (LayerNorm, Softmax, GELU, Adds, as TensorRT runs them), and fp32 where its recipe (read back from the
+   graphs by :func:`export_recipe`) keeps fp32: its LayerNorm precision, and its fp32 island, each Performer's
    linear-attention core (:func:`calibration.policy.performer_core_nodes`; feature MatMuls with ``w``,
-   ReduceMax/Exp/ReduceSum, the normaliser, the rescaled epsilon, the division) stays fp32 behind
-   Casts, because an fp16 core is measurably wrong (``FP32_ISLAND_REASON``);
+   ReduceMax/Exp/ReduceSum, the normaliser, the rescaled epsilon, the division), because an fp16 core is
+   measurably wrong (``FP32_ISLAND_REASON``). Nothing is converted or rebuilt here;
 4. :func:`check_qdq` asserts the pattern TensorRT accepts, and that the island is there.
 
 :func:`build_int8` chains the steps for a target (``tensorrt``: the mixed fp16 graph above; ``cpu``: the same
@@ -37,13 +38,13 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from export.patterns import FP32_ISLAND_REASON, fp32_tensor_reasons
-from export.to_onnx import DEFAULT_LAYERNORM
+from export.settings import ExportSettings
 from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import (check_graph, consumers, default_opset, describe_graph, fp32_tensors, producers,
-                            set_metadata, toposort)
+                            set_metadata, toposort, value_types)
 
-from .policy import NEVER_QUANTIZED_OPS, Placement, performer_core_nodes
+from .policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
 
 _logger = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ __all__ = [
     "TensorDataReader",
     "build_int8",
     "int8_metadata",
+    "export_recipe",
     "ensure_opset",
     "quiet_onnxruntime",
     "quantize_model",
-    "to_mixed_fp16",
+    "matmul_pairs",
+    "quantize_fp16_export",
     "to_cpu_int8",
     "fp32_island",
     "FP32_ISLAND_REASON",
@@ -238,66 +241,102 @@ def quiet_onnxruntime(level: int = logging.ERROR) -> Iterator[None]:
 
 def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str], method: str,
                reader: TensorDataReader | None, path: str | os.PathLike, *, target: str = "tensorrt",
-               cache: str | os.PathLike | None = None, percentile: float = 99.99, layernorm: str = DEFAULT_LAYERNORM,
-               meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               fp16_model: onnx.ModelProto | None = None, cache: str | os.PathLike | None = None,
+               percentile: float = 99.99, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """An fp32 graph -> the checked int8 graph of ``target``, with its metadata, written (atomically) to ``path``.
 
-    1. :func:`quantize_model` on the placement's nodes (ranges read from ``cache`` when it holds them, else
-       calibrated on ``reader`` and kept there);
-    2. ``target="tensorrt"``: :func:`to_mixed_fp16`, fp16 everywhere except the Q/DQ layers and the Performer's
-       fp32 island (LayerNorms per ``layernorm``); ``target="cpu"``: :func:`to_cpu_int8`, the same Q/DQ over
-       fp32, the form ONNX Runtime's CPU provider fuses into integer kernels (DequantizeLinear + MatMul ->
-       MatMulIntegerToFloat; fp16 would make it insert Casts it cannot fuse);
-    3. :func:`check_qdq` for the target's pattern, and the full ONNX checker (:func:`t2t_vit.graphs.check_graph`);
-    4. metadata: the fp32 graph's, the calibration method, ``meta``, the percentile, the node count, the float
-       type, ``precision`` (``TARGET_PRECISION``) and ``target``, then what the graph itself says
-       (:func:`t2t_vit.graphs.describe_graph`: opset, fp32 islands, LayerNorm type).
+    1. :func:`quantize_model` on the placement's nodes of the fp32 graph (ranges read from ``cache`` when it
+       holds them, else calibrated on ``reader`` and kept there);
+    2. ``target="tensorrt"``: :func:`quantize_fp16_export`, the export's own fp16 graph (``fp16_model``) with
+       Q/DQ from the same ranges: fp16 everywhere except what the export's recipe keeps fp32
+       (:class:`export.settings.ExportSettings`, read from the metadata: the Performer's fp32 island when
+       ``fp32_core``, the LayerNorms when ``layernorm`` is "fp32"); ``target="cpu"``: :func:`to_cpu_int8`,
+       the Q/DQ graph over fp32, the form ONNX Runtime's CPU provider fuses into integer kernels
+       (DequantizeLinear + MatMul -> MatMulIntegerToFloat; fp16 would make it insert Casts it cannot fuse);
+    3. :func:`check_qdq` for the target's pattern (with the recipe's island and LayerNorms), and the full ONNX
+       checker (:func:`t2t_vit.graphs.check_graph`);
+    4. metadata: the fp32 graph's (its recipe included), the calibration method, ``meta``, the percentile,
+       the node count, the float type, ``precision`` (``TARGET_PRECISION``) and ``target``, then what the
+       graph itself says (:func:`t2t_vit.graphs.describe_graph`: opset, fp32 islands, LayerNorm type).
 
     Args:
-        fp32_model: the exported fp32 graph (raised to opset 19 here when older).
-        placement: a :class:`calibration.policy.Placement`, or the names of the MatMul/Gemm nodes to quantize.
+        fp32_model: the exported fp32 graph (raised to opset 19 here when older), with the export's recipe in
+            its metadata (``make onnx`` writes it; the TensorRT target refuses a graph without it).
+        placement: a :class:`calibration.policy.Placement`, or the names of the fp32 graph's MatMul/Gemm nodes
+            to quantize.
         method: "entropy", "percentile" or "max".
         reader: calibration batches; may be None when ``cache`` already holds the ranges.
         path: where the graph is written.
         target: "tensorrt" or "cpu".
-        cache: ORT calibration cache (JSON of tensor ranges), reused when it exists; None: not kept.
+        fp16_model: ``target="tensorrt"`` only, and needed there: the fp16 graph of the same export.
+        cache: ORT calibration cache (JSON of the fp32 graph's tensor ranges), reused when it exists; None:
+            not kept.
         percentile: the percentile for ``method="percentile"``.
-        layernorm: "fp32" or "fp16" LayerNorms in the TensorRT graph (the CPU graph is fp32 throughout).
         meta: further metadata from the caller (policy, calibration data); values that are not strings are
             JSON-encoded.
 
     Returns:
-        path, target, the :func:`check_qdq` summary, the fp32 island, the range cache and whether it was
-        reused, and the seconds it took.
+        path, target, the :func:`check_qdq` summary, the fp32 island, the LayerNorm precision, the range cache
+        and whether it was reused, and the seconds it took.
 
     Raises:
-        QuantizationError: bad settings, or a graph without the target's Q/DQ pattern.
+        QuantizationError: bad settings, an fp16 graph from another export, or a graph without the target's
+            Q/DQ pattern.
+        export.settings.ExportError: ``target="tensorrt"`` and a graph records no export recipe.
     """
     if target not in TARGETS:
         raise QuantizationError(f"unknown int8 target {target!r}; choose one of {list(TARGETS)}")
     t0 = time.perf_counter()
     nodes = placement.node_names if isinstance(placement, Placement) else list(placement)
     fp32_model = ensure_opset(fp32_model)
+    recipe = _same_export(fp32_model, fp16_model) if target == "tensorrt" else None  # refused before calibrating
     reused = cache is not None and Path(cache).is_file()
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=cache,
-                         percentile=percentile)
+    with tempfile.TemporaryDirectory(prefix="t2t-int8-") as tmp:
+        ranges = Path(cache) if cache is not None else Path(tmp) / "ranges.json"
+        qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=ranges,
+                             percentile=percentile)
+        if target == "tensorrt":
+            graph, fp16_nodes = quantize_fp16_export(ensure_opset(fp16_model), fp32_model, nodes, method, ranges,
+                                                     percentile)
     if target == "cpu":
         graph = to_cpu_int8(qdq)
         check = check_qdq(graph, nodes, mixed_fp16=False)
         # fp32 throughout: no island to speak of (the structural search would name the core).
         island = {"pattern": "none", "nodes": [], "fp32_tensors": []}
     else:
-        graph = to_mixed_fp16(qdq, layernorm=layernorm)  # the Performer cores stay fp32, as in the fp16 export
-        check = check_qdq(graph, nodes, layernorm=layernorm)
+        check = check_qdq(graph, fp16_nodes, fp32_island=recipe.fp32_core, layernorm=recipe.layernorm)
         island = fp32_island(graph)
     set_metadata(graph, int8_metadata(fp32_model, graph, nodes, method, target, percentile, meta))
     check_graph(graph)
     atomic_save_onnx(graph, path)
     return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island,
+            "layernorm_precision": "fp32" if target == "cpu" else recipe.layernorm,
             "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _same_export(fp32_model: onnx.ModelProto, fp16_model: onnx.ModelProto | None) -> ExportSettings:
+    """The recipe of the fp32 graph, checked to be the fp16 graph's too (and the same model and weights)."""
+    recipe = export_recipe(fp32_model)
+    if fp16_model is None:
+        raise QuantizationError("the TensorRT int8 graph is the export's fp16 graph with Q/DQ: pass fp16_model, "
+                                "the <model>.fp16.onnx that `make onnx` wrote with the fp32 graph")
+    meta16 = {p.key: p.value for p in fp16_model.metadata_props}
+    meta32 = {p.key: p.value for p in fp32_model.metadata_props}
+    same = all(meta16.get(k) == meta32.get(k) for k in ("model", "checkpoint_sha256", "img_size"))
+    if not same or ExportSettings.from_metadata(meta16, source="the fp16 graph") != recipe:
+        raise QuantizationError("the fp16 graph is not from the export that wrote the fp32 graph (another model, "
+                                "checkpoint, image size or recipe); re-export both with `make onnx`")
+    return recipe
+
+
+def export_recipe(fp32_model: onnx.ModelProto) -> ExportSettings:
+    """The precision recipe the fp32 graph was exported with (its metadata), which the TensorRT int8 graph
+    follows. Raises :class:`export.settings.ExportError` (naming ``make onnx``) for a graph without one."""
+    meta = {p.key: p.value for p in fp32_model.metadata_props}
+    return ExportSettings.from_metadata(meta, source="the fp32 graph")
 
 
 def int8_metadata(fp32_model: onnx.ModelProto, graph: onnx.ModelProto, nodes: Sequence[str], method: str,
@@ -315,45 +354,76 @@ def int8_metadata(fp32_model: onnx.ModelProto, graph: onnx.ModelProto, nodes: Se
     return {**out, **derived, "precision": out["precision"]}
 
 
-def to_mixed_fp16(qdq_model: onnx.ModelProto, fp32_nodes: Iterable[str] | None = None,
-                  layernorm: str = "fp16") -> onnx.ModelProto:
-    """Convert the float tensors of a Q/DQ graph to fp16, graph input/output and the fp32 island staying fp32.
+def matmul_pairs(fp32_model: onnx.ModelProto, fp16_model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """fp32 graph's MatMul/Gemm node name -> the same layer's node in the fp16 graph of the same export.
 
-    Scales become fp16 (valid for opset >= 19 Q/DQ); int8 weights and zero points are untouched. The result
-    is topologically sorted (the converter appends its input Cast at the end of the node list).
+    The two graphs come from one model and one recipe, so their MatMul/Gemm nodes are the same layers in the
+    same order (the fp16 graph only adds Casts); the pairing is checked against the structural families and
+    stages (:func:`calibration.policy.classify_nodes`), not trusted.
+
+    Raises:
+        QuantizationError: the graphs do not pair up (not one export).
+    """
+    mm32 = [n for n in fp32_model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    mm16 = [n for n in fp16_model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    kinds = [{c.name: (c.op_type, c.family, c.stage) for c in classify_nodes(m)} for m in (fp32_model, fp16_model)]
+    if len(mm32) != len(mm16) or any(kinds[0].get(a.name) != kinds[1].get(b.name) for a, b in zip(mm32, mm16)):
+        raise QuantizationError("the fp16 graph's MatMul/Gemm layers do not pair with the fp32 graph's: they are not "
+                                "the two graphs of one export; re-export both with `make onnx`")
+    return {a.name: b for a, b in zip(mm32, mm16)}
+
+
+def quantize_fp16_export(fp16_model: onnx.ModelProto, fp32_model: onnx.ModelProto, nodes: Sequence[str],
+                         method: str, ranges: str | os.PathLike,
+                         percentile: float = 99.99) -> tuple[onnx.ModelProto, list[str]]:
+    """The TensorRT int8 graph: the export's own fp16 graph with Q/DQ on the policy's layers.
+
+    The fp32 island, the LayerNorm precision and every Cast are the export's (the fp16 graph keeps what
+    :class:`export.settings.ExportSettings` chose); nothing is converted or rebuilt here. The activation ranges
+    are the fp32 graph's calibration (``ranges``, ORT's cache written by :func:`quantize_model`), renamed to
+    the fp16 graph's tensors through :func:`matmul_pairs` and typed float16, so onnxruntime writes fp16
+    scales (opset >= 19) and every DequantizeLinear feeds its fp16 MatMul; the CPU target's graph uses the
+    same ranges. Weights are quantized per channel from the fp16 graph's weights.
 
     Args:
-        qdq_model: the output of :func:`quantize_model` (modified in place, then converted).
-        fp32_nodes: names of the nodes kept float32, with Casts at the island's boundary. ``None`` (the
-            default): the Performer cores (:func:`calibration.policy.performer_core_nodes`), the island the
-            fp16 export keeps. ``[]``: everything fp16 (for comparison only: measurably wrong).
-        layernorm: "fp16", or "fp32": every LayerNormalization computes in fp32 behind the converter's
-            Casts, as the fp16 export's ``--layernorm-precision fp32`` does.
-    """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+        fp16_model: ``<model>.fp16.onnx`` of the export that wrote ``fp32_model`` (opset >= 19).
+        fp32_model: the fp32 graph the placement and the ranges belong to.
+        nodes: the placement's node names in the fp32 graph.
+        method: the calibration method ``ranges`` was computed with.
+        ranges: ORT calibration cache of the fp32 graph.
+        percentile: as for :func:`quantize_model`.
 
-    _reroute_non_policy_consumers(qdq_model)
-    if default_opset(qdq_model) < MIN_OPSET:
-        raise QuantizationError(f"fp16 Q/DQ scales need opset >= {MIN_OPSET}; run ensure_opset first")
-    island = set(performer_core_nodes(qdq_model) if fp32_nodes is None else fp32_nodes)
-    _own_island_initializers(qdq_model, island)
-    model = onnx.shape_inference.infer_shapes(qdq_model)
-    # The converter casts the output of every blocked node that has a value_info to fp16 and casts it back
-    # for the next blocked node, which would round the island's tensors to fp16 between its ops. So the
-    # island's exits get explicit Casts to fp16 here (for proj, or the Q of an int8 Performer MatMul) and
-    # the island's own tensors lose their value_info: they stay fp32 and get no Cast. The entries (k, q,
-    # v) keep theirs and get the converter's Casts to fp32.
-    _cast_island_exits(model, island)
-    produced = {o for n in model.graph.node if n.name in island for o in n.output}
-    keep = [vi for vi in model.graph.value_info if vi.name not in produced]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(keep)
-    # op_block_list=[]: only the island (and, when asked, the LayerNorms) stays fp32; the converter's default
-    # list names ML ops absent here.
-    blocked = set(island) | (set(layernorm_nodes(model)) if layernorm == "fp32" else set())
-    mixed = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
-                                     op_block_list=[], node_block_list=sorted(blocked))
-    return toposort(mixed)
+    Returns:
+        The sorted Q/DQ graph, and the names of its quantized nodes (the fp16 graph's names for ``nodes``).
+    """
+    pairs = matmul_pairs(fp32_model, fp16_model)
+    unknown = [n for n in nodes if n not in pairs]
+    if unknown:
+        raise QuantizationError(f"not MatMul/Gemm nodes of the fp32 graph, so nothing to quantize: {unknown[:3]}")
+    cache = json.loads(Path(ranges).read_text())
+    types = value_types(fp16_model)
+    weights = {i.name for i in fp32_model.graph.initializer}
+    by_name = {n.name: n for n in fp32_model.graph.node}
+    data = {}
+    for name in nodes:
+        for t32, t16 in zip(by_name[name].input[:2], pairs[name].input[:2]):
+            if t32 not in weights and t32 in cache["data"]:
+                entry = dict(cache["data"][t32])
+                # The scale's type follows the range's: the fp16 graph's type of the tensor (float16, or float32
+                # inside the fp32 island, where a policy quantizes the Performer's MatMuls).
+                dtype = "float32" if types.get(t16) == TensorProto.FLOAT else "float16"
+                for bound in ("lowest", "highest"):
+                    value = entry[bound]
+                    values = value["data"] if isinstance(value, dict) else [value]  # an array or a plain float
+                    entry[bound] = {"data": values, "dtype": dtype, "CLS": "numpy.array"}
+                data[t16] = entry
+    with tempfile.TemporaryDirectory(prefix="t2t-calib-fp16-") as tmp:
+        renamed = Path(tmp) / "ranges-fp16.json"
+        renamed.write_text(json.dumps({**cache, "data": data}))
+        qdq = quantize_model(fp16_model, [pairs[n].name for n in nodes], method, cache_path=renamed,
+                             percentile=percentile)
+    _reroute_non_policy_consumers(qdq)
+    return toposort(qdq), [pairs[n].name for n in nodes]
 
 
 def to_cpu_int8(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
@@ -366,42 +436,6 @@ def to_cpu_int8(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
     return toposort(qdq_model)
 
 
-def layernorm_nodes(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if n.op_type == "LayerNormalization"]
-
-
-def _cast_island_exits(model: onnx.ModelProto, island: set[str]) -> int:
-    """Insert a Cast to fp16 after each float island output that a node outside the island reads."""
-    graph = model.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
-    outputs = {o.name for o in graph.output}
-    readers = consumers(graph)
-    nodes: list[onnx.NodeProto] = []
-    added = 0
-    for n in graph.node:
-        nodes.append(n)
-        if n.name not in island:
-            continue
-        for o in n.output:
-            outside = [c for c in readers.get(o, []) if c.name not in island]
-            if not outside:
-                continue
-            if o in outputs or types.get(o) != TensorProto.FLOAT:
-                raise QuantizationError(f"{n.name}: the fp32 island's output {o} is a graph output or not float32; "
-                                        f"the Performer core is expected to end in y / D feeding proj")
-            half = f"{o}_fp16"
-            nodes.append(onnx.helper.make_node("Cast", [o], [half], to=TensorProto.FLOAT16,
-                                               name=f"{n.name}_island_exit_cast"))
-            for c in outside:
-                for i, t in enumerate(c.input):
-                    if t == o:
-                        c.input[i] = half
-            added += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return added
-
-
 def fp32_island(model: onnx.ModelProto) -> dict:
     """The fp32 parts of a mixed graph, as the export report records them: the island's nodes, and every fp32
     tensor with its reason (the Performer island, or an fp32 LayerNorm)."""
@@ -409,33 +443,6 @@ def fp32_island(model: onnx.ModelProto) -> dict:
     tensors = [t for t in fp32_tensors(model) if t["producer"] != "graph input"]
     return {"pattern": "performer_core_fp32" if nodes else "none", "nodes": nodes,
             "fp32_tensors": fp32_tensor_reasons(model, tensors)}
-
-
-def _own_island_initializers(model: onnx.ModelProto, island: set[str]) -> int:
-    """Give island nodes their own copy of a float initializer they share with fp16 nodes.
-
-    The converter turns a shared initializer to fp16 and casts it back for the island, which would round
-    the island's constants (w, log(eps m), the 0.5 of |x|^2/2) to fp16; onnxslim dedupes equal constants
-    across the graph, so sharing happens.
-    """
-    graph = model.graph
-    floats = {i.name: i for i in graph.initializer if i.data_type == TensorProto.FLOAT}
-    users = {t: nodes for t, nodes in consumers(graph).items() if t in floats}
-    copied = 0
-    for name, nodes in users.items():
-        inside = [n for n in nodes if n.name in island]
-        if not inside or len(inside) == len(nodes):
-            continue
-        dup = onnx.TensorProto()
-        dup.CopyFrom(floats[name])
-        dup.name = f"{name}_fp32_island"
-        graph.initializer.append(dup)
-        for n in inside:
-            for i, t in enumerate(n.input):
-                if t == name:
-                    n.input[i] = dup.name
-        copied += 1
-    return copied
 
 
 def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
@@ -485,20 +492,20 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
     expected = set(expected_nodes)
     by_name = {n.name: n for n in graph.node}
     problems = [f"{name}: expected quantized node is missing from the graph" for name in sorted(expected - set(by_name))]
-    problems += _qdq_node_problems(graph, expected, mixed_fp16)
+    island = set(performer_core_nodes(model)) if mixed_fp16 and fp32_island else set()
+    inside = _int8_in_island(graph, expected, island)
+    problems += _qdq_node_problems(graph, expected, mixed_fp16, fp32_scales=inside)
     counts = _policy_input_problems(graph, [by_name[n] for n in sorted(expected & set(by_name))], problems)
-    island: set[str] = set()
     if mixed_fp16:
-        island = set(performer_core_nodes(model)) if fp32_island else set()
-        # With fp32 LayerNorms, the LayerNormalization nodes (and the converter's Casts around them) are fp32 too.
+        # With fp32 LayerNorms, the LayerNormalization nodes (and the Casts around them) are fp32 too.
         ln = _layernorm_fp32_nodes(model) if layernorm == "fp32" else set()
         readers = consumers(graph)
         for i in graph.initializer:
             names = {c.name for c in readers.get(i.name, [])}
-            if i.data_type == TensorProto.FLOAT and not (names and names <= island | ln):
+            if i.data_type == TensorProto.FLOAT and not (names and names <= island | ln | inside):
                 problems.append(f"initializer {i.name} is still fp32 in the mixed fp16 graph outside the fp32 island")
         if fp32_island:
-            problems += _island_problems(model, island, ln)
+            problems += _island_problems(model, island, ln | inside)
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -509,9 +516,33 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
             "fp32_island_nodes": len(island)}
 
 
-def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: bool) -> list[str]:
-    """Every Q/DQ node: an int8 zero point 0 (initializer), an fp16 scale in the mixed graph; every DQ output
-    read only by policy nodes."""
+def _int8_in_island(graph: onnx.GraphProto, expected: set[str], island: set[str]) -> set[str]:
+    """Policy nodes inside the fp32 island (a policy that quantizes the Performer's MatMuls: every reader of
+    their output is an island node, or the Q/DQ of another such layer) with their DequantizeLinear and
+    QuantizeLinear nodes: int8 layers that compute in float32, with float32 scales, as the island around them."""
+    readers, prod = consumers(graph), producers(graph)
+    out: set[str] = set()
+    grew = True
+    while grew:  # kp^T @ v feeds qp @ (kp^T v) through its Q/DQ: found once qp @ (kp^T v) is
+        grew = False
+        for n in graph.node:
+            if n.name in expected and n.name not in out and readers.get(n.output[0]) and \
+                    all(c.name in island | out for c in readers[n.output[0]]):
+                out.add(n.name)
+                grew = True
+                for dq in (prod.get(t) for t in n.input[:2]):
+                    if dq is not None and dq.op_type == "DequantizeLinear":
+                        out.add(dq.name)
+                        q = prod.get(dq.input[0])
+                        if q is not None and q.op_type == "QuantizeLinear":
+                            out.add(q.name)
+    return out
+
+
+def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: bool,
+                       fp32_scales: set[str] = frozenset()) -> list[str]:
+    """Every Q/DQ node: an int8 zero point 0 (initializer), an fp16 scale in the mixed graph (except the ones in
+    ``fp32_scales``, inside the fp32 island); every DQ output read only by policy nodes."""
     inits = {i.name: i for i in graph.initializer}
     readers = consumers(graph)
     problems: list[str] = []
@@ -520,7 +551,7 @@ def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: b
             continue
         problems += _zero_point_problems(node, inits)
         scale = inits.get(node.input[1])
-        if mixed_fp16 and scale is not None and scale.data_type != TensorProto.FLOAT16:
+        if mixed_fp16 and scale is not None and scale.data_type != TensorProto.FLOAT16 and node.name not in fp32_scales:
             problems.append(f"{node.name}: scale is {TensorProto.DataType.Name(scale.data_type)}, want FLOAT16")
         if node.op_type == "DequantizeLinear":
             for c in {id(c): c for c in readers.get(node.output[0], [])}.values():  # each reader once

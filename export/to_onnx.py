@@ -2,9 +2,12 @@
 
 Library API (used by the calibration stage)::
 
-    from export.to_onnx import export_onnx
-    export_onnx(model, "artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx", precision="fp16", metadata=meta)
+    from export.to_onnx import ExportSettings, export_onnx
+    export_onnx(model, "artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx", precision="fp16", metadata=meta,
+                settings=ExportSettings(layernorm="fp16"))  # the precision recipe: export/settings.py
     t2t_vit.graphs.read_metadata("artifacts/t2t_vit_7/t2t_vit_7.fp16.onnx")  # -> {"model": "t2t_vit_7", ...}
+    ExportSettings.from_metadata(_)  # -> the recipe, as later stages (make calib) read it back
+    export_checkpoint("t2t_vit_7", "artifacts/t2t_vit_7", ExportSettings(), checkpoint="best.pth")  # both graphs
 
 Command line (``make onnx MODEL=t2t_vit_7 CHECKPOINT=...``)::
 
@@ -27,7 +30,7 @@ Choices (explained in docs/export.md):
   :func:`export.patterns.remove_reduction_upcasts`). It is deprecated in torch 2.14 (pinned here), so
   both paths are tested and switching is one flag.
 * fp16 = the model exported after ``.half()``, wrapped so the graph has explicit ``Cast`` nodes at its
-  float32 input and output (``fp16_io=True`` drops them). The overflow-safe Performer's constants,
+  float32 input and output (``ExportSettings(fp16_io=True)`` drops them). The overflow-safe Performer's constants,
   including its ``torch.finfo(dtype).tiny`` guard, are then fp16 values by construction.
 """
 from __future__ import annotations
@@ -55,41 +58,35 @@ from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig
-from t2t_vit.errors import T2TError, ThresholdMissed
+from t2t_vit.errors import ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_save_onnx, ensure_dir, file_sha256
 from t2t_vit.graphs import check_graph, describe_graph, fp32_tensors, read_metadata, set_metadata
 from t2t_vit.reports import host_line, report_header, write_report
 
 from . import patterns as P
 from . import validate as V
+from .settings import DEFAULT_EXPORTER, DEFAULT_LAYERNORM, DEFAULT_OPSET, EXPORTERS, ExportError, ExportSettings
 
 __all__ = [
     "DEFAULT_OPSET",
     "PRECISIONS",
     "ExportError",
+    "ExportSettings",
     "export_onnx",
     "model_metadata",
     "export_model",
+    "export_checkpoint",
+    "load_model",
+    "settings_from_args",
     "get_args_parser",
     "main",
 ]
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18
-# LayerNorm precision in the fp16 (and TensorRT int8) graph: fp32 behind Casts. On the reference checkpoint an
-# fp16 LayerNorm cost no measurable accuracy, but the final LayerNorm's margin to fp16's range was small: the
-# margin, not the accuracy, decides (docs/precision.md, reports/precision-layernorm-t2t_vit_7.md).
-# --layernorm-precision fp16 opts out.
-DEFAULT_LAYERNORM = "fp32"
-MIN_OPSET, MAX_OPSET = 17, 23
 PRECISIONS = ("fp32", "fp16")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 RANDOM_WEIGHTS_SHA = "none (random weights)"
-
-
-class ExportError(T2TError, RuntimeError):
-    """Export failed or cannot start; the message says how to fix it."""
 
 
 class _Fp16WithFp32IO(nn.Module):
@@ -137,10 +134,6 @@ def _check_writable(path: Path) -> None:
         raise ExportError(f"output path {path} is a folder; pass a file name ending in .onnx")
 
 
-EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_EXPORTER = "torchscript"
-
-
 def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, exporter: str = DEFAULT_EXPORTER) -> Any:
     """torch.onnx.export with a dynamic batch axis; returns the ModelProto.
 
@@ -169,84 +162,39 @@ def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, exporter
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp32",
-                metadata: Mapping[str, Any] | None = None, opset: int = DEFAULT_OPSET, *,
-                fp16_io: bool = False, patterns: bool = True, simplify: bool = True,
-                check: bool = True, exporter: str = DEFAULT_EXPORTER, fp32_core: bool = True,
-                layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT,
-                cls_only_last_block: bool = False) -> Path:
+                metadata: Mapping[str, Any] | None = None, settings: ExportSettings | None = None, *,
+                check: bool = True) -> Path:
     """Export ``model`` to one precision-typed ONNX graph at ``path`` (written atomically).
 
     Args:
         model: a T2T-ViT (left untouched: the swaps happen on a copy).
         path: output file; its folder is created.
         precision: "fp32", or "fp16" (fp16 weights and activations; float32 input/output through
-            explicit Casts unless ``fp16_io``).
+            explicit Casts unless ``settings.fp16_io``).
         metadata: extra/overriding ``metadata_props`` (stringified); defaults come from
             :func:`model_metadata` (model name, classes, data config, version; no checkpoint hash).
-            ``precision`` is always set from the argument.
-        opset: ONNX opset, 17..23 (default 18, see the module docstring).
-        fp16_io: fp16 graphs only: fp16 input and output instead of float32.
-        patterns: apply the TensorRT-friendly swaps (False writes the plain export used as the
-            benchmark baseline; pattern checks are then skipped).
-        simplify: fold constants and simplify with onnxslim.
-        check: run ``onnx.checker.check_model(full_check=True)`` and the pattern checks.
-        exporter: "torchscript" (default) or "dynamo" (torch.export-based); see :func:`_torch_export`.
-        fp32_core: fp16 only: keep the Performer's linear-attention core in float32
-            (:func:`export.patterns.performer_core_fp32`; False gives a pure fp16 graph).
-        layernorm: fp16 only: "fp16" (LayerNorm computes in fp16 under strong typing) or "fp32" (Casts
-            around every LayerNormalization, :func:`export.patterns.layernorm_fp32`); None: the default,
-            :data:`DEFAULT_LAYERNORM`.
-        soft_split: the soft splits' Conv form, "grouped" (default) or "conv" (dense one-hot).
-        cls_only_last_block: the last block computes the class token's output only (the only one the head
-            reads; ``T2TViT.set_cls_only_last_block``): fewer multiply-adds, the same logits. Off by default,
-            so the TensorRT graphs keep every block whole.
+            ``precision`` and the recipe (:data:`export.settings.METADATA_KEY`) are always set here.
+        settings: the precision recipe (:class:`export.settings.ExportSettings`; None: the defaults). Its
+            fp16-only fields (``fp32_core``, ``layernorm``, ``fp16_io``) leave an fp32 graph as it is, and are
+            recorded in it all the same, for the stages that build reduced-precision graphs from it.
+        check: run ``onnx.checker.check_model(full_check=True)`` and the pattern checks (the latter only
+            with ``settings.patterns``).
 
     Returns:
         The path written.
     """
-
+    s = (settings or ExportSettings()).validate()
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r} (int8 graphs come from "
                           f"the calibration stage: make calib)")
-    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise ExportError(f"opset must be in {MIN_OPSET}..{MAX_OPSET} (LayerNormalization needs >= 17), got {opset}")
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if fp16_io and precision != "fp16":
-        raise ExportError("fp16_io applies to precision='fp16' only")
-    layernorm = layernorm or DEFAULT_LAYERNORM
-    if layernorm not in P.LAYERNORM_PRECISIONS:
-        raise ExportError(f"--layernorm-precision must be one of {P.LAYERNORM_PRECISIONS}, got {layernorm!r}")
     path = Path(path)
     _check_writable(path)
-
-    ref = P.apply_export_patterns(model, patterns=patterns, soft_split=soft_split)
-    if cls_only_last_block:
-        ref.set_cls_only_last_block(True)
-    img_size = int(getattr(ref, "img_size", 224))
-    example = torch.randn(2, 3, img_size, img_size)
-    module: nn.Module = ref
-    if precision == "fp16":
-        # The Performer core runs in fp32 inside the fp16 graph (measured to be needed: see patterns).
-        ref = P.performer_core_fp32(ref.half(), enable=fp32_core)
-        ref = P.layernorm_fp32(ref, enable=layernorm == "fp32")
-        module = ref
-        if fp16_io:
-            example = example.half()
-        else:
-            module = _Fp16WithFp32IO(ref)
-    proto = _torch_export(module, example, int(opset), exporter)
-    rewrites: dict[str, Any] = {}
-    if precision == "fp16":
-        proto, reductions = P.remove_reduction_upcasts(proto)
-        rewrites["remove_reduction_upcasts"] = reductions
-    if simplify:
-        proto = P.simplify(proto)
+    proto, ref = _export_proto(model, precision, s)
     meta = {**model_metadata(model), **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    meta.update(exporter=f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
-                patterns=",".join(P.MODULE_PATTERNS) if patterns else "none",
-                soft_split=soft_split if patterns else "unfold",
-                last_block="cls-only" if cls_only_last_block else "all-tokens")
+    meta.update(exporter=f"torch.onnx.export(dynamo={s.exporter == 'dynamo'}) torch {torch.__version__}",
+                patterns=",".join(P.MODULE_PATTERNS) if s.patterns else "none",
+                soft_split=s.soft_split if s.patterns else "unfold",
+                last_block="cls-only" if s.cls_only_last_block else "all-tokens", **s.to_metadata())
     # What the graph is (opset, precision, I/O type, fp32 islands, LayerNorm type) is read from the graph
     # itself, so the metadata cannot contradict it.
     meta.update(describe_graph(proto))
@@ -255,10 +203,36 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp3
     proto.doc_string = f"{meta['model']} {precision} ({meta['patterns']})"
     if check:
         check_graph(proto)
-        if patterns:
+        if s.patterns:
             P.check_patterns(proto, ref)
     atomic_save_onnx(proto, path)
     return path
+
+
+def _export_proto(model: nn.Module, precision: str, s: ExportSettings) -> tuple[Any, nn.Module]:
+    """The ModelProto of ``model`` at ``precision`` after recipe ``s`` (no metadata yet), and the swapped copy
+    of the model it was traced from (for the pattern checks)."""
+    ref = P.apply_export_patterns(model, patterns=s.patterns, soft_split=s.soft_split)
+    if s.cls_only_last_block:
+        ref.set_cls_only_last_block(True)
+    img_size = int(getattr(ref, "img_size", 224))
+    example = torch.randn(2, 3, img_size, img_size)
+    module: nn.Module = ref
+    if precision == "fp16":
+        # The Performer core runs in fp32 inside the fp16 graph (measured to be needed: see patterns).
+        ref = P.performer_core_fp32(ref.half(), enable=s.fp32_core)
+        ref = P.layernorm_fp32(ref, enable=s.layernorm == "fp32")
+        module = ref
+        if s.fp16_io:
+            example = example.half()
+        else:
+            module = _Fp16WithFp32IO(ref)
+    proto = _torch_export(module, example, int(s.opset), s.exporter)
+    if precision == "fp16":
+        proto, _ = P.remove_reduction_upcasts(proto)
+    if s.simplify:
+        proto = P.simplify(proto)
+    return proto, ref
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,12 +266,11 @@ def _io_desc(vi: Any) -> dict[str, Any]:
     return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
 
 
-def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | None = None,
-                 opset: int = DEFAULT_OPSET, fp16_io: bool = False, exporter: str = DEFAULT_EXPORTER,
-                 layernorm: str | None = None, soft_split: str = P.DEFAULT_SOFT_SPLIT,
-                 cls_only_last_block: bool = False) -> dict[str, Any]:
+def export_model(model: nn.Module, out: Path, settings: ExportSettings | None = None,
+                 checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write ``<out>/<model>.fp32.onnx`` and ``<out>/<model>.fp16.onnx``; returns the graph part of the
-    report (sizes, census, fp32 tensors kept in the fp16 graph with reasons)."""
+    report (sizes, census, fp32 tensors kept in the fp16 graph with reasons). Both graphs are written after
+    the one recipe ``settings`` (None: the defaults) and record it."""
     import onnx
 
     name = _model_name(model)
@@ -306,9 +279,7 @@ def export_model(model: nn.Module, out: Path, checkpoint: str | os.PathLike | No
     graphs: dict[str, Any] = {}
     for precision, path in paths.items():
         t0 = time.perf_counter()
-        export_onnx(model, path, precision=precision, metadata=meta, opset=opset,
-                    fp16_io=fp16_io and precision == "fp16", exporter=exporter, layernorm=layernorm,
-                    soft_split=soft_split, cls_only_last_block=cls_only_last_block)
+        export_onnx(model, path, precision=precision, metadata=meta, settings=settings)
         graphs[precision] = {**graph_summary(path), "export_s": round(time.perf_counter() - t0, 2)}
     fp16 = onnx.load(str(paths["fp16"]))
     graphs["fp16"]["fp32_tensors"] = P.fp32_tensor_reasons(fp16, fp32_tensors(fp16))
@@ -433,24 +404,47 @@ def _warn_random_weights(name: str) -> None:
     print(msg, file=sys.stderr)  # once: print, not also the logger (which printed the banner a second time)
 
 
+def settings_from_args(args: argparse.Namespace) -> ExportSettings:
+    """The recipe the command line asks for (checked: a bad value is an :class:`ExportError`)."""
+    return ExportSettings(opset=args.opset, exporter=args.exporter, soft_split=args.soft_split,
+                          cls_only_last_block=args.cls_only_last_block, fp16_io=args.fp16_io,
+                          layernorm=args.layernorm_precision or DEFAULT_LAYERNORM).validate()
+
+
+def load_model(name: str, checkpoint: str | os.PathLike | None = None, img_size: int | None = None,
+               weights: str | None = None) -> nn.Module:
+    """The model to export, in eval mode. Without a checkpoint: random weights, loudly, made trained-like
+    (nonzero biases and LayerNorm affines, so the graphs keep every Add a checkpoint's graph has, instead of
+    losing the Adds of zero biases to onnxslim)."""
+    model = build_model(name, checkpoint=checkpoint, img_size=img_size, weights=weights).eval()
+    if checkpoint is None:
+        _warn_random_weights(name)
+        trained_like_(model)
+    return model
+
+
+def export_checkpoint(name: str, out: str | os.PathLike, settings: ExportSettings | None = None, *,
+                      checkpoint: str | os.PathLike | None = None, img_size: int | None = None,
+                      weights: str | None = None) -> dict[str, Any]:
+    """``<out>/<name>.fp32.onnx`` and ``.fp16.onnx`` from a checkpoint (or random weights), after ``settings``:
+    the library form of ``make onnx --val-images 0`` without its report, for stages that need the graphs
+    (calibration). The caller holds ``<out>``'s :class:`t2t_vit.files.OutputLock` if it needs one. Returns
+    :func:`export_model`'s graph summaries."""
+    model = load_model(name, checkpoint, img_size, weights)
+    return export_model(model, Path(out), settings, checkpoint=checkpoint)
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Everything ``main`` does, raising instead of exiting."""
     threads = apply_threads(getattr(args, "threads", None))
-    model = build_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size,
-                        weights=getattr(args, "weights", None)).eval()
-    if args.checkpoint is None:
-        _warn_random_weights(args.model)
-        # Nonzero biases and LayerNorm affines: the graphs (and engines built from them) keep every Add a
-        # checkpoint's graph has, instead of losing the Adds of zero biases to onnxslim.
-        trained_like_(model)
+    settings = settings_from_args(args)
+    model = load_model(args.model, args.checkpoint, args.img_size, getattr(args, "weights", None))
     out = Path(args.out) if args.out else default_out(args.model)
     # Validation images first: a bad --data fails before any graph is written beside the old export report.
     val = V.validation_images(model, args.data, args.val_images) if args.val_images > 0 else None
     t0 = time.perf_counter()
     with OutputLock(out):
-        graphs = export_model(model, out, checkpoint=args.checkpoint, opset=args.opset, fp16_io=args.fp16_io,
-                              exporter=args.exporter, layernorm=args.layernorm_precision,
-                              soft_split=args.soft_split, cls_only_last_block=args.cls_only_last_block)
+        graphs = export_model(model, out, settings, checkpoint=args.checkpoint)
         report: dict[str, Any] = {
             **report_header("export.to_onnx", argv),
             "model": args.model,
@@ -468,9 +462,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 if graphs["fp16"].get("fp32_islands", "none") != "none":
                     # The evidence for the island, on these images: the same fp16 graph without it.
                     contrasts["ORT fp16 without the fp32 island"] = export_onnx(
-                        model, Path(tmp) / "no-island.onnx", "fp16", opset=args.opset, exporter=args.exporter,
-                        layernorm=args.layernorm_precision, soft_split=args.soft_split, fp32_core=False,
-                        cls_only_last_block=args.cls_only_last_block)
+                        model, Path(tmp) / "no-island.onnx", "fp16", settings=settings.replace(fp32_core=False))
                 report["validation"] = V.validate_graphs(model, graphs["fp32"]["path"], graphs["fp16"]["path"],
                                                          images, labels, batch_size=args.batch_size, source=source,
                                                          threads=threads, contrasts=contrasts)

@@ -29,6 +29,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
+from export.settings import METADATA_KEY
 from export.to_onnx import export_model
 from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
@@ -83,8 +84,9 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
     paths = {"fp32": out / f"{model_name}.fp32.onnx", "fp16": out / f"{model_name}.fp16.onnx",
              "int8": out / f"{model_name}.int8.onnx", "int8-fp32": out / f"{model_name}.int8-fp32.onnx"}
     stamp = out / "weights.txt"  # graphs cached in --work from other weights (a fresh init's zero biases) are redone
+    # ... and so are graphs exported before the export recorded its recipe (build_int8 reads it).
     if not (paths["fp32"].is_file() and paths["fp16"].is_file()) or not stamp.is_file() \
-            or stamp.read_text() != WEIGHTS:
+            or stamp.read_text() != WEIGHTS or METADATA_KEY not in read_metadata(paths["fp32"]):
         for path in paths.values():
             path.unlink(missing_ok=True)
         torch.manual_seed(0)
@@ -110,7 +112,8 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
         with tempfile.TemporaryDirectory(prefix="t2t-bench-calib-") as tmp:  # one calibration, both targets
             cache = Path(tmp) / "ranges-entropy.json"
             for key, target in targets.items():
-                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta)
+                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta,
+                           fp16_model=onnx.load(str(paths["fp16"])) if target == "tensorrt" else None)
     return paths
 
 

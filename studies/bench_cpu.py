@@ -64,7 +64,7 @@ from calibration.data import load_or_preprocess, select_samples
 from calibration.policy import DEFAULT_POLICY, Placement
 from calibration.quantize import TensorDataReader, build_int8, ensure_opset
 from export.patterns import soft_split_as_conv
-from export.to_onnx import export_onnx
+from export.to_onnx import ExportSettings, export_onnx
 from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import apply_threads, comma_list, run_command
 from t2t_vit.data import DataConfig
@@ -261,22 +261,24 @@ def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
     return path
 
 
-def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray, tensorrt: bool = True) -> dict[str, Path]:
-    """The CPU (and, with ``tensorrt``, the TensorRT) int8 graph of an fp32 graph, as ``make calib TARGET=cpu``
-    (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here max
-    calibration, both targets from one calibration; checked, with metadata), written beside it."""
+def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray,
+                fp16_path: Path | None = None) -> dict[str, Path]:
+    """The CPU (and, given the export's ``fp16_path``, the TensorRT) int8 graph of an fp32 graph, as ``make calib
+    TARGET=cpu`` (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here
+    max calibration, both targets from one calibration; checked, with metadata), written beside it."""
     fp32 = ensure_opset(onnx.load(str(fp32_path)))
     placement = Placement.from_model(fp32, DEFAULT_POLICY)
     reader = TensorDataReader(calib_images, fp32.graph.input[0].name)
     paths = {"int8-cpu": work / f"{fp32_path.stem}.int8-cpu.onnx"}
-    if tensorrt:
+    if fp16_path is not None:
         paths["int8"] = work / f"{fp32_path.stem}.int8-tensorrt.onnx"
     meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(len(calib_images))}
     with tempfile.TemporaryDirectory(prefix="t2t-bench-cpu-") as tmp:
         cache = Path(tmp) / "ranges-max.json"
         for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
             if key in paths:
-                build_int8(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta)
+                build_int8(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta,
+                           fp16_model=onnx.load(str(fp16_path)) if target == "tensorrt" else None)
     return paths
 
 
@@ -381,6 +383,29 @@ def _rate(rows: list[dict[str, Any]], flops: float, peak: dict[str, Any]) -> Non
         r["peak_fraction"] = achieved / peak_val if peak_val else None
 
 
+def _bench_graphs(model: torch.nn.Module, name: str, work: Path,
+                  calib_images: np.ndarray | None) -> tuple[dict[str, Path], Any]:
+    """Every graph the CPU benchmark times (the authors' export, ours in each form, our int8 graphs, calibrated
+    on ``calib_images``, or 16 Gaussian images), written to ``work``; and the ORT transformer fusions the fused
+    row got."""
+    if calib_images is None:
+        size = model.img_size
+        calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
+    graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
+              "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
+              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32",
+                               settings=ExportSettings(cls_only_last_block=True)),
+              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32",
+                                                         settings=ExportSettings(soft_split="conv"))}
+    graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
+                                                                               work / "fp32-ort-fused.onnx")
+    q = int8_graphs(graphs["ours fp32"], work, calib_images, export_onnx(model, work / "fp16.onnx", "fp16"))
+    graphs["ours int8-cpu"] = q["int8-cpu"]
+    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images)["int8-cpu"]
+    graphs["ours int8 (TensorRT graph)"] = q["int8"]
+    return graphs, fusions
+
+
 def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[str, Any], work: Path,
                 calib_images: np.ndarray | None, check: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
@@ -396,18 +421,7 @@ def bench_model(name: str, args: argparse.Namespace, threads: int, peak: dict[st
     model.set_cls_only_last_block(True)
     cls_only = model_flops(model, size) / 1e9
     model.set_cls_only_last_block(False)
-    graphs = {"authors fp32": authors_onnx(model, name, work / "authors-fp32.onnx"),
-              "ours fp32": export_onnx(model, work / "fp32.onnx", "fp32"),
-              CLS: export_onnx(model, work / "fp32-cls.onnx", "fp32", cls_only_last_block=True),
-              "ours fp32, dense soft split": export_onnx(model, work / "fp32-dense.onnx", "fp32", soft_split="conv")}
-    graphs["ours fp32 + ORT transformer fusions"], fusions = transformer_fused(graphs["ours fp32"], name,
-                                                                               work / "fp32-ort-fused.onnx")
-    if calib_images is None:
-        calib_images = np.random.default_rng(0).standard_normal((16, 3, size, size)).astype(np.float32)
-    q = int8_graphs(graphs["ours fp32"], work, calib_images)
-    graphs["ours int8-cpu"] = q["int8-cpu"]
-    graphs[CLS_INT8] = int8_graphs(graphs[CLS], work, calib_images, tensorrt=False)["int8-cpu"]
-    graphs["ours int8 (TensorRT graph)"] = q["int8"]
+    graphs, fusions = _bench_graphs(model, name, work, calib_images)
     rows: list[dict[str, Any]] = []
     xs = {b: np.random.default_rng(b).standard_normal((b, 3, size, size)).astype(np.float32) for b in args.batches}
     onednn = torch.backends.mkldnn.is_available()  # PyTorch builds without oneDNN skip its three rows

@@ -90,8 +90,8 @@ def bench_model(name: str, img_size: int | None, out: Path, batches: tuple[int, 
         ("patterned fp16", lambda p: to_onnx.export_onnx(model, p, "fp16")),
     ]
     if dynamo_row:
-        variants.append(("patterned fp32 (dynamo exporter)", lambda p: to_onnx.export_onnx(model, p, "fp32",
-                                                                                         exporter="dynamo")))
+        variants.append(("patterned fp32 (dynamo exporter)", lambda p: to_onnx.export_onnx(
+            model, p, "fp32", settings=to_onnx.ExportSettings(exporter="dynamo"))))
     rows, paths = [], []
     for label, make in tqdm(variants, desc=name, unit="graph"):
         path = work / (label.split(" (")[0].replace(" ", "-") + ("-dynamo" if "dynamo" in label else "") + ".onnx")

@@ -10,6 +10,7 @@ import collections
 import json
 import re
 import shutil
+from types import SimpleNamespace as types_namespace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,9 @@ from PIL import Image
 import t2t_vit  # noqa: F401  (registers the models)
 from calibration import data as cdata
 from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
-from calibration.quantize import (QuantizationError, TensorDataReader, check_qdq, ensure_opset, quantize_model,
-                                  to_cpu_int8, to_mixed_fp16)
+from calibration.quantize import (QuantizationError, TensorDataReader, build_int8, check_qdq, ensure_opset,
+                                  quantize_model, to_cpu_int8)
+from export.settings import METADATA_KEY, ExportError, ExportSettings
 from t2t_vit.data import DataConfig, DataError
 from t2t_vit.graphs import read_metadata
 
@@ -52,7 +54,7 @@ def exported(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    export_model(build_model("t2t_vit_test").eval(), out, layernorm="fp16")
+    export_model(build_model("t2t_vit_test").eval(), out, ExportSettings(layernorm="fp16"))
     return out
 
 
@@ -62,11 +64,29 @@ def fp32(exported) -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def int8(fp32):
-    placement = Placement.from_model(fp32, "linear-attn")
+def fp16(exported) -> onnx.ModelProto:
+    return onnx.load(str(exported / "t2t_vit_test.fp16.onnx"))
+
+
+def _trt_int8(fp32: onnx.ModelProto, fp16: onnx.ModelProto, policy: str, x: np.ndarray,
+              path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """build_int8's TensorRT graph (the fp16 export with Q/DQ) and its quantized nodes' names."""
+    placement = Placement.from_model(fp32, policy)
+    build_int8(fp32, placement, "max", TensorDataReader(x), path, fp16_model=fp16)
+    model = onnx.load(str(path))
+    prod = {o: n for n in model.graph.node for o in n.output}
+    # the fp16 graph's names for the policy's nodes: the MatMul/Gemm nodes that read a DequantizeLinear
+    names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+             and getattr(prod.get(n.input[0]), "op_type", "") == "DequantizeLinear"]
+    assert len(names) == len(placement.node_names)
+    return model, names
+
+
+@pytest.fixture(scope="module")
+def int8(fp32, fp16, tmp_path_factory):
     x = np.random.default_rng(0).standard_normal((6, 3, 64, 64), dtype=np.float32)
-    mixed = to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x)))
-    return mixed, placement
+    model, names = _trt_int8(fp32, fp16, "linear-attn", x, tmp_path_factory.mktemp("int8") / "m.int8.onnx")
+    return model, types_namespace(node_names=names)
 
 
 # ---- placement policy ---------------------------------------------------------------------------------
@@ -181,6 +201,18 @@ def _core_by_scope(model: onnx.ModelProto) -> set[str]:
     return out
 
 
+def _pure_fp16_export(tmp_path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """fp32 and fp16 graphs of the export fixture's model without the fp32 island (and fp16 LayerNorms)."""
+    from export.to_onnx import export_model
+    from t2t_vit.checkpoint import build_model
+
+    torch.manual_seed(0)
+    out = tmp_path / "pure"
+    export_model(build_model("t2t_vit_test").eval(), out, ExportSettings(fp32_core=False, layernorm="fp16"))
+    return (ensure_opset(onnx.load(str(out / "t2t_vit_test.fp32.onnx"))),
+            onnx.load(str(out / "t2t_vit_test.fp16.onnx")))
+
+
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
@@ -231,9 +263,11 @@ def test_int8_graph_keeps_performer_core_fp32(int8, performer_w):
     assert len(core_div) == 2 and all(types[n.output[0]] == TensorProto.FLOAT for n in core_div)
     assert all(types[n.output[0]] == TensorProto.FLOAT16 for n in ops["Div"] if n not in core_div)
     assert all(c.op_type == "Cast" for n in core_div for c in consumers[n.output[0]])
-    # feature MatMuls x @ w^T: w kept float32, bit-equal to the PyTorch buffer
+    # feature MatMuls x @ w^T: w float32, bit-equal to the fp16 export's (the half model's w, so fp16-rounded:
+    # the int8 graph is the export's fp16 graph, island included)
     feats = [n for n in ops["MatMul"] if n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT
-             and any(np.array_equal(numpy_helper.to_array(inits[n.input[1]]), w) for w in performer_w)]
+             and any(np.array_equal(numpy_helper.to_array(inits[n.input[1]]), w.astype(np.float16).astype(np.float32))
+                     for w in performer_w)]
     assert len(feats) == 4 and all(types[n.output[0]] == TensorProto.FLOAT for n in feats)
     # every float32 tensor is made inside the cores (or by the graph I/O Casts)
     io = {v.name for v in list(g.input) + list(g.output)}
@@ -244,7 +278,7 @@ def test_int8_graph_keeps_performer_core_fp32(int8, performer_w):
                 assert n.name in core or (n.op_type == "Cast" and "/tokens_to_token/attention" in n.name), n.name
 
 
-def test_int8_core_computes_in_fp32(fp32):
+def test_int8_core_computes_in_fp32(fp32, fp16, tmp_path):
     """The int8 graph's Performer output y/D, given its own fp16 k, q, v, equals TokenPerformer's
     linear_attention run in float64 on them to fp32 accuracy; an all-fp16 conversion is 100x further off."""
     import onnxruntime as ort
@@ -252,8 +286,8 @@ def test_int8_core_computes_in_fp32(fp32):
     from t2t_vit.checkpoint import build_model
 
     torch.manual_seed(0)
-    performer = build_model("t2t_vit_test").eval().tokens_to_token.attention1.double()
-    placement = Placement.from_model(fp32, "linear-attn")
+    # the half model's Performer (w rounded to fp16, as the fp16 export and so the int8 graph hold it), in float64
+    performer = build_model("t2t_vit_test").eval().tokens_to_token.attention1.half().double()
     x = np.random.default_rng(4).standard_normal((2, 3, 64, 64), dtype=np.float32)
 
     def rel_error(model: onnx.ModelProto) -> float:
@@ -270,37 +304,37 @@ def test_int8_core_computes_in_fp32(fp32):
             ref = performer.linear_attention(k, q, v)
         return float((y - ref).abs().max() / ref.abs().max())
 
-    island = rel_error(to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x))))
-    all_fp16 = rel_error(to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x)),
-                                       fp32_nodes=[]))
+    island = rel_error(_trt_int8(fp32, fp16, "linear-attn", x, tmp_path / "island.onnx")[0])
+    # the export without the island (ExportSettings(fp32_core=False)): its fp16 graph, quantized the same way
+    pure = _pure_fp16_export(tmp_path)
+    all_fp16 = rel_error(_trt_int8(*pure, "linear-attn", x, tmp_path / "pure.onnx")[0])
     assert island < 1e-5 and all_fp16 > 100 * island, (island, all_fp16)
 
 
 @pytest.mark.parametrize("policy", ["all-matmul", "linear-attn-performer"])
-def test_island_around_int8_performer_matmuls(fp32, policy):
+def test_island_around_int8_performer_matmuls(fp32, fp16, policy, tmp_path):
     """Policies that quantize Performer MatMuls: those stay int8 (Q/DQ, fp16 scales) inside the fp32 core."""
     import onnxruntime as ort
 
-    placement = Placement.from_model(fp32, policy)
     x = np.random.default_rng(5).standard_normal((2, 3, 64, 64), dtype=np.float32)
-    model = to_mixed_fp16(quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x)))
-    summary = check_qdq(model, placement.node_names)
-    assert summary["quantized_nodes"] == len(placement.node_names) and summary["fp32_island_nodes"] > 40
+    model, names = _trt_int8(fp32, fp16, policy, x, tmp_path / "m.onnx")
+    summary = check_qdq(model, names, layernorm="fp16")
+    assert summary["quantized_nodes"] == len(names) and summary["fp32_island_nodes"] > 40
     types = _elem_types(model)
     assert all(types[n.output[0]] == TensorProto.FLOAT for n in model.graph.node if n.op_type == "Exp")
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert np.isfinite(y).all()
 
 
-def test_check_qdq_fails_when_the_island_is_dropped(fp32):
-    placement = Placement.from_model(fp32, "linear-attn")
+def test_check_qdq_fails_when_the_island_is_dropped(tmp_path):
+    """The int8 graph of an export without the island (fp32_core=False) is all fp16: check_qdq, told to expect
+    the island, names it; the int8 step itself follows that export's recipe and builds it without one."""
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
-    q = quantize_model(fp32, placement.node_names, "max", reader=TensorDataReader(x))
-    dropped = to_mixed_fp16(q, fp32_nodes=[])  # the old conversion: every float tensor fp16
+    dropped, names = _trt_int8(*_pure_fp16_export(tmp_path), "linear-attn", x, tmp_path / "m.onnx")
     assert not any(i.data_type == TensorProto.FLOAT for i in dropped.graph.initializer)
     with pytest.raises(QuantizationError, match="fp32 island was dropped"):
-        check_qdq(dropped, placement.node_names)
-    check_qdq(dropped, placement.node_names, fp32_island=False)  # the rest of the pattern is intact
+        check_qdq(dropped, names, layernorm="fp16")
+    check_qdq(dropped, names, fp32_island=False, layernorm="fp16")  # the rest of the pattern is intact
 
 
 def test_check_qdq_rejects_fp32_initializer_outside_island(int8):
@@ -311,7 +345,7 @@ def test_check_qdq_rejects_fp32_initializer_outside_island(int8):
     gamma = next(i for i in bad.graph.initializer if i.name == ln.input[1])
     gamma.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(gamma).astype(np.float32), gamma.name))
     with pytest.raises(QuantizationError, match=f"initializer {re.escape(gamma.name)} is still fp32"):
-        check_qdq(bad, placement.node_names)
+        check_qdq(bad, placement.node_names, layernorm="fp16")
 
 
 def test_check_qdq_rejects_nonzero_zero_point(int8):
@@ -350,7 +384,8 @@ def test_cls_only_last_block_graph_quantizes_like_the_whole_one(tmp_path):
     torch.manual_seed(0)
     model = build_model("t2t_vit_test").eval()
     graphs = {cls: ensure_opset(onnx.load(str(export_onnx(model, tmp_path / f"{cls}.onnx", "fp32",
-                                                              cls_only_last_block=cls)))) for cls in (False, True)}
+                                                          settings=ExportSettings(cls_only_last_block=cls)))))
+              for cls in (False, True)}
     cands = {cls: classify_nodes(g) for cls, g in graphs.items()}
     families = {cls: collections.Counter(c.family for c in cs) for cls, cs in cands.items()}
     assert families[True] - families[False] == collections.Counter({"linear": 1})
@@ -359,8 +394,9 @@ def test_cls_only_last_block_graph_quantizes_like_the_whole_one(tmp_path):
     assert collections.Counter(c.stage for c in cands[True])[last] == 7  # q, kv, 2 attention, proj, fc1, fc2
     x = np.random.default_rng(0).standard_normal((6, 3, 64, 64), dtype=np.float32)
     nodes = Placement.from_model(graphs[True], "linear-attn").node_names
+    fp16 = export_onnx(model, tmp_path / "True.fp16.onnx", "fp16", settings=ExportSettings(cls_only_last_block=True))
+    _trt_int8(graphs[True], onnx.load(str(fp16)), "linear-attn", x, tmp_path / "True.int8.onnx")  # checked inside
     qdq = quantize_model(graphs[True], nodes, "max", reader=TensorDataReader(x))
-    check_qdq(to_mixed_fp16(onnx.ModelProto.FromString(qdq.SerializeToString())), nodes)
     cpu = to_cpu_int8(qdq)
     check_qdq(cpu, nodes, mixed_fp16=False)
     ref = ort.InferenceSession(graphs[True].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -575,7 +611,7 @@ def test_warnings_survive_a_quantization(fp32, caplog):
     assert [r.getMessage() for r in caplog.records] == ["ours", "ort nag"]  # restored after the block
 
 
-def test_build_int8_checks_and_labels_every_target(fp32, tmp_path):
+def test_build_int8_checks_and_labels_every_target(fp32, fp16, tmp_path):
     """The one int8 step: each target's graph is checked and says what it is; a graph that fails the Q/DQ
     check is not written."""
     from calibration.quantize import build_int8
@@ -584,7 +620,7 @@ def test_build_int8_checks_and_labels_every_target(fp32, tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
     cache = tmp_path / "ranges.json"
     trt = build_int8(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.int8.onnx", cache=cache,
-                     meta={"calib_policy": "linear-attn"})
+                     meta={"calib_policy": "linear-attn"}, fp16_model=fp16)
     cpu = build_int8(fp32, placement, "max", None, tmp_path / "a.int8-cpu.onnx", target="cpu", cache=cache)
     assert not trt["ranges_reused"] and cpu["ranges_reused"]  # the second target reads the first one's ranges
     for info, precision, float_dtype in ((trt, "int8", "float16"), (cpu, "int8-cpu", "float32")):
@@ -597,10 +633,98 @@ def test_build_int8_checks_and_labels_every_target(fp32, tmp_path):
     # A LayerNorm among the "policy" nodes: it reads no DQ output, so the check fails and nothing is written.
     ln = next(n.name for n in fp32.graph.node if n.op_type == "LayerNormalization")
     with pytest.raises(QuantizationError, match="does not come from DequantizeLinear"):
-        build_int8(fp32, [*placement.node_names, ln], "max", None, tmp_path / "bad.onnx", cache=cache)
+        build_int8(fp32, [*placement.node_names, ln], "max", None, tmp_path / "bad.onnx", target="cpu", cache=cache)
     assert not (tmp_path / "bad.onnx").exists()
     with pytest.raises(QuantizationError, match="unknown int8 target"):
         build_int8(fp32, placement, "max", None, tmp_path / "bad.onnx", target="gpu", cache=cache)
+
+
+def _with_recipe(model: onnx.ModelProto, recipe: ExportSettings | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose metadata records ``recipe`` (None: no recipe, as an older export wrote it)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    meta = {p.key: p.value for p in out.metadata_props if p.key != METADATA_KEY}
+    del out.metadata_props[:]
+    onnx.helper.set_model_props(out, {**meta, **(recipe.to_metadata() if recipe else {})})
+    return out
+
+
+def test_build_int8_follows_the_export_recipe(exported, fp32, fp16, tmp_path):
+    """The TensorRT int8 graph is the export's own fp16 graph with Q/DQ: its LayerNorm precision and fp32 island
+    are the recipe both graphs record (read back, checked to agree), the island op for op the fp16 export's;
+    an fp16 graph from another export, or none, is refused."""
+    recipe = ExportSettings.from_metadata(read_metadata(exported / "t2t_vit_test.fp32.onnx"))
+    assert recipe.layernorm == "fp16" and recipe.fp32_core
+    placement = Placement.from_model(fp32, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    cache = tmp_path / "ranges.json"
+    info = build_int8(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", fp16_model=fp16, cache=cache)
+    meta = read_metadata(info["path"])
+    assert ExportSettings.from_metadata(meta) == recipe and meta["layernorm_precision"] == "fp16"
+    graph = onnx.load(info["path"])
+    core = set(performer_core_nodes(graph))
+    assert info["qdq_check"]["fp32_island_nodes"] == len(core) > 0 and meta["fp32_islands"] == "performer_core_fp32"
+    island = collections.Counter(n.op_type for n in fp16.graph.node if n.name in set(performer_core_nodes(fp16)))
+    assert collections.Counter(n.op_type for n in graph.graph.node if n.name in core) == island
+    # every node of the export's fp16 graph is in the int8 graph, unchanged but for the policy layers' inputs
+    kept = {n.name: (n.op_type, list(n.output)) for n in graph.graph.node}
+    assert all(kept.get(n.name) == (n.op_type, list(n.output)) for n in fp16.graph.node)
+    other = _with_recipe(fp16, recipe.replace(layernorm="fp32"))
+    with pytest.raises(QuantizationError, match="not from the export that wrote the fp32 graph.*`make onnx`"):
+        build_int8(fp32, placement, "max", None, tmp_path / "b.onnx", fp16_model=other, cache=cache)
+    with pytest.raises(QuantizationError, match="pass fp16_model"):
+        build_int8(fp32, placement, "max", None, tmp_path / "b.onnx", cache=cache)
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_build_int8_refuses_a_graph_without_recipe(exported, fp32, tmp_path):
+    """An fp32 graph from before the recipe was recorded: the TensorRT target refuses it in one line naming
+    `make onnx`, before calibrating, and writes nothing; the all-fp32 CPU target needs no recipe."""
+    old = _with_recipe(fp32, None)
+    placement = Placement.from_model(old, "linear-attn")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    with pytest.raises(ExportError, match=r"fp32 graph has no 'export_settings' metadata.*`make onnx`") as e:
+        build_int8(old, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", cache=tmp_path / "r.json",
+                   fp16_model=onnx.load(str(exported / "t2t_vit_test.fp16.onnx")))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "r.json").exists()  # refused before calibrating
+    cpu = build_int8(old, placement, "max", TensorDataReader(x), tmp_path / "a.int8-cpu.onnx", target="cpu")
+    assert read_metadata(cpu["path"])["precision"] == "int8-cpu"
+
+
+def test_calib_refuses_an_old_export_with_exit_2(exported, tmp_path, capsys):
+    """make calib on an fp32 graph without the recipe: exit 2, one line on stderr naming `make onnx`, no int8
+    graph written."""
+    from calibration.calib import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    onnx.save(_with_recipe(onnx.load(str(exported / "t2t_vit_test.fp32.onnx")), None), out / "t2t_vit_test.fp32.onnx")
+    train = _make_folder(tmp_path / "train", per_class=1, seed=1)
+    rc = main(["--model", "t2t_vit_test", "--out", str(out), "--calib-data", str(train), "--calib-size", "2",
+               "--method", "max", "--workers", "0", "--no-progress", "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("calibration.calib: error: ") and "has no 'export_settings' metadata" in err[0] and \
+        "`make onnx`" in err[0]
+    assert not (out / "t2t_vit_test.int8.onnx").exists()
+
+
+def test_calib_layernorm_flag_only_restates_the_export(exported, tmp_path, capsys):
+    """The int8 graph keeps the export's LayerNorms: --layernorm-precision with another value is exit 2 with the
+    make onnx that gives it, before any image is decoded; the CPU target ignores it with a warning."""
+    from calibration.calib import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for p in ("fp32", "fp16"):
+        shutil.copy(exported / f"t2t_vit_test.{p}.onnx", out)  # recipe: fp16 LayerNorms
+    train = _make_folder(tmp_path / "train", per_class=1, seed=1)
+    argv = ["--model", "t2t_vit_test", "--out", str(out), "--calib-data", str(train), "--calib-size", "2",
+            "--method", "max", "--workers", "0", "--no-progress", "--no-eval", "--layernorm-precision", "fp32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export's LayerNorms (fp16)" in err[0] and "--layernorm-precision fp32" in err[0], err
+    assert "make onnx" in err[0] and not (out / "calib-cache").exists()
 
 
 def test_cpu_target_is_the_qdq_graph_onnxruntime_fuses(calib_run, tmp_path, capsys):

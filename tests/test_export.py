@@ -21,7 +21,8 @@ import t2t_vit  # noqa: F401  (registers the models)
 from export import patterns as P
 from export import to_onnx
 from export import validate as V
-from export.to_onnx import ExportError, export_onnx
+from export.settings import METADATA_KEY
+from export.to_onnx import ExportError, ExportSettings, export_onnx
 from t2t_vit.graphs import GraphError, fp32_tensors, ort_session, read_metadata, value_types
 from t2t_vit.data import DataConfig
 
@@ -93,7 +94,7 @@ def test_tensorrt_patterns(tiny, precision):
 def test_plain_export_fails_the_pattern_check(tiny, tmp_path):
     """Without the swaps, Unfold exports as Pad + Gather chains: the checks must notice."""
     model = tiny[0]
-    path = export_onnx(model, tmp_path / "plain.onnx", patterns=False)
+    path = export_onnx(model, tmp_path / "plain.onnx", settings=ExportSettings(patterns=False))
     census = _census(path)
     assert census["Conv"] == 0 and census["Gather"] > 2
     with pytest.raises(P.PatternError, match="Conv nodes"):
@@ -165,7 +166,8 @@ def test_default_fp16_graph_keeps_layernorms_fp32(tiny):
 
 def test_fp16_graph_is_fp16_inside_fp32_at_io(tiny, tmp_path):
     # The fp16-LayerNorm form (--layernorm-precision fp16): fp32 only at the I/O and in the Performer cores.
-    proto = onnx.load(str(export_onnx(tiny[0], tmp_path / "ln16.onnx", precision="fp16", layernorm="fp16")))
+    proto = onnx.load(str(export_onnx(tiny[0], tmp_path / "ln16.onnx", precision="fp16",
+                                 settings=ExportSettings(layernorm="fp16"))))
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert proto.graph.input[0].type.tensor_type.elem_type == f32
     assert proto.graph.output[0].type.tensor_type.elem_type == f32
@@ -185,11 +187,11 @@ def test_fp16_graph_is_fp16_inside_fp32_at_io(tiny, tmp_path):
     assert {"graph input", "graph output"} <= {k["producer"] for k in kept}
     assert all(k["reason"] for k in kept)
     # Without the island the graph is fp16 throughout.
-    pure = onnx.load(str(export_onnx(tiny[0], tmp_path / "pure.onnx", precision="fp16", fp32_core=False,
-                                     layernorm="fp16")))
+    pure = onnx.load(str(export_onnx(tiny[0], tmp_path / "pure.onnx", precision="fp16",
+                                     settings=ExportSettings(fp32_core=False, layernorm="fp16"))))
     assert fp32_tensors(pure) == [] and sum(n.op_type == "Cast" for n in pure.graph.node) == 2
     # --fp16-io: no boundary Casts, fp16 in and out.
-    io16 = export_onnx(tiny[0], tmp_path / "io16.onnx", precision="fp16", fp16_io=True)
+    io16 = export_onnx(tiny[0], tmp_path / "io16.onnx", precision="fp16", settings=ExportSettings(fp16_io=True))
     p16 = onnx.load(str(io16))
     assert p16.graph.input[0].type.tensor_type.elem_type == f16
     assert p16.graph.output[0].type.tensor_type.elem_type == f16
@@ -222,7 +224,8 @@ def test_cls_only_last_block_graphs_equal_the_whole_model(name, tmp_path, shared
     images, the fp16 graph those of the default fp16 graph, with every TensorRT pattern still in place."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, img_size=64).eval()
-    graphs = {(prec, cls): export_onnx(model, tmp_path / f"{prec}-{cls}.onnx", prec, cls_only_last_block=cls)
+    graphs = {(prec, cls): export_onnx(model, tmp_path / f"{prec}-{cls}.onnx", prec,
+                                       settings=ExportSettings(cls_only_last_block=cls))
               for prec in ("fp32", "fp16") for cls in (False, True)}
     assert model.blocks[-1].query_tokens is None  # the caller's model keeps every block whole
     assert read_metadata(graphs["fp32", True])["last_block"] == "cls-only"
@@ -301,6 +304,38 @@ def test_caller_metadata_overrides_defaults(tiny, tmp_path):
     assert meta["checkpoint_sha256"] == "abc" and meta["extra"] == "3" and meta["precision"] == "fp32"
 
 
+def test_settings_round_trip_through_the_metadata(tiny, tmp_path):
+    """One recipe object, one metadata key: what export_onnx was given is what a later stage reads back, for
+    both graphs of an export (the fp16-only fields are recorded in the fp32 graph too, and leave it fp32)."""
+    assert ExportSettings.from_metadata(read_metadata(tiny[1])) == ExportSettings()  # make onnx's defaults
+    assert ExportSettings.from_metadata(read_metadata(tiny[2])) == ExportSettings()
+    recipe = ExportSettings(soft_split="conv", cls_only_last_block=True, fp32_core=False, layernorm="fp16",
+                            fp16_io=True)
+    path = export_onnx(tiny[0], tmp_path / "m.onnx", "fp32", settings=recipe)
+    meta = read_metadata(path)
+    assert ExportSettings.from_metadata(meta) == recipe
+    assert json.loads(meta[METADATA_KEY])["layernorm"] == "fp16"  # plain JSON, readable without the project
+    # The readable keys agree with the recipe; the graph itself stays fp32 with float32 I/O.
+    assert (meta["soft_split"], meta["last_block"], meta["precision"], meta["io_dtype"]) == \
+        ("conv", "cls-only", "fp32", "float32")
+    # A recipe from a newer export with a field this version lacks is refused, not half-applied; a field it
+    # lacks takes its default (the behaviour before the field existed).
+    newer = {METADATA_KEY: json.dumps({**json.loads(meta[METADATA_KEY]), "fp8": True})}
+    with pytest.raises(ExportError, match=r"unknown fields \['fp8'\].*make onnx"):
+        ExportSettings.from_metadata(newer)
+    assert ExportSettings.from_metadata({METADATA_KEY: '{"opset": 19}'}) == ExportSettings(opset=19)
+    with pytest.raises(ExportError, match="--layernorm-precision"):
+        ExportSettings.from_metadata({METADATA_KEY: '{"layernorm": "bf16"}'})
+
+
+def test_graph_without_recipe_is_refused_in_one_line():
+    """A graph exported before the recipe was recorded: one line that names the key and `make onnx`."""
+    with pytest.raises(ExportError) as e:
+        ExportSettings.from_metadata({"model": "t2t_vit_7"}, source="old.fp32.onnx")
+    assert "\n" not in str(e.value) and "old.fp32.onnx" in str(e.value) and METADATA_KEY in str(e.value)
+    assert "`make onnx`" in str(e.value)
+
+
 def test_remove_reduction_upcasts_on_a_small_graph():
     """Cast(fp32) -> ReduceSum -> Cast(fp16) becomes one fp16 ReduceSum with the same numbers."""
     from onnx import TensorProto, helper
@@ -342,7 +377,8 @@ def test_every_variant_exports_and_validates(name, tmp_path, request):
     x = _images(model, shared, 4)
     ref = V.torch_logits(model, x)
     for precision in ("fp32", "fp16"):
-        path = export_onnx(model, tmp_path / f"{name}.{precision}.onnx", precision=precision, simplify=simplify)
+        path = export_onnx(model, tmp_path / f"{name}.{precision}.onnx", precision=precision,
+                           settings=ExportSettings(simplify=simplify))
         census = _census(path)
         assert not {op: census[op] for op in FORBIDDEN if census[op]}
         assert census["LayerNormalization"] == _n_layernorm(model)
@@ -382,8 +418,8 @@ def test_full_size_export_validates(name, tmp_path, shared_data):
 def test_dynamo_exporter_fp16_has_no_fp32_islands(tiny, tmp_path):
     """The dynamo path wraps reductions in fp32 Casts; the rewrite removes them, numbers unchanged."""
     model = tiny[0]
-    path = export_onnx(model, tmp_path / "dyn16.onnx", precision="fp16", exporter="dynamo", fp32_core=False,
-                       layernorm="fp16")
+    path = export_onnx(model, tmp_path / "dyn16.onnx", precision="fp16",
+                       settings=ExportSettings(exporter="dynamo", fp32_core=False, layernorm="fp16"))
     proto = onnx.load(str(path))
     census = _census(path)
     assert census["Cast"] == 2 and fp32_tensors(proto) == []
@@ -504,9 +540,11 @@ def test_bad_arguments(tiny, tmp_path):
     with pytest.raises(ExportError, match="precision"):
         export_onnx(tiny[0], tmp_path / "m.onnx", precision="int8")
     with pytest.raises(ExportError, match="opset"):
-        export_onnx(tiny[0], tmp_path / "m.onnx", opset=16)
-    with pytest.raises(ExportError, match="fp16_io"):
-        export_onnx(tiny[0], tmp_path / "m.onnx", fp16_io=True)
+        export_onnx(tiny[0], tmp_path / "m.onnx", settings=ExportSettings(opset=16))
+    for bad in ({"exporter": "jit"}, {"soft_split": "unfold"}, {"layernorm": "bf16"}):
+        with pytest.raises(ExportError, match=f"--{next(iter(bad)).replace('_', '-')}"):
+            export_onnx(tiny[0], tmp_path / "m.onnx", settings=ExportSettings(**bad))
+    assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(GraphError, match="not found"):
         read_metadata(tmp_path / "missing.onnx")
 

@@ -9,7 +9,7 @@ import torch
 
 from calibration.policy import Placement
 from calibration.quantize import TensorDataReader, build_int8, ensure_opset
-from export.to_onnx import export_model
+from export.to_onnx import ExportSettings, export_model
 from t2t_vit.checkpoint import build_model
 from t2t_vit.graphs import describe_graph
 
@@ -23,22 +23,27 @@ def graphs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     model = build_model(name).eval()
-    export_model(model, out, layernorm="fp16")
+    export_model(model, out, ExportSettings(layernorm="fp16"))
     export_model(model, out / "ln32")  # the default: fp32 LayerNorms
-    fp32 = ensure_opset(onnx.load(str(out / f"{name}.fp32.onnx")))
+    # Each int8 graph is its export's fp16 graph with Q/DQ, so it has that export's LayerNorms; the sensitivity
+    # graph is the default export's (fp32 LayerNorms).
+    pairs = {ln: tuple(onnx.load(str(d / f"{name}.{p}.onnx")) for p in ("fp32", "fp16"))
+             for ln, d in (("fp16", out), ("fp32", out / "ln32"))}
+    fp32 = ensure_opset(pairs["fp32"][0])
     nodes = Placement.from_model(fp32, "linear-attn").node_names
     images = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
     paths = {"fp32": out / f"{name}.fp32.onnx", "fp16": out / f"{name}.fp16.onnx",
              "fp16-ln32": out / "ln32" / f"{name}.fp16.onnx"}
-    for ln in ("fp16", "fp32"):
+    for ln, (f32, f16) in pairs.items():
         path = out / f"{name}.int8-ln{ln}.onnx"
-        build_int8(fp32, nodes, "max", TensorDataReader(images), path, cache=out / f"ranges-{ln}.json", layernorm=ln)
+        build_int8(f32, nodes, "max", TensorDataReader(images), path, fp16_model=f16, cache=out / f"ranges-{ln}.json")
         paths[f"int8-ln{ln}"] = path
     cpu = out / f"{name}.int8-cpu.onnx"
     build_int8(fp32, nodes, "max", None, cpu, target="cpu", cache=out / "ranges-fp16.json")
     paths["int8-cpu"] = cpu
     only = out / "sensitivity" / f"{name}.int8-max-only-head.onnx"
-    build_int8(fp32, [n for n in nodes if n == nodes[-1]], "max", None, only, cache=out / "ranges-fp16.json")
+    build_int8(fp32, [n for n in nodes if n == nodes[-1]], "max", None, only, fp16_model=pairs["fp32"][1],
+               cache=out / "ranges-fp16.json")
     paths["sensitivity"] = only
     return name, paths
 
@@ -72,7 +77,7 @@ def test_metadata_says_what_the_graph_is(graphs, kind):
     performer = name == "t2t_vit_test"
     want_island = "performer_core_fp32" if performer and want_precision != "fp32" and kind != "int8-cpu" else "none"
     assert derived["fp32_islands"] == want_island
-    # fp16 LayerNorms only where asked for; the default (sensitivity graphs too) is fp32.
+    # fp16 LayerNorms only where the export asked for them; the default (the sensitivity graph's export) is fp32.
     want_ln = "fp16" if kind in ("fp16", "int8-lnfp16") else "fp32"
     assert derived["layernorm_precision"] == want_ln
     if want_precision == "int8":
