@@ -49,12 +49,12 @@ from t2t_vit.reports import host_line, markdown_table, report_header, write_repo
 from .calib import ensure_fp32_onnx
 from .data import folder_label_space, load_or_preprocess, select_samples
 from .evaluate import evaluate_graphs
-from .mha_pattern import mha_patterns, summarize_patterns
+from .mha_pattern import const_values, mha_patterns, qdq_dtype, summarize_patterns
 
 _logger = logging.getLogger("calibration.compare_modelopt")
 
 __all__ = ["CompareError", "MODES", "RUNNER", "get_args_parser", "check_modelopt_python", "qdq_counts",
-           "graph_summary", "run_modelopt", "build_report", "render_markdown", "run", "main"]
+           "nonfinite_tensors", "graph_summary", "run_modelopt", "build_report", "render_markdown", "run", "main"]
 
 MODES = ("int8", "fp8")
 RUNNER = Path(__file__).with_name("modelopt_runner.py")
@@ -80,8 +80,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--modes", default=",".join(MODES), help="ModelOpt quantize_mode(s), comma separated (default int8,fp8)")
     g.add_argument("--modelopt-python", default=DEFAULT_PYTHON,
                    help=f"the interpreter of ModelOpt's own virtualenv (default {DEFAULT_PYTHON}; make modelopt-venv)")
+    g.add_argument("--calibration-method", default=None, choices=("entropy", "max"),
+                   help="ModelOpt's calibration_method (default: ModelOpt's own, entropy)")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds per ModelOpt run (default 3600)")
     g.add_argument("--report", default=None, help="report stem (default reports/modelopt-<model>)")
+    g.add_argument("--note", default=None, help="a sentence for the report (what the checkpoint is, why the run is small)")
     return p
 
 
@@ -105,10 +108,8 @@ def check_modelopt_python(python: str | os.PathLike) -> Path:
 def qdq_counts(model: onnx.ModelProto) -> dict[str, Any]:
     """QuantizeLinear/DequantizeLinear counts: totals, element types (zero point's type), the op types the DQ
     outputs feed, and how many DQ read a constant (weights) rather than a Q (activations)."""
-    from .mha_pattern import _const_values, qdq_dtype  # the same type reading as the attention check
-
     g = model.graph
-    consts = _const_values(model)
+    consts = const_values(model)
     cons: dict[str, list[str]] = {}
     for n in g.node:
         for i in n.input:
@@ -140,13 +141,14 @@ def graph_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def run_modelopt(python: Path, fp32: Path, calib_npy: Path, mode: str, folder: Path, model: str,
-                 threads: int, timeout: float) -> dict[str, Any]:
+                 threads: int, timeout: float, method: str | None = None) -> dict[str, Any]:
     """One ModelOpt run in its own process; returns its result JSON (with ``log``), never raises for its errors."""
     out = folder / f"{model}.modelopt-{mode}.onnx"
     result_path, log_path = out.with_suffix(".json"), out.with_suffix(".log")
     result_path.unlink(missing_ok=True)
     cmd = [str(python), str(RUNNER), "--onnx", str(fp32), "--calib", str(calib_npy), "--mode", mode,
            "--output", str(out), "--result", str(result_path)]
+    cmd += ["--calibration-method", method] if method else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONNOUSERSITE="1")
     env.pop("PYTHONPATH", None)  # ModelOpt's process must not import this project's environment
     print(f"[modelopt {mode}] {' '.join(cmd)} (log: {log_path})", flush=True)
@@ -166,6 +168,29 @@ def run_modelopt(python: Path, fp32: Path, calib_npy: Path, mode: str, folder: P
                                                        "traceback": tail}}
     result.update(log=str(log_path), command=cmd, wall_seconds=round(time.perf_counter() - t0, 1))
     return result
+
+
+def nonfinite_tensors(fp32: Path, images: np.ndarray, threads: int = 1) -> list[dict[str, Any]]:
+    """The fp32 graph's tensors that hold inf/NaN on ``images`` (every node output made a graph output, ONNX
+    Runtime CPU without graph optimisation): a calibrator that histograms every tensor fails on them."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32))
+    op_of = {o: n.op_type for n in model.graph.node for o in n.output if o}
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in op_of)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    found = []
+    for name, value in zip(names, sess.run(names, {sess.get_inputs()[0].name: images.astype(np.float32)})):
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            found.append({"tensor": name, "op": op_of[name], "inf": int(np.isinf(value).sum()),
+                          "nan": int(np.isnan(value).sum())})
+    return found
 
 
 def calibration_npy(args: argparse.Namespace, out: Path, config: DataConfig) -> tuple[Path, dict[str, Any]]:
@@ -261,7 +286,8 @@ def render_markdown(r: Mapping[str, Any]) -> str:
              f"fp32 graph `{r['fp32_onnx']}` ({r.get('img_size')} px). Calibration: {cal['size']} images from "
              f"`{cal['data']}` (seed {cal['seed']}, class-balanced, the selection and preprocessing of `make calib`), "
              f"given to ModelOpt {r.get('modelopt', {}).get('version') or '(not run)'} as one array with its defaults "
-             f"and CPU calibration (`calibration_eps=['cpu']`). ModelOpt's environment: "
+             f"and CPU calibration (`calibration_eps=['cpu']`; calibration method: "
+             f"{r.get('modelopt', {}).get('calibration_method', '?')}). ModelOpt's environment: "
              f"`{r.get('modelopt', {}).get('python')}` ({r.get('modelopt', {}).get('versions') or 'versions unknown'})."]
     if r.get("note"):
         lines += ["", r["note"]]
@@ -282,6 +308,12 @@ def render_markdown(r: Mapping[str, Any]) -> str:
             lines.append(f"- {n}: {g['note']}")
     for n, e in r.get("modelopt_errors", {}).items():
         lines += [f"- {n} failed: `{e.get('type')}: {e.get('message')}` (full traceback in the JSON report)"]
+    bad = r.get("fp32_nonfinite")
+    if bad:
+        found = ", ".join(f"`{b['tensor']}` ({b['op']}: {b['inf']} inf, {b['nan']} NaN)" for b in bad[:5])
+        lines += [f"- the fp32 graph holds inf/NaN in {len(bad)} tensor(s) on the first calibration images (a "
+                  f"histogram of such a tensor has no finite range: the likely cause of a histogram-calibration "
+                  f"failure): {found}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -289,7 +321,8 @@ def _modelopt_graphs(args: argparse.Namespace, python: Path, fp32: Path, npy: Pa
                      threads: int) -> dict[str, dict[str, Any]]:
     graphs: dict[str, dict[str, Any]] = {}
     for mode in _modes(args.modes):
-        res = run_modelopt(python, fp32, npy, mode, out / "modelopt", args.model, threads, args.timeout)
+        res = run_modelopt(python, fp32, npy, mode, out / "modelopt", args.model, threads, args.timeout,
+                           args.calibration_method)
         entry = {"source": "modelopt", "mode": mode, "status": "ok" if res.get("ok") else "failed",
                  "path": res.get("output"), "result": {k: v for k, v in res.items() if k != "error"}}
         if not res.get("ok"):
@@ -321,17 +354,23 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 g["summary"] = graph_summary(g["path"])
         runnable = {n: Path(g["path"]) for n, g in graphs.items() if g["status"] == "ok"}
         acc, validation = _evaluate(args, runnable, meta, config, threads)
-    mo = next((g["result"] for g in graphs.values() if g["source"] == "modelopt" and g["status"] == "ok"), {})
+    mo = next((g["result"] for g in graphs.values() if g["source"] == "modelopt" and g["result"].get("modelopt")), {})
     setup = {"model": args.model, "img_size": meta.get("img_size"), "fp32_onnx": str(fp32),
              "fp32_sha256": file_sha256(fp32), "checkpoint_sha256": meta.get("checkpoint_sha256"),
              "threads": threads, "calibration": cal,
              "modelopt": {"python": str(python), "version": mo.get("modelopt"),
                           "versions": f"onnx {mo.get('onnx')}, onnxruntime {mo.get('onnxruntime')}" if mo else None,
+                          "calibration_method": args.calibration_method or "ModelOpt's default (entropy)",
                           "defaults_overridden": ["calibration_eps=['cpu']", "calibration_data (this run's images)",
-                                                  "output_path"]}}
-    if not args.checkpoint:
+                                                  "output_path"] + ([f"calibration_method={args.calibration_method!r}"]
+                                                                    if args.calibration_method else [])}}
+    if args.note:
+        setup["note"] = args.note
+    elif not args.checkpoint:
         setup["note"] = ("**Random weights** (no --checkpoint): accuracy columns only compare the graphs with each "
                          "other, not with a trained model.")
+    if any(g["status"] == "failed" for g in graphs.values()):
+        setup["fp32_nonfinite"] = nonfinite_tensors(fp32, np.load(npy)[:8], threads)
     report = build_report(report_header("calibration.compare_modelopt", argv), setup, graphs, acc, validation)
     stem = Path(args.report) if args.report else Path("reports") / f"modelopt-{args.model}"
     md = render_markdown(report)

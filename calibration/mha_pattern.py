@@ -24,7 +24,8 @@ import onnx
 
 from t2t_vit.graphs import consumers, producers
 
-__all__ = ["AttentionPattern", "mha_patterns", "summarize_patterns", "qdq_dtype", "MOVEMENT_OPS", "FP8"]
+__all__ = ["AttentionPattern", "mha_patterns", "summarize_patterns", "qdq_dtype", "const_values", "MOVEMENT_OPS",
+           "FP8"]
 
 FP8 = "float8e4m3fn"
 # Ops TensorRT's Q/DQ propagation moves a DequantizeLinear across (they only move data).
@@ -79,7 +80,7 @@ class AttentionPattern:
         return d
 
 
-def _const_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+def const_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """tensor name -> TensorProto for initializers and Constant-node outputs."""
     out = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
@@ -224,7 +225,7 @@ def mha_patterns(model: onnx.ModelProto, infer_shapes: bool = True) -> list[Atte
         except Exception:  # noqa: BLE001 - the head size is informative only; the structure check goes on
             pass
     g = model.graph
-    prod, cons, consts = producers(g), consumers(g), _const_values(model)
+    prod, cons, consts = producers(g), consumers(g), const_values(model)
     return [_check_one(model, n, prod, cons, consts) for n in g.node if n.op_type == "Softmax"]
 
 

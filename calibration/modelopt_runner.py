@@ -5,9 +5,9 @@ once per mode. ModelOpt's onnx extra pins older onnx/onnxruntime than the projec
 imports nothing of the project: only the standard library, numpy and ``modelopt``. It calls
 ``modelopt.onnx.quantization.quantize`` with ModelOpt's defaults, except the three things a CPU-only
 side-by-side needs (calibration on the CPU execution provider, the calibration images given as one
-array, the output path), and always writes ``--result`` (JSON): ``ok``, the ModelOpt version, the
-keyword arguments passed, the seconds taken, and on failure the exception's type, message and the
-traceback's last lines, so the report can record the exact error.
+array, the output path) and ``--calibration-method`` when given, and always writes ``--result`` (JSON):
+``ok``, the ModelOpt version, the keyword arguments passed, the seconds taken, and on failure the
+exception's type, message and the traceback's last lines, so the report can record the exact error.
 
     python calibration/modelopt_runner.py --onnx m.fp32.onnx --calib calib.npy --mode fp8 \\
         --output m.modelopt-fp8.onnx --result m.modelopt-fp8.json
@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", required=True, choices=("int8", "fp8"), help="ModelOpt quantize_mode")
     p.add_argument("--output", required=True, help="quantized ONNX path")
     p.add_argument("--result", required=True, help="JSON result (always written)")
+    p.add_argument("--calibration-method", default=None,
+                   help="ModelOpt's calibration_method (default: not passed, ModelOpt's own default)")
     args = p.parse_args(argv)
     result: dict = {"ok": False, "mode": args.mode, "python": sys.version.split()[0]}
     t0 = time.perf_counter()
@@ -55,11 +59,21 @@ def main(argv: list[str] | None = None) -> int:
             result["versions_error"] = repr(e)
         data = np.load(args.calib).astype(np.float32)
         kwargs = {"quantize_mode": args.mode, "calibration_eps": ["cpu"], "output_path": args.output}
+        if args.calibration_method:
+            kwargs["calibration_method"] = args.calibration_method
         result["kwargs"] = dict(kwargs, calibration_data=f"{args.calib} {list(data.shape)}")
-        tmp_out = f"{args.output}.tmp{os.getpid()}.onnx"
-        kwargs["output_path"] = tmp_out
-        quantize(args.onnx, calibration_data=data, **kwargs)
-        os.replace(tmp_out, args.output)
+        # ModelOpt writes intermediate files beside its input (its ORT calibration a shape-inferred copy):
+        # it gets a private copy of the graph in a work folder next to the output, removed afterwards, so the
+        # project's fp32 graph and its folder are never touched.
+        work = tempfile.mkdtemp(prefix=f".work-{args.mode}-", dir=os.path.dirname(os.path.abspath(args.output)))
+        try:
+            src = os.path.join(work, os.path.basename(args.onnx))
+            shutil.copyfile(args.onnx, src)
+            kwargs["output_path"] = os.path.join(work, "quantized.onnx")
+            quantize(src, calibration_data=data, **kwargs)
+            os.replace(kwargs["output_path"], args.output)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         result["ok"] = True
         result["output"] = args.output
     except BaseException as e:  # noqa: BLE001 - everything ModelOpt raises goes into the report

@@ -6,6 +6,7 @@ The attention graphs are built by hand with onnx.helper, in the shape the T2T-Vi
 check is against a structure the test itself states."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from calibration.compare_modelopt import (CompareError, build_report, check_modelopt_python, qdq_counts,
                                           render_markdown)
 from calibration.mha_pattern import FP8, mha_patterns, summarize_patterns
+from t2t_vit.files import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 B, H, S, D = 1, 2, 5, 8  # batch, heads, tokens, head size
@@ -198,3 +200,57 @@ def test_make_modelopt_compare_without_the_venv_says_why_in_one_line(tmp_path):
     assert lines[0].startswith("calibration.compare_modelopt: error: ModelOpt's virtualenv is missing")
     assert "make modelopt-venv" in lines[0] and str(tmp_path / "no-venv") in lines[0]
     assert not out.exists() and not (tmp_path / "rep.json").exists()
+
+
+def _image_tree(root: Path, classes=("n01440764", "n02102040"), per_class: int = 3) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_a_modelopt_failure_is_recorded_in_the_report(tmp_path):
+    """ModelOpt 'installed' where it cannot import (this project's interpreter has no modelopt): every graph
+    of ours is still evaluated, the report records the runner's exact error, the command exits 2 in one line,
+    and the fp32 graph is left as it was."""
+    data = tmp_path / "data"
+    _image_tree(data / "train"), _image_tree(data / "val")
+    out, rep = tmp_path / "out", tmp_path / "rep" / "modelopt-t2t_vit_test"
+    cmd = [sys.executable, "-m", "calibration.compare_modelopt", "--model", "t2t_vit_test", "--out", str(out),
+           "--calib-data", str(data / "train"), "--calib-size", "4", "--modes", "fp8", "--threads", "1",
+           "--workers", "0", "--no-progress", "--modelopt-python", sys.executable, "--report", str(rep)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(err) == 1 and "ModelOpt could not quantize (modelopt-fp8): ModuleNotFoundError" in err[0], proc.stderr
+    r = json.loads(rep.with_suffix(".json").read_text())
+    e = r["modelopt_errors"]["modelopt-fp8"]
+    assert e["type"] == "ModuleNotFoundError" and "modelopt" in e["message"]
+    assert r["graphs"]["modelopt-fp8"]["status"] == "failed" and r["graphs"]["ours-fp8"]["status"] == "not built yet"
+    assert r["graphs"]["fp32"]["accuracy"]["top1"] is not None and r["validation"]["images"] == 6
+    assert r["calibration"]["size"] == 4 and np.load(r["calibration"]["npy"]).shape == (4, 3, 64, 64)
+    assert "ModuleNotFoundError" in rep.with_suffix(".md").read_text()
+    assert r["fp32_sha256"] == file_sha256(out / "t2t_vit_test.fp32.onnx")
+
+
+def test_nonfinite_tensors_names_the_overflowing_exp(tmp_path):
+    from calibration.compare_modelopt import nonfinite_tensors
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+    nodes = [helper.make_node("Mul", ["x", "k"], ["big"], name="mul"), helper.make_node("Exp", ["big"], ["e"], name="exp"),
+             helper.make_node("Clip", ["e", "lo", "hi"], ["y"], name="clip")]
+    inits = [numpy_helper.from_array(np.array(100.0, np.float32), n) if n == "k" else
+             numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("k", 0), ("lo", -1e4), ("hi", 1e4))]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    images = np.array([[0.1, 1.0, 2.0], [0.0, 0.5, 0.2]], np.float32)  # exp(100 x) overflows fp32 above x ~ 0.887
+    assert nonfinite_tensors(path, images) == [{"tensor": "e", "op": "Exp", "inf": 2, "nan": 0}]
