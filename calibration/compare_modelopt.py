@@ -77,14 +77,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="selection seed (default 0, as make calib)")
     g.add_argument("--val-data", default=None, help="labeled ImageFolder tree (default: 'val' beside --calib-data)")
     g.add_argument("--val-size", type=int, default=None, help="class-balanced subset of the val images (default all)")
-    g.add_argument("--modes", default=",".join(MODES), help="ModelOpt quantize_mode(s), comma separated (default int8,fp8)")
+    g.add_argument("--modes", default=",".join(MODES),
+                   help="ModelOpt quantize_mode(s), comma separated (default int8,fp8)")
     g.add_argument("--modelopt-python", default=DEFAULT_PYTHON,
                    help=f"the interpreter of ModelOpt's own virtualenv (default {DEFAULT_PYTHON}; make modelopt-venv)")
     g.add_argument("--calibration-method", default=None, choices=("entropy", "max"),
                    help="ModelOpt's calibration_method (default: ModelOpt's own, entropy)")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds per ModelOpt run (default 3600)")
     g.add_argument("--report", default=None, help="report stem (default reports/modelopt-<model>)")
-    g.add_argument("--note", default=None, help="a sentence for the report (what the checkpoint is, why the run is small)")
+    g.add_argument("--note", default=None,
+                   help="a sentence for the report (what the checkpoint is, why the run is small)")
     return p
 
 
@@ -281,20 +283,20 @@ def _graph_row(name: str, g: Mapping[str, Any]) -> list[Any]:
 
 def render_markdown(r: Mapping[str, Any]) -> str:
     """The Markdown side of :func:`build_report`'s report."""
-    cal, val = r["calibration"], r.get("validation")
+    cal, val, mo = r["calibration"], r.get("validation"), r.get("modelopt", {})
     lines = [f"# Our Q/DQ graphs beside NVIDIA Model Optimizer's: {r['model']}", "", f"`{r['command']}`", "",
              f"fp32 graph `{r['fp32_onnx']}` ({r.get('img_size')} px). Calibration: {cal['size']} images from "
              f"`{cal['data']}` (seed {cal['seed']}, class-balanced, the selection and preprocessing of `make calib`), "
-             f"given to ModelOpt {r.get('modelopt', {}).get('version') or '(not run)'} as one array with its defaults "
+             f"given to ModelOpt {mo.get('version') or '(not run)'} as one array with its defaults "
              f"and CPU calibration (`calibration_eps=['cpu']`; calibration method: "
-             f"{r.get('modelopt', {}).get('calibration_method', '?')}). ModelOpt's environment: "
-             f"`{r.get('modelopt', {}).get('python')}` ({r.get('modelopt', {}).get('versions') or 'versions unknown'})."]
+             f"{mo.get('calibration_method', '?')}). ModelOpt's environment: "
+             f"`{mo.get('python')}` ({mo.get('versions') or 'versions unknown'})."]
     if r.get("note"):
         lines += ["", r["note"]]
     lines.append("")
     if val:
-        lines += [f"ONNX Runtime CPU in the project's environment, {r.get('threads')} thread(s), {val['images']} labeled "
-                  f"images from `{val['data']}`. Host: {host_line(r['host'])}.", ""]
+        lines += [f"ONNX Runtime CPU in the project's environment, {r.get('threads')} thread(s), {val['images']} "
+                  f"labeled images from `{val['data']}`. Host: {host_line(r['host'])}.", ""]
     rows = [_graph_row(n, g) for n, g in r["graphs"].items()]
     lines += [markdown_table(["graph", "status", "top-1 %", "top-1 drop", "agreement with fp32 %", "max abs dlogit",
                               "Q", "DQ", "Q types", "DQ feeds", "attention Q/DQ placed", "FP8 MHA fusable",

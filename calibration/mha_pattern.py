@@ -106,7 +106,8 @@ def qdq_dtype(q_node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) ->
 
 def _quantized_by(tensor: str, prod: Mapping[str, onnx.NodeProto], consts: Mapping[str, onnx.TensorProto],
                   through: Iterable[str]) -> tuple[str | None, onnx.NodeProto | None]:
-    """(element type, the QuantizeLinear) when ``tensor`` is DQ(Q(x)) seen through ``through`` ops, else (None, None)."""
+    """(element type, the QuantizeLinear) when ``tensor`` is DQ(Q(x)) seen through ``through`` ops, else
+    (None, None)."""
     through = tuple(through)
     node = prod.get(tensor)
     while node is not None and node.op_type in through:

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                            "traceback": traceback.format_exc().splitlines()[-25:]}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     _write_json(args.result, result)
-    return 0 if result["ok"] else 3
+    return 0 if result["ok"] else 2  # the reason is in --result
 
 
 if __name__ == "__main__":

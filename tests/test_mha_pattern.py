@@ -82,8 +82,8 @@ def attention_model(qdq_type: int | None = TensorProto.FLOAT8E4M3FN, scale_on: s
     p = p if "p" in skip else g.qdq(p)
     out = g.op("MatMul", [p, "v" if "v" in skip else g.qdq("v")])
     ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, H, S, D]) for n in ("q", "k", "v")]
-    graph = helper.make_graph(g.nodes, "attn", ins, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [B, H, S, D])],
-                              initializer=g.inits)
+    outs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, [B, H, S, D])]
+    graph = helper.make_graph(g.nodes, "attn", ins, outs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model
@@ -243,7 +243,8 @@ def test_nonfinite_tensors_names_the_overflowing_exp(tmp_path):
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
-    nodes = [helper.make_node("Mul", ["x", "k"], ["big"], name="mul"), helper.make_node("Exp", ["big"], ["e"], name="exp"),
+    nodes = [helper.make_node("Mul", ["x", "k"], ["big"], name="mul"),
+             helper.make_node("Exp", ["big"], ["e"], name="exp"),
              helper.make_node("Clip", ["e", "lo", "hi"], ["y"], name="clip")]
     inits = [numpy_helper.from_array(np.array(100.0, np.float32), n) if n == "k" else
              numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("k", 0), ("lo", -1e4), ("hi", 1e4))]
