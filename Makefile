@@ -116,7 +116,7 @@ MODELOPT_PKG   ?= nvidia-modelopt[onnx]==0.47.0
 MODELOPT_TORCH ?= torch==2.13.0+cpu
 .PHONY: modelopt modelopt-venv modelopt-compare
 
-## modelopt-venv  create $(MODELOPT_VENV) with nvidia-modelopt[onnx] and a CPU torch (once; a failed install is removed)
+## modelopt-venv  create .venv-modelopt (MODELOPT_VENV=) with nvidia-modelopt[onnx] and a CPU torch (once; a failed install is removed)
 modelopt-venv: $(MODELOPT_VENV)/.installed
 $(MODELOPT_VENV)/.installed:
 	@rm -rf $(MODELOPT_VENV) && python3.11 -m venv $(MODELOPT_VENV) && \
@@ -125,9 +125,10 @@ $(MODELOPT_VENV)/.installed:
 	@touch $@
 
 ## modelopt     ModelOpt (int8, fp8; defaults, CPU calibration) beside our int8/fp8 on the same fp32 graph, calibration and val images: make modelopt MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] -> reports/modelopt-<MODEL>.{json,md}
-modelopt: modelopt-venv modelopt-compare
+modelopt: modelopt-venv
+	@$(MAKE) --no-print-directory modelopt-compare
 
-## modelopt-compare  the same without creating the virtualenv (one line and exit 2 when $(MODELOPT_VENV) is missing)
+## modelopt-compare  the same without creating the virtualenv (one line and exit 2 when it is missing)
 modelopt-compare:
 	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make modelopt CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
 	$(PYTHON) -m calibration.compare_modelopt $(STAGE_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \

@@ -148,6 +148,7 @@ def run_modelopt(python: Path, fp32: Path, calib_npy: Path, mode: str, folder: P
     out = folder / f"{model}.modelopt-{mode}.onnx"
     result_path, log_path = out.with_suffix(".json"), out.with_suffix(".log")
     result_path.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)  # a failed run must not leave an older run's graph looking like its output
     cmd = [str(python), str(RUNNER), "--onnx", str(fp32), "--calib", str(calib_npy), "--mode", mode,
            "--output", str(out), "--result", str(result_path)]
     cmd += ["--calibration-method", method] if method else []
@@ -274,11 +275,13 @@ def _graph_row(name: str, g: Mapping[str, Any]) -> list[Any]:
     feeds = ", ".join(f"{k} {v}" for k, v in q.get("dq_feeds", {}).items()) or "-"
     fus = f"{att['fp8_fusable']}/{att['attentions']}" if att else "-"
     placed = f"{att['qdq_placed']}/{att['attentions']}" if att else "-"
+    direct = f"{att.get('dq_direct', 0)}/{att['attentions']}" if att else "-"
     status = g.get("status", "ok")
     if status == "failed":
         status = f"failed: {g.get('error', {}).get('type', '?')}"
     return [name, status, a.get("top1"), a.get("top1_drop"), a.get("top1_agreement"), a.get("max_abs_dlogit"),
-            q.get("quantize"), q.get("dequantize"), types, feeds, placed, fus, ", ".join(att.get("scale", [])) or "-"]
+            q.get("quantize"), q.get("dequantize"), types, feeds, placed, direct, fus,
+            ", ".join(att.get("scale", [])) or "-"]
 
 
 def render_markdown(r: Mapping[str, Any]) -> str:
@@ -299,12 +302,14 @@ def render_markdown(r: Mapping[str, Any]) -> str:
                   f"labeled images from `{val['data']}`. Host: {host_line(r['host'])}.", ""]
     rows = [_graph_row(n, g) for n, g in r["graphs"].items()]
     lines += [markdown_table(["graph", "status", "top-1 %", "top-1 drop", "agreement with fp32 %", "max abs dlogit",
-                              "Q", "DQ", "Q types", "DQ feeds", "attention Q/DQ placed", "FP8 MHA fusable",
+                              "Q", "DQ", "Q types", "DQ feeds", "attention Q/DQ placed", "DQ feeds BMM directly",
+                              "FP8 MHA fusable",
                               "scale on"], rows), ""]
     lines += ["'attention Q/DQ placed': softmax attentions with Q/DQ on Q, K, V and the softmax output and the "
               "scale not on the scores; 'FP8 MHA fusable': the same with float8e4m3fn Q/DQ, the pattern TensorRT's "
-              "FP8 MHA fusion needs (`calibration.mha_pattern`, docs/fp8.md). 'scale on': q = the attention scale "
-              "multiplies Q before BMM1.", ""]
+              "FP8 MHA fusion needs (`calibration.mha_pattern`, docs/fp8.md); 'DQ feeds BMM directly': no "
+              "Transpose/Reshape between those DQs and the MatMuls. 'scale on': q = the attention scale multiplies Q "
+              "before BMM1.", ""]
     for n, g in r["graphs"].items():
         if g.get("note"):
             lines.append(f"- {n}: {g['note']}")

@@ -48,6 +48,8 @@ class AttentionPattern:
         scale: where the attention scale is applied: ``q``, ``k`` (before BMM1, as TensorRT needs),
             ``scores`` (on the BMM1 output) or None (no constant Mul/Div found: folded into weights).
         head_size: the last dimension of V where shape inference knows it, else None.
+        dq_direct: every quantized operand's DequantizeLinear feeds its MatMul directly (no Transpose/Reshape
+            between them), the form Model Optimizer's FP8 exporter rewrites attentions into.
         problems: why the pattern is not the fusable FP8 one (empty when it is).
     """
 
@@ -60,6 +62,7 @@ class AttentionPattern:
     softmax_out: str | None = None
     scale: str | None = None
     head_size: int | None = None
+    dq_direct: bool = False
     problems: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -209,8 +212,10 @@ def _check_one(model: onnx.ModelProto, softmax: onnx.NodeProto, prod, cons, cons
             problems.append(f"{name} Q/DQ is {dtype}, not {FP8}")
     if scale == "scores":
         problems.append("the attention scale multiplies the BMM1 output; TensorRT needs it on Q (or K) before BMM1")
+    direct = all(_quantized_by(t, prod, consts, ())[0] is not None
+                 for t in (bmm1.input[0], bmm1.input[1], bmm2.input[1], p_tensor))
     return AttentionPattern(softmax.name, bmm1.name, bmm2.name, q, k, v, p, scale,
-                            _head_size(model, bmm2.input[1]), tuple(problems))
+                            _head_size(model, bmm2.input[1]), direct, tuple(problems))
 
 
 def mha_patterns(model: onnx.ModelProto, infer_shapes: bool = True) -> list[AttentionPattern]:
@@ -241,5 +246,6 @@ def summarize_patterns(patterns: Iterable[AttentionPattern]) -> dict[str, Any]:
             problems[msg] = problems.get(msg, 0) + 1
     return {"softmax": len(patterns), "attentions": len(attn),
             "qdq_placed": sum(p.qdq_placed for p in attn), "fp8_fusable": sum(p.fp8_fusable for p in attn),
+            "dq_direct": sum(p.dq_direct for p in attn),
             "scale": sorted({str(p.scale) for p in attn}),
             "head_sizes": sorted({p.head_size for p in attn if p.head_size}), "problems": problems}

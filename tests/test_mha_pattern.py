@@ -96,11 +96,12 @@ def test_fp8_pattern_is_fusable_and_checker_agrees_with_onnx():
     assert p.bmm1 and p.bmm2 and p.scale == "q" and p.head_size == D
     assert (p.q, p.k, p.v, p.softmax_out) == (FP8,) * 4
     assert p.qdq_placed and p.fp8_fusable and p.problems == ()
+    assert not p.dq_direct  # K's DQ reaches BMM1 through its Transpose
 
 
 def test_fp8_pattern_with_transpose_before_the_quantizer():
     (p,) = mha_patterns(attention_model(transpose_after_dq=False))
-    assert p.fp8_fusable, p.problems
+    assert p.fp8_fusable and p.dq_direct, p.problems
 
 
 @pytest.mark.parametrize("missing, what", [("q", "Q"), ("k", "K"), ("v", "V"), ("p", "softmax output")])
@@ -150,7 +151,8 @@ def _fake_graph(status: str, mode: str, source: str, fusable: int = 0) -> dict:
     g = {"source": source, "mode": mode, "status": status, "path": f"/x/{source}-{mode}.onnx"}
     if status == "ok":
         g["summary"] = {"qdq": {"quantize": 3, "dequantize": 5, "q_types": {mode: 3}, "dq_feeds": {"MatMul": 5}},
-                        "attention": {"attentions": 7, "qdq_placed": 7, "fp8_fusable": fusable, "scale": ["q"]}}
+                        "attention": {"attentions": 7, "qdq_placed": 7, "fp8_fusable": fusable, "dq_direct": 7,
+                                      "scale": ["q"]}}
     return g
 
 
@@ -177,7 +179,8 @@ def test_report_builder_on_fake_inputs():
             if ln.startswith("| ") and not ln.startswith("| graph")}
     assert rows["ours-fp8"][0] == "not built yet" and rows["ours-fp8"][1] == "-"
     assert rows["modelopt-int8"][0] == "failed: ValueError"
-    assert rows["modelopt-fp8"][1:4] == ["78.00", "2.00", "97.00"] and rows["modelopt-fp8"][-2:] == ["7/7", "q"]
+    assert rows["modelopt-fp8"][1:4] == ["78.00", "2.00", "97.00"]
+    assert rows["modelopt-fp8"][-4:] == ["7/7", "7/7", "7/7", "q"]  # placed, direct, fusable, scale
     assert "`ValueError: boom at node X`" in md
 
 
