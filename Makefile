@@ -133,6 +133,31 @@ calib:
 	$(PYTHON) -m calibration.calib $(STAGE_ARGS) $(RUN_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
 		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) $(ARGS)
 
+# ModelOpt side by side: its own virtualenv (its onnx extra pins older onnx/onnxruntime than ours), never in .venv.
+# The CPU torch wheel keeps pip from pulling a multi-GB CUDA torch (docs/fp8.md); not part of make install or CI.
+MODELOPT_VENV  ?= .venv-modelopt
+MODELOPT_PKG   ?= nvidia-modelopt[onnx]==0.47.0
+MODELOPT_TORCH ?= torch==2.13.0+cpu
+.PHONY: modelopt modelopt-venv modelopt-compare
+
+## modelopt-venv  create .venv-modelopt (MODELOPT_VENV=) with nvidia-modelopt[onnx] and a CPU torch (once; a failed install is removed)
+modelopt-venv: $(MODELOPT_VENV)/.installed
+$(MODELOPT_VENV)/.installed:
+	@rm -rf $(MODELOPT_VENV) && python3.11 -m venv $(MODELOPT_VENV) && \
+	$(MODELOPT_VENV)/bin/python -m pip install '$(MODELOPT_PKG)' '$(MODELOPT_TORCH)' > $(MODELOPT_VENV).install.log 2>&1 \
+	|| { echo "modelopt-venv: error: pip could not install $(MODELOPT_PKG) $(MODELOPT_TORCH) into $(MODELOPT_VENV) (log: $(MODELOPT_VENV).install.log); set MODELOPT_TORCH= to another torch wheel"; rm -rf $(MODELOPT_VENV); exit 2; }
+	@touch $@
+
+## modelopt     ModelOpt (int8, fp8; defaults, CPU calibration) beside our int8/fp8 on the same fp32 graph, calibration and val images: make modelopt MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] -> reports/modelopt-<MODEL>.{json,md}
+modelopt: modelopt-venv
+	@$(MAKE) --no-print-directory modelopt-compare
+
+## modelopt-compare  the same without creating the virtualenv (one line and exit 2 when it is missing)
+modelopt-compare:
+	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make modelopt CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
+	$(PYTHON) -m calibration.compare_modelopt $(STAGE_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
+		--modelopt-python $(MODELOPT_VENV)/bin/python $(ARGS)
+
 # ----- engines (engines/) -----
 BATCHES     ?=
 LOG         ?=
