@@ -28,6 +28,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -167,8 +168,54 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         return _run(args, argv, out)
 
 
+@dataclass(frozen=True)
+class CalibPlan:
+    """What a run reads and where it writes, settled (and bad input refused) before anything is computed."""
+
+    out: Path
+    stem: str  # <model>.calib or <model>.calib-cpu: the report's file stem under out
+    threads: int
+    methods: list[str]  # the first one writes <model>.int8[-cpu].onnx
+    calib_root: Path
+    samples: list[Any]  # the selected calibration images
+    val_root: Path | None
+    fp32_path: Path
+    meta: dict[str, str]  # the fp32 graph's metadata
+    fp16_model: onnx.ModelProto | None  # the TensorRT target's starting graph; None for the CPU target
+    config: DataConfig  # preprocessing, as the export recorded it
+    fp32_sha: str
+
+
+@dataclass(frozen=True)
+class CalibGraphs:
+    """The graphs a run wrote: one int8 graph per method and, with --sensitivity, one per group."""
+
+    cached: Any  # the calibration tensor (calibration.data.load_or_preprocess)
+    placement: Placement
+    int8: dict[str, dict[str, Any]]  # method -> build_int8's record
+    groups: dict[str, list[Any]]  # sensitivity group -> its nodes
+    sens_graphs: dict[str, Path]  # sensitivity group -> its graph
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
+    plan = plan_calibration(args, out)
+    graphs = build_graphs(args, plan)
+    report = calib_report(args, argv, plan, graphs)
+    if not args.no_eval:
+        report.update(evaluate_accuracy(args, plan, graphs))
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    write_outputs(args, plan, report)
+    return report
+
+
+def plan_calibration(args: argparse.Namespace, out: Path) -> CalibPlan:
+    """Check every input (methods, the calibration and validation folders, the exported graphs) before any
+    image is decoded or graph written.
+
+    Raises:
+        CalibrationError, DataError, GraphError: bad flags, folders or graphs (one line each, exit 2).
+    """
     threads = apply_threads(args.threads)
     methods = _methods(args.method)
     calib_root = Path(args.calib_data)
@@ -194,39 +241,43 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
         expect_graph(fp16_path, model=args.model, precision="fp16", checkpoint_sha=recorded_checkpoint(meta),
                      against=f"the fp32 graph {fp32_path}", checkpoint=args.checkpoint, out=out)
     fp16_model = _fp16_export(args, out, meta)
-    config = DataConfig.from_metadata(meta)  # preprocessing is recorded, never guessed
-    fp32_sha = file_sha256(fp32_path)
+    return CalibPlan(
+        out=out, stem=f"{args.model}.calib" + ("-cpu" if args.target == "cpu" else ""), threads=threads,
+        methods=methods, calib_root=calib_root, samples=samples, val_root=val_root, fp32_path=fp32_path, meta=meta,
+        fp16_model=fp16_model, config=DataConfig.from_metadata(meta),  # preprocessing is recorded, never guessed
+        fp32_sha=file_sha256(fp32_path))
 
+
+def build_graphs(args: argparse.Namespace, plan: CalibPlan) -> CalibGraphs:
+    """Preprocess (or load the cached) calibration images, place the Q/DQ nodes, and write one int8 graph per
+    method and, with --sensitivity, one graph per group (the first method's ranges)."""
     # 1. calibration images (cached)
-    cached = load_or_preprocess(samples, config, out / "calib-cache", prefix=f"calib-{args.model}",
+    cached = load_or_preprocess(plan.samples, plan.config, plan.out / "calib-cache", prefix=f"calib-{args.model}",
                                 batch_size=args.batch_size, num_workers=args.workers,
                                 progress=not args.no_progress)
-    data_key = cached.cache_path.stem.rsplit("-", 1)[-1]
-    print(f"calibration set: {len(cached.paths)} images from {calib_root} "
+    print(f"calibration set: {len(cached.paths)} images from {plan.calib_root} "
           f"({'cache hit' if cached.from_cache else 'decoded and cached'}: {cached.cache_path})", flush=True)
 
     # 2. placement
-    fp32_model = ensure_opset(onnx.load(str(fp32_path)))
+    fp32_model = ensure_opset(onnx.load(str(plan.fp32_path)))
     placement = Placement.from_model(fp32_model, args.policy, args.exclude_t2t)
-    report_json = out / (f"{args.model}.calib" + ("-cpu" if args.target == "cpu" else "") + ".json")
     print(placement.describe("fp32" if args.target == "cpu" else "fp16", nodes=False)
-          + f"\n  every node: 'placement' in {report_json}", flush=True)
-    nodes = placement.node_names
-    input_name = fp32_model.graph.input[0].name
-    reader = TensorDataReader(cached.images.numpy(), input_name=input_name)
+          + f"\n  every node: 'placement' in {plan.out / (plan.stem + '.json')}", flush=True)
+    reader = TensorDataReader(cached.images.numpy(), input_name=fp32_model.graph.input[0].name)
 
     # 3. one int8 graph per method
+    data_key = cached.cache_path.stem.rsplit("-", 1)[-1]
     int8: dict[str, dict[str, Any]] = {}
-    for i, method in enumerate(methods):
+    for i, method in enumerate(plan.methods):
         base = TARGET_PRECISION[args.target]
-        path = onnx_path(out, args.model, base if i == 0 else f"{base}-{method}")
-        cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
+        path = onnx_path(plan.out, args.model, base if i == 0 else f"{base}-{method}")
+        cache = _range_cache(plan.out, args.model, method, plan.fp32_sha, data_key, args.percentile)
         info = {"calib_policy": args.policy, "calib_exclude_t2t": str(args.exclude_t2t).lower(),
                 "calib_size": str(len(cached.paths)), "calib_data_key": data_key}
-        print(f"[{method}] calibrating and quantizing {len(nodes)} nodes -> {path}", flush=True)
+        print(f"[{method}] calibrating and quantizing {len(placement.node_names)} nodes -> {path}", flush=True)
         with once_per_line("onnxruntime"):  # its histogram line, once per stride
             int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target,
-                                      fp16_model=fp16_model, cache=cache, percentile=args.percentile, meta=info)
+                                      fp16_model=plan.fp16_model, cache=cache, percentile=args.percentile, meta=info)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)
@@ -234,89 +285,108 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, out: Path) -> dic
     groups = {}
     if args.sensitivity:
         groups = group_nodes(placement.quantized, args.sensitivity)
-        method = methods[0]
-        cache = _range_cache(out, args.model, method, fp32_sha, data_key, args.percentile)
+        method = plan.methods[0]
+        cache = _range_cache(plan.out, args.model, method, plan.fp32_sha, data_key, args.percentile)
         for g, cands in groups.items():
-            path = out / "sensitivity" / f"{args.model}.{TARGET_PRECISION[args.target]}-{method}-only-{g}.onnx"
+            path = plan.out / "sensitivity" / f"{args.model}.{TARGET_PRECISION[args.target]}-{method}-only-{g}.onnx"
             build_int8(fp32_model, [c.name for c in cands], method, reader, path, target=args.target,
-                       fp16_model=fp16_model, cache=cache, percentile=args.percentile, meta={"sensitivity_group": g})
+                       fp16_model=plan.fp16_model, cache=cache, percentile=args.percentile,
+                       meta={"sensitivity_group": g})
             sens_graphs[g] = path
+    return CalibGraphs(cached=cached, placement=placement, int8=int8, groups=groups, sens_graphs=sens_graphs)
 
+
+def calib_report(args: argparse.Namespace, argv: Sequence[str] | None, plan: CalibPlan,
+                 graphs: CalibGraphs) -> dict[str, Any]:
+    """The report's inputs, placement and int8 graphs (the accuracy comes from :func:`evaluate_accuracy`)."""
+    cached, int8 = graphs.cached, graphs.int8
     report: dict[str, Any] = {
         **report_header("calibration.calib", argv),
         "model": args.model,
         "target": args.target,
-        "threads": threads,
-        "fp32_onnx": str(fp32_path),
-        "fp32_sha256": fp32_sha,
-        "metadata": {k: meta.get(k) for k in ("model", "num_classes", "checkpoint_sha256", "img_size")},
-        "calibration": {"data": str(calib_root), "size": len(cached.paths), "seed": args.seed,
+        "threads": plan.threads,
+        "fp32_onnx": str(plan.fp32_path),
+        "fp32_sha256": plan.fp32_sha,
+        "metadata": {k: plan.meta.get(k) for k in ("model", "num_classes", "checkpoint_sha256", "img_size")},
+        "calibration": {"data": str(plan.calib_root), "size": len(cached.paths), "seed": args.seed,
                         "cache": str(cached.cache_path), "cache_hit": cached.from_cache,
-                        "methods": methods, "percentile": args.percentile},
-        "placement": placement.as_dict(),
+                        "methods": plan.methods, "percentile": args.percentile},
+        "placement": graphs.placement.as_dict(),
         "int8": int8,
         "max_drop": args.max_drop,
     }
-    first = int8[methods[0]]["fp32_island"]
+    first = int8[plan.methods[0]]["fp32_island"]
     report["fp32_island"] = {"pattern": first["pattern"], "nodes": len(first["nodes"]),
                              "reason": FP32_ISLAND_REASON if first["nodes"] else "",
-                             "layernorm_precision": int8[methods[0]]["layernorm_precision"],
+                             "layernorm_precision": int8[plan.methods[0]]["layernorm_precision"],
                              "note": "the same island in every int8 graph of this report; the node and tensor "
                                      "lists are under int8.<method>.fp32_island"}
+    return report
 
-    # 5. accuracy on ONNX Runtime CPU
-    if not args.no_eval:
-        graphs: dict[str, Path] = {"fp32": fp32_path}
-        fp16_path = onnx_path(out, args.model, "fp16")
-        if fp16_path.is_file():  # checked at the start
-            graphs["fp16"] = fp16_path
-        else:
-            print(f"note: {fp16_path} not found; the fp16 column is skipped", flush=True)
-        for m, r in int8.items():
-            graphs[f"int8-{m}"] = Path(r["path"])
-        for g, p in sens_graphs.items():
-            graphs[f"only:{g}"] = p
-        val_samples = select_samples(val_root, args.val_size, args.seed,
-                                     class_to_idx=folder_label_space(meta, val_root), strict=False,
-                                     what="--val-size")
-        batcher = ImageBatcher(val_samples, config, batch_size=args.batch_size, num_workers=args.workers)
-        logits, labels = evaluate_graphs({k: str(v) for k, v in graphs.items()}, batcher, threads=threads,
-                                         total=len(batcher), progress=not args.no_progress)
-        ref = logits["fp32"]
-        acc = {k: accuracy(v, labels) if k == "fp32" else compare_logits(ref, v, labels) for k, v in logits.items()}
-        for k, v in acc.items():
-            if k != "fp32":
-                v["top1_drop"] = acc["fp32"]["top1"] - v["top1"]
-        report["validation"] = {"data": str(val_root), "images": int(len(labels)), "skipped": len(batcher.skipped)}
-        report["accuracy"] = {k: v for k, v in acc.items() if not k.startswith("only:")}
-        if sens_graphs:
-            report["sensitivity"] = {
-                "grouping": args.sensitivity, "method": methods[0],
-                "groups": {g: {"nodes": len(groups[g]), "top1": acc[f"only:{g}"]["top1"],
-                               "top1_drop": acc[f"only:{g}"]["top1_drop"],
-                               "top1_agreement": acc[f"only:{g}"]["top1_agreement"]} for g in sens_graphs},
-            }
-        primary = f"int8-{methods[0]}"
-        report["primary"] = {"graph": str(onnx_path(out, args.model, TARGET_PRECISION[args.target])),
-                             "target": args.target, "method": methods[0],
-                             "top1_drop": acc[primary]["top1_drop"], "passed": acc[primary]["top1_drop"] <= args.max_drop}
-    report["seconds"] = round(time.perf_counter() - t_start, 1)
+
+def evaluate_accuracy(args: argparse.Namespace, plan: CalibPlan, graphs: CalibGraphs) -> dict[str, Any]:
+    """Top-1/top-5 of fp32, fp16, every int8 and every sensitivity graph on ONNX Runtime CPU over the labeled
+    validation images (decoded once): the report's ``validation``, ``accuracy``, ``sensitivity`` and
+    ``primary`` entries."""
+    onnx_graphs: dict[str, Path] = {"fp32": plan.fp32_path}
+    fp16_path = onnx_path(plan.out, args.model, "fp16")
+    if fp16_path.is_file():  # checked at the start
+        onnx_graphs["fp16"] = fp16_path
+    else:
+        print(f"note: {fp16_path} not found; the fp16 column is skipped", flush=True)
+    for m, r in graphs.int8.items():
+        onnx_graphs[f"int8-{m}"] = Path(r["path"])
+    for g, p in graphs.sens_graphs.items():
+        onnx_graphs[f"only:{g}"] = p
+    val_samples = select_samples(plan.val_root, args.val_size, args.seed,
+                                 class_to_idx=folder_label_space(plan.meta, plan.val_root), strict=False,
+                                 what="--val-size")
+    batcher = ImageBatcher(val_samples, plan.config, batch_size=args.batch_size, num_workers=args.workers)
+    logits, labels = evaluate_graphs({k: str(v) for k, v in onnx_graphs.items()}, batcher, threads=plan.threads,
+                                     total=len(batcher), progress=not args.no_progress)
+    ref = logits["fp32"]
+    acc = {k: accuracy(v, labels) if k == "fp32" else compare_logits(ref, v, labels) for k, v in logits.items()}
+    for k, v in acc.items():
+        if k != "fp32":
+            v["top1_drop"] = acc["fp32"]["top1"] - v["top1"]
+    report: dict[str, Any] = {
+        "validation": {"data": str(plan.val_root), "images": int(len(labels)), "skipped": len(batcher.skipped)},
+        "accuracy": {k: v for k, v in acc.items() if not k.startswith("only:")},
+    }
+    if graphs.sens_graphs:
+        report["sensitivity"] = {
+            "grouping": args.sensitivity, "method": plan.methods[0],
+            "groups": {g: {"nodes": len(graphs.groups[g]), "top1": acc[f"only:{g}"]["top1"],
+                           "top1_drop": acc[f"only:{g}"]["top1_drop"],
+                           "top1_agreement": acc[f"only:{g}"]["top1_agreement"]} for g in graphs.sens_graphs},
+        }
+    primary = f"int8-{plan.methods[0]}"
+    report["primary"] = {"graph": str(onnx_path(plan.out, args.model, TARGET_PRECISION[args.target])),
+                         "target": args.target, "method": plan.methods[0],
+                         "top1_drop": acc[primary]["top1_drop"], "passed": acc[primary]["top1_drop"] <= args.max_drop}
+    return report
+
+
+def write_outputs(args: argparse.Namespace, plan: CalibPlan, report: dict[str, Any]) -> None:
+    """Write the report (``<out>/<stem>.{json,md}`` and --report's copy), print it, and fail on --max-drop.
+
+    Raises:
+        AccuracyDropError: the primary int8 graph lost more top-1 than --max-drop (exit 1; everything written).
+    """
     md = render_markdown(report)
-    stem = f"{args.model}.calib" + ("-cpu" if args.target == "cpu" else "")
-    targets = [out / stem]
+    targets = [plan.out / plan.stem]
     if args.report:
         rp = Path(args.report)
-        targets.append(rp / stem if args.report.endswith("/") or rp.is_dir() else rp)
+        targets.append(rp / plan.stem if args.report.endswith("/") or rp.is_dir() else rp)
     for stem in targets:
         write_report(stem, report, md)
     print(md, flush=True)
     if "primary" in report and not report["primary"]["passed"]:
         raise AccuracyDropError(
-            f"int8 top-1 dropped {report['primary']['top1_drop']:.2f} points ({methods[0]} calibration), more than "
-            f"--max-drop {args.max_drop}; try another --method (percentile, max), --exclude-t2t, a narrower "
+            f"int8 top-1 dropped {report['primary']['top1_drop']:.2f} points ({plan.methods[0]} calibration), more "
+            f"than --max-drop {args.max_drop}; try another --method (percentile, max), --exclude-t2t, a narrower "
             f"--policy, or --sensitivity stage to find the layers to keep in fp16. Report: {targets[0]}.md"
         )
-    return report
 
 
 def render_markdown(r: dict[str, Any]) -> str:
