@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A t2t_vit_test training-style checkpoint at 64 px (with optimizer state) and a val folder."""
     root = tmp_path_factory.mktemp("gpu")
-    val = noise_images(root / "val", per_class=5, size=70, suffix=".JPEG")
+    val = noise_images(root / "val", per_class=5, size=70, name="{i}.JPEG")
     torch.manual_seed(0)
     model = timm.create_model("t2t_vit_test", num_classes=1000, img_size=64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
