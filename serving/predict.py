@@ -27,7 +27,7 @@ import torch
 
 from engines.trt_runtime import TensorRTRunner
 from t2t_vit.checkpoint import build_model
-from t2t_vit.cli import add_run_args, apply_threads, comma_list, run_command
+from t2t_vit.cli import add_run_args, apply_threads, comma_list, parse_and_run
 from t2t_vit.data import IMG_EXTENSIONS, DataConfig, load_image
 from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_write_json
@@ -236,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run_command(lambda: run(args), TOOL)
+    return parse_and_run(get_args_parser, run, TOOL, argv)
 
 
 if __name__ == "__main__":

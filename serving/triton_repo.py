@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from engines.sidecar import read_sidecar
 from t2t_vit.artifacts import ENGINE_PRECISIONS, GRAPH_PRECISIONS, default_out, engine_path, onnx_path
-from t2t_vit.cli import run_command
+from t2t_vit.cli import parse_and_run
 from t2t_vit.data import DataConfig
 from t2t_vit.errors import T2TError
 from t2t_vit.files import file_sha256
@@ -342,8 +342,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run_command(lambda: run(args), TOOL)
+    return parse_and_run(get_args_parser, run, TOOL, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -86,19 +86,27 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             opt.step()
         return loss.item()  # .item() synchronises the GPU, so the wall clock is honest
 
-    for _ in range(case["warmup"]):
+    return {**case, **time_steps(step, device, b, case["warmup"], case["steps"]),
+            "precision_resolved": str(amp_dtype or "fp32")}
+
+
+def time_steps(step: Callable[[], float], device: torch.device, batch_size: int, warmup: int,
+               steps: int) -> dict[str, Any]:
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (one training step returning its loss
+    as a float, which synchronises the device); img/s and step times from the median, peak memory."""
+    for _ in range(warmup):
         step()
     times = []
     with PeakMemory(device) as mem:
-        for _ in range(case["steps"]):
+        for _ in range(steps):
             t0 = time.perf_counter()
             loss = step()
             times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    return {**case, "img_per_s": round(b / median, 2), "step_ms_median": round(1000 * median, 1),
+    return {"img_per_s": round(batch_size / median, 2), "step_ms_median": round(1000 * median, 1),
             "step_ms_min": round(1000 * times[0], 1), "peak_mem_mib": round(mem.peak_mib, 1),
-            "peak_mem_kind": mem.kind, "final_loss": round(loss, 4), "precision_resolved": str(amp_dtype or "fp32")}
+            "peak_mem_kind": mem.kind, "final_loss": round(loss, 4)}
 
 
 def render_markdown(report: dict[str, Any], tag: str) -> list[str]:

@@ -46,8 +46,7 @@ from t2t_vit.files import OutputLock, atomic_torch_save, ensure_dir, file_sha256
 from t2t_vit.labels import label_space, model_class_names
 from t2t_vit.model import ARCHS
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
-from t2t_vit.timing import PeakMemory
-from studies.bench_train import run_case
+from studies.bench_train import run_case, time_steps
 
 from . import authors as authors_module
 from .authors import authors_forward
@@ -187,7 +186,7 @@ class AuthorsTrainable(nn.Module):
 
 
 def _time_authors(case: dict[str, Any]) -> dict[str, Any]:
-    """``studies.bench_train.run_case``'s timing loop for :class:`AuthorsTrainable` (bf16 autocast, AdamW)."""
+    """Training steps of :class:`AuthorsTrainable` (bf16 autocast, AdamW), timed by ``bench_train.time_steps``."""
     device = torch.device(case["device"])
     torch.manual_seed(0)
     model = AuthorsTrainable(timm.create_model(case["model"], num_classes=1000, img_size=case["img_size"]))
@@ -205,18 +204,7 @@ def _time_authors(case: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         return loss.item()
 
-    for _ in range(case["warmup"]):
-        step()
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(case["steps"]):
-            t0 = time.perf_counter()
-            loss = step()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
-    return {**case, "img_per_s": round(b / median, 2), "step_ms_median": round(1000 * median, 1),
-            "peak_mem_mib": round(mem.peak_mib, 1), "peak_mem_kind": mem.kind, "final_loss": round(loss, 4),
+    return {**case, **time_steps(step, device, b, case["warmup"], case["steps"]),
             "precision_resolved": "torch.bfloat16"}
 
 

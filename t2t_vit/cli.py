@@ -330,3 +330,10 @@ def run_command(fn: Callable[[], int | None], tool: str = "", out_hint: str = OU
             return EXIT_ERROR
         raise
     return int(rc or 0)
+
+
+def parse_and_run(get_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int | None],
+                  tool: str, argv: list[str] | None = None) -> int:
+    """A command's ``main``: parse ``argv`` with ``get_parser()``, then ``run(args)`` under :func:`run_command`."""
+    args = get_parser().parse_args(argv)
+    return run_command(lambda: run(args), tool)

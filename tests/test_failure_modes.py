@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from tests.image_helpers import noise_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,15 +42,6 @@ def _wait(cond, timeout: float, step: float = 0.2) -> bool:
             return True
         time.sleep(step)
     return cond()
-
-
-def _images(root: Path, classes=("n01440764", "n02102040"), per_class: int = 4, size: int = 48) -> Path:
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and Linux signals")
@@ -102,8 +93,8 @@ def test_sigkill_of_a_benchmark_parent_stops_its_case(tmp_path):
 @pytest.mark.timeout(180)
 def test_torchrun_workers_stop_with_the_launcher(tmp_path):
     data = tmp_path / "data"
-    _images(data / "train", per_class=8)
-    _images(data / "val", per_class=2)
+    noise_images(data / "train", per_class=8)
+    noise_images(data / "val", per_class=2)
     run = tmp_path / "ddp-stop"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -167,8 +158,8 @@ def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path):
     if not _tmpfs(disk, "512k"):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     data = tmp_path / "data"
-    _images(data / "train", per_class=8)
-    _images(data / "val", per_class=2)
+    noise_images(data / "train", per_class=8)
+    noise_images(data / "val", per_class=2)
     try:
         proc = subprocess.run([sys.executable, "-m", "train.train", "--model", "t2t_vit_test", "--img-size", "32",
                                "--data", str(data), "--out", str(disk / "run"), "--epochs", "1", "--batch-size", "4",
@@ -213,7 +204,7 @@ def test_calibration_names_calib_data_and_calib_size(tmp_path, capsys):
     assert main(base + ["--calib-data", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "CALIB_DATA (--calib-data)" in err and "class sub-folders" in err
-    data = _images(tmp_path / "train")
+    data = noise_images(tmp_path / "train", per_class=4)
     assert main(base + ["--calib-data", str(data), "--calib-size", "0"]) == 2
     assert "CALIB_SIZE (--calib-size) must be a positive number" in capsys.readouterr().err
 
@@ -227,7 +218,7 @@ def test_make_turns_exit_1_into_2_and_the_direct_command_keeps_it(tmp_path):
     from export.to_onnx import export_model
     from t2t_vit.checkpoint import build_model
 
-    out, data = tmp_path / "o", _images(tmp_path / "val")
+    out, data = tmp_path / "o", noise_images(tmp_path / "val", per_class=4)
     torch.manual_seed(0)
     export_model(build_model("t2t_vit_test"), out)
     args = ["--backends", "onnxruntime-cpu-fp32", "--min-agreement", "fp32=101", "--workers", "0", "--no-progress"]
@@ -274,7 +265,7 @@ def test_temporary_files_of_a_killed_writer_are_removed(tmp_path):
 def test_failed_training_leaves_no_run_folder_and_prints_once(tmp_path, capsys):
     from train import train as train_mod
 
-    data = _images(tmp_path / "data" / "train")
+    data = noise_images(tmp_path / "data" / "train", per_class=4)
     rc = train_mod.main(["--model", "t2t_vit_test", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                          "--epochs", "1", "--workers", "0", "--threads", "1"])
     err = capsys.readouterr().err

@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 from studies import gpu_check as G
 from t2t_vit.checkpoint import build_model, read_checkpoint
+from tests.image_helpers import noise_images
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -25,12 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A t2t_vit_test training-style checkpoint at 64 px (with optimizer state) and a val folder."""
     root = tmp_path_factory.mktemp("gpu")
-    rng = np.random.default_rng(0)
-    val = root / "val"
-    for c in ("n01440764", "n02102040"):
-        (val / c).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(val / c / f"{i}.JPEG")
+    val = noise_images(root / "val", per_class=5, size=70, name="{i}.JPEG")
     torch.manual_seed(0)
     model = timm.create_model("t2t_vit_test", num_classes=1000, img_size=64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])

@@ -15,28 +15,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 
 from t2t_vit.graphs import GraphError, expect_graph, graph_mismatch, read_metadata
+from tests.image_helpers import noise_images
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "t2t_vit_test"
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _images(root: Path, classes=("n01440764", "n02102040"), per_class: int = 3, size: int = 48) -> Path:
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    return _images(tmp_path_factory.mktemp("images") / "val")
+    return noise_images(tmp_path_factory.mktemp("images") / "val")
 
 
 def _folder(exported: Path, dst: Path, **slots: str) -> Path:
@@ -239,7 +229,7 @@ def test_bench_baselines_refuses_damaged_and_wrong_graphs(exported, tmp_path):
 # calib: never exports (the export report stays the export's), refuses a wrong fp32 graph
 # ------------------------------------------------------------------------------------------------
 def test_calib_refuses_missing_or_wrong_graphs_and_keeps_the_export_report(exported, tmp_path):
-    train = _images(tmp_path / "data" / "train")
+    train = noise_images(tmp_path / "data" / "train")
     out = _folder(exported, tmp_path / "o", fp16="fp16")
     report = out / f"{MODEL}.export.json"
     report.write_text('{"validation": "a validated export"}\n')

@@ -15,9 +15,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.image_helpers import noise_images
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -40,12 +40,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def _folder(root: Path, per_class: int, size: int = 72) -> Path:
-    rng = np.random.default_rng(0)
-    for c in WNIDS:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{c}_{i}.jpg")
-    return root
+    return noise_images(root, WNIDS, per_class, size, name="{c}_{i}.jpg")
 
 
 # ----- make: help and missing variables ---------------------------------------------------------------

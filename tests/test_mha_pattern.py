@@ -20,6 +20,7 @@ from calibration.compare_modelopt import (CompareError, build_report, check_mode
                                           render_markdown)
 from calibration.mha_pattern import FP8, mha_patterns, summarize_patterns
 from t2t_vit.files import file_sha256
+from tests.image_helpers import noise_images
 
 REPO = Path(__file__).resolve().parents[1]
 B, H, S, D = 1, 2, 5, 8  # batch, heads, tokens, head size
@@ -205,24 +206,13 @@ def test_make_modelopt_compare_without_the_venv_says_why_in_one_line(tmp_path):
     assert not out.exists() and not (tmp_path / "rep.json").exists()
 
 
-def _image_tree(root: Path, classes=("n01440764", "n02102040"), per_class: int = 3) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
 @pytest.mark.slow
 def test_a_modelopt_failure_is_recorded_in_the_report(tmp_path):
     """ModelOpt 'installed' where it cannot import (this project's interpreter has no modelopt): every graph
     of ours is still evaluated, the report records the runner's exact error, the command exits 2 in one line,
     and the fp32 graph is left as it was."""
     data = tmp_path / "data"
-    _image_tree(data / "train"), _image_tree(data / "val")
+    noise_images(data / "train", size=40), noise_images(data / "val", size=40)
     out, rep = tmp_path / "out", tmp_path / "rep" / "modelopt-t2t_vit_test"
     cmd = [sys.executable, "-m", "calibration.compare_modelopt", "--model", "t2t_vit_test", "--out", str(out),
            "--calib-data", str(data / "train"), "--calib-size", "4", "--modes", "fp8", "--threads", "1",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from evaluation import precision as PR
 from t2t_vit.checkpoint import build_model
+from tests.image_helpers import noise_images
 
 
 def _tf32_reference(x: np.ndarray) -> np.ndarray:
@@ -117,12 +117,7 @@ def test_stats_hooks_against_direct_computation():
 
 @pytest.mark.slow
 def test_command_writes_three_reports(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "val"
-    for c in ("n01440764", "n02102040"):
-        (data / c).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    data = noise_images(tmp_path / "val", size=72)
     rc = PR.main(["--model", "t2t_vit_test", "--data", str(data), "--out", str(tmp_path / "r"), "--threads", "1",
                   "--workers", "0", "--no-progress"])
     assert rc == 0

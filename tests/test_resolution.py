@@ -20,7 +20,7 @@ from train import report as report_mod
 from train import train as train_mod
 from train.config import parse_config, resolve_ema_decay
 
-from .test_train import _make_split
+from .test_train import _make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,10 +29,7 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    _make_split(root / "train", 8, 0)
-    _make_split(root / "val", 4, 1)
-    return root
+    return _make_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _args(data: Path, out: Path, size: int, *extra: str) -> list[str]:

@@ -47,12 +47,16 @@ def _make_split(root: Path, per_class: int, seed: int, classes=WNIDS) -> None:
             Image.fromarray(arr).save(d / f"img_{i:03d}.jpg", quality=90)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
+def _make_dataset(root: Path) -> Path:
+    """``root/train`` (8 images a class, seed 0) and ``root/val`` (4 a class, seed 1); returns ``root``."""
     _make_split(root / "train", 8, 0)
     _make_split(root / "val", 4, 1)
     return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return _make_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
