@@ -214,6 +214,9 @@ def test_a_modelopt_failure_is_recorded_in_the_report(tmp_path):
     data = tmp_path / "data"
     noise_images(data / "train", size=40), noise_images(data / "val", size=40)
     out, rep = tmp_path / "out", tmp_path / "rep" / "modelopt-t2t_vit_test"
+    ex = subprocess.run([sys.executable, "-m", "export.to_onnx", "--model", "t2t_vit_test", "--out", str(out),
+                         "--val-images", "0"], cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert ex.returncode == 0, ex.stderr  # the comparison quantizes what make onnx wrote
     cmd = [sys.executable, "-m", "calibration.compare_modelopt", "--model", "t2t_vit_test", "--out", str(out),
            "--calib-data", str(data / "train"), "--calib-size", "4", "--modes", "fp8", "--threads", "1",
            "--workers", "0", "--no-progress", "--modelopt-python", sys.executable, "--report", str(rep)]

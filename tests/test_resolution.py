@@ -149,7 +149,7 @@ def test_make_target_finetunes_then_resumes(tmp_path):
 
 
 def test_make_target_without_the_80px_checkpoint_says_how_to_fix(tmp_path):
-    res = subprocess.run(["make", "train-imagenette-224", f"REF224_RUN={tmp_path}/none", "FINETUNE=/nonexistent.pth"],
+    res = subprocess.run(["make", "--no-print-directory", "train-imagenette-224", f"REF224_RUN={tmp_path}/none", "FINETUNE=/nonexistent.pth"],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stdout.strip() == ("train-imagenette-224: error: FINETUNE=/nonexistent.pth does not exist; run make "
