@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -33,7 +34,7 @@ from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 from .trt_runtime import TensorRTRunner
 
-__all__ = ["Skip", "resolve_backend", "availability", "BackendStatus", "backend_statuses", "get_args_parser",
+__all__ = ["Skip", "resolve_backend", "artifact_runner", "availability", "BackendStatus", "backend_statuses", "get_args_parser",
            "main"]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -61,6 +62,15 @@ def _missing_hint(spec: BackendSpec, model: str) -> str:
     if spec.runtime == "tensorrt":
         return f"build it with `make engine PRECISION={spec.precision}`"
     return f"create it with {make_hint(spec.precision, model)} and the same OUT"
+
+
+def artifact_runner(path: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None) -> Runner:
+    """The runner of one artifact file, as every tool builds it: an ``.engine`` on TensorRT (its sidecar
+    checked when activated), any other file as an ONNX graph on ONNX Runtime's ``provider``."""
+    path = Path(path)
+    if path.suffix == ".engine":
+        return TensorRTRunner(path)
+    return OnnxRuntimeRunner(path, provider=provider, threads=threads)
 
 
 def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model_name: str, *,
@@ -91,10 +101,8 @@ def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model
         return Skip(spec, why, str(path) if path else None)
     if path is not None and not path.is_file():
         return Skip(spec, f"{path} not found ({_missing_hint(spec, model_name)})", str(path))
-    if spec.runtime == "onnxruntime":
-        return OnnxRuntimeRunner(path, provider=spec.device, threads=threads)
-    if spec.runtime == "tensorrt":
-        return TensorRTRunner(path)
+    if spec.runtime in ("onnxruntime", "tensorrt"):
+        return artifact_runner(path, provider=spec.device, threads=threads)
     if model is None:
         model = build_model(model_name, checkpoint).eval()
     elif callable(model) and not isinstance(model, torch.nn.Module):

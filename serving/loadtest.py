@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from engines.backends import artifact_runner
 from serving.process import ServerProcess
 from t2t_vit.artifacts import default_out, onnx_path
 from t2t_vit.cli import comma_list, resolve_threads, run_command
@@ -72,7 +73,7 @@ class LevelResult:
 
 def direct_baseline(artifact: Path, threads: int, batches: Sequence[int], min_time_s: float) -> dict[str, Any]:
     """Images/s of the runner itself at each batch size (the numbers the server is judged against)."""
-    runner = OnnxRuntimeRunner(artifact, threads=threads)
+    runner = artifact_runner(artifact, threads=threads)
     size = runner.data_config.img_size
     rows = {}
     with runner:

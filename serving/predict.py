@@ -25,14 +25,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from engines.trt_runtime import TensorRTRunner
+from engines.backends import artifact_runner
 from t2t_vit.checkpoint import build_model
 from t2t_vit.cli import add_run_args, apply_threads, comma_list, parse_and_run
 from t2t_vit.data import IMG_EXTENSIONS, DataConfig, load_image
 from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_write_json
 from t2t_vit.labels import metadata_class_names, model_class_names
-from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from t2t_vit.runners import Runner, TorchRunner
 
 __all__ = ["PredictError", "Classifier", "load_classifier", "expand_images", "class_label", "topk",
            "predict", "get_args_parser", "main"]
@@ -79,12 +79,12 @@ def load_classifier(artifact: str | os.PathLike, model: str | None = None, *, th
         raise PredictError(f"artifact not found: {path} (ARTIFACT= / --artifact: an .onnx from `make onnx`, an "
                            f".engine from `make engine`, or a checkpoint)")
     if path.suffix == ".onnx":
-        runner = OnnxRuntimeRunner(path, threads=threads)
+        runner = artifact_runner(path, threads=threads)
         meta = runner.metadata
         name = _check_model(meta.get("model"), model, path)
         return Classifier(runner, runner.data_config, metadata_class_names(meta), name, str(path), "onnx")
     if path.suffix == ".engine":
-        trt_runner = TensorRTRunner(path)
+        trt_runner = artifact_runner(path)
         meta = dict(trt_runner.sidecar.get("onnx_metadata") or {})
         name = _check_model(str(trt_runner.sidecar.get("model") or "") or None, model, path)
         return Classifier(trt_runner, trt_runner.data_config, metadata_class_names(meta), name, str(path), "engine")
