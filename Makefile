@@ -127,11 +127,11 @@ onnx:
 MAX_DROP    ?= 1.0
 TARGET      ?= tensorrt
 
-## calib        int8 Q/DQ graph + ORT CPU accuracy report: make calib MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] [CALIB_METHOD=entropy|percentile|max|all] [MAX_DROP=1.0] [TARGET=tensorrt|cpu] [ARGS="--sensitivity stage"] -> <OUT>/<MODEL>.int8.onnx (TARGET=cpu: .int8-cpu.onnx)
+## calib        int8 Q/DQ graph + ORT CPU accuracy report: make calib MODEL=.. CHECKPOINT=.. CALIB_DATA=../shared/data/imagenette2/train [CALIB_SIZE=1024] [CALIB_METHOD=entropy|percentile|max|all] [MAX_DROP=1.0] [TARGET=tensorrt|cpu] [PRECISION=fp8] [ARGS="--sensitivity stage"] -> <OUT>/<MODEL>.int8.onnx (TARGET=cpu: .int8-cpu.onnx; PRECISION=fp8: .fp8.onnx, float8e4m3fn Q/DQ)
 calib:
 	@test -n "$(CALIB_DATA)" || { echo "error: set CALIB_DATA=/path/to/train (an ImageFolder tree), e.g. make calib CALIB_DATA=../shared/data/imagenette2/train"; exit 2; }
 	$(PYTHON) -m calibration.calib $(STAGE_ARGS) $(RUN_ARGS) --calib-data $(CALIB_DATA) --calib-size $(CALIB_SIZE) \
-		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) $(ARGS)
+		--method $(CALIB_METHOD) --max-drop $(MAX_DROP) --target $(TARGET) --precision $(if $(filter fp8,$(PRECISION)),fp8,int8) $(ARGS)
 
 # ModelOpt side by side: its own virtualenv (its onnx extra pins older onnx/onnxruntime than ours), never in .venv.
 # The CPU torch wheel keeps pip from pulling a multi-GB CUDA torch (docs/fp8.md); not part of make install or CI.

@@ -1,4 +1,4 @@
-"""Calibrate and quantize an exported T2T-ViT to an int8 Q/DQ ONNX graph, and measure what it costs.
+"""Calibrate and quantize an exported T2T-ViT to an int8 (or fp8) Q/DQ ONNX graph, and measure what it costs.
 
 ``make calib MODEL=t2t_vit_7 CHECKPOINT=... CALIB_DATA=/data/imagenet/train`` ::
 
@@ -21,6 +21,11 @@
    (decoded once) and writes ``<out>/<model>.calib.{json,md}`` (cpu: ``.calib-cpu.{json,md}``);
 5. optionally (``--sensitivity stage|family``) quantizes one group at a time and reports its top-1 drop;
 6. exits 1 when the int8 top-1 drop exceeds ``--max-drop`` points.
+
+``--precision fp8`` (``make calib PRECISION=fp8``) does the same for ``<out>/<model>.fp8.onnx``: the TensorRT
+int8 graph's placement and ranges with float8e4m3fn Q/DQ (:mod:`calibration.fp8`), for SM 8.9+ GPUs, its report
+``<out>/<model>.calib-fp8.{json,md}`` with the FP8 attention pattern of every softmax attention
+(:mod:`calibration.mha_pattern`).
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from t2t_vit.reports import host_line, markdown_table, report_header, write_repo
 from .data import folder_label_space, load_or_preprocess, select_samples
 from .evaluate import evaluate_graphs
 from .policy import DEFAULT_POLICY, POLICIES, Placement, group_nodes
-from .quantize import FP32_ISLAND_REASON, METHODS, TARGET_PRECISION, TARGETS, TensorDataReader, build_int8, ensure_opset
+from .quantize import FP32_ISLAND_REASON, METHODS, QTYPES, TARGETS, TensorDataReader, build_qdq, ensure_opset, graph_precision
 
 _logger = logging.getLogger("calibration")
 
@@ -81,6 +86,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help=f"placement policy (default {DEFAULT_POLICY}; see calibration/policy.py)")
     g.add_argument("--exclude-t2t", action="store_true",
                    help="keep the whole T2T stage unquantized (fp16 for TensorRT, fp32 for the CPU target)")
+    g.add_argument("--precision", choices=QTYPES, default="int8",
+                   help="int8 (default), or fp8: <model>.fp8.onnx, the TensorRT int8 graph's placement with float8e4m3fn "
+                        "Q/DQ (scales amax/448) for SM 8.9+ GPUs (make calib PRECISION=fp8; TensorRT target only)")
     g.add_argument("--target", choices=TARGETS, default="tensorrt",
                    help="tensorrt (default): <model>.int8.onnx, fp16 outside the Q/DQ layers, for strongly typed "
                         "TensorRT; cpu: <model>.int8-cpu.onnx, the same Q/DQ over fp32, which ONNX Runtime's CPU "
@@ -173,7 +181,8 @@ class CalibPlan:
     """What a run reads and where it writes, settled (and bad input refused) before anything is computed."""
 
     out: Path
-    stem: str  # <model>.calib or <model>.calib-cpu: the report's file stem under out
+    stem: str  # <model>.calib, <model>.calib-cpu or <model>.calib-fp8: the report's file stem under out
+    precision: str  # the graphs' precision name: int8, int8-cpu or fp8
     threads: int
     methods: list[str]  # the first one writes <model>.int8[-cpu].onnx
     calib_root: Path
@@ -192,7 +201,7 @@ class CalibGraphs:
 
     cached: Any  # the calibration tensor (calibration.data.load_or_preprocess)
     placement: Placement
-    int8: dict[str, dict[str, Any]]  # method -> build_int8's record
+    int8: dict[str, dict[str, Any]]  # method -> build_qdq's record (int8 or fp8 graphs)
     groups: dict[str, list[Any]]  # sensitivity group -> its nodes
     sens_graphs: dict[str, Path]  # sensitivity group -> its graph
 
@@ -218,6 +227,7 @@ def plan_calibration(args: argparse.Namespace, out: Path) -> CalibPlan:
     """
     threads = apply_threads(args.threads)
     methods = _methods(args.method)
+    precision = graph_precision(args.target, args.precision)  # fp8 for the CPU target: refused here
     calib_root = Path(args.calib_data)
     # The calibration images first: a missing or empty CALIB_DATA is that, not a missing val folder.
     if not calib_root.is_dir():
@@ -242,7 +252,8 @@ def plan_calibration(args: argparse.Namespace, out: Path) -> CalibPlan:
                      against=f"the fp32 graph {fp32_path}", checkpoint=args.checkpoint, out=out)
     fp16_model = _fp16_export(args, out, meta)
     return CalibPlan(
-        out=out, stem=f"{args.model}.calib" + ("-cpu" if args.target == "cpu" else ""), threads=threads,
+        out=out, stem=f"{args.model}.calib" + {"int8": "", "int8-cpu": "-cpu", "fp8": "-fp8"}[precision],
+        precision=precision, threads=threads,
         methods=methods, calib_root=calib_root, samples=samples, val_root=val_root, fp32_path=fp32_path, meta=meta,
         fp16_model=fp16_model, config=DataConfig.from_metadata(meta),  # preprocessing is recorded, never guessed
         fp32_sha=file_sha256(fp32_path))
@@ -269,15 +280,16 @@ def build_graphs(args: argparse.Namespace, plan: CalibPlan) -> CalibGraphs:
     data_key = cached.cache_path.stem.rsplit("-", 1)[-1]
     int8: dict[str, dict[str, Any]] = {}
     for i, method in enumerate(plan.methods):
-        base = TARGET_PRECISION[args.target]
+        base = plan.precision
         path = onnx_path(plan.out, args.model, base if i == 0 else f"{base}-{method}")
         cache = _range_cache(plan.out, args.model, method, plan.fp32_sha, data_key, args.percentile)
         info = {"calib_policy": args.policy, "calib_exclude_t2t": str(args.exclude_t2t).lower(),
                 "calib_size": str(len(cached.paths)), "calib_data_key": data_key}
         print(f"[{method}] calibrating and quantizing {len(placement.node_names)} nodes -> {path}", flush=True)
         with once_per_line("onnxruntime"):  # its histogram line, once per stride
-            int8[method] = build_int8(fp32_model, placement, method, reader, path, target=args.target,
-                                      fp16_model=plan.fp16_model, cache=cache, percentile=args.percentile, meta=info)
+            int8[method] = build_qdq(fp32_model, placement, method, reader, path, target=args.target,
+                                     fp16_model=plan.fp16_model, cache=cache, percentile=args.percentile, meta=info,
+                                     qtype=args.precision)
         print(f"[{method}] Q/DQ pattern ok: {int8[method]['qdq_check']}", flush=True)
 
     # 4. sensitivity graphs (first method's ranges, one group quantized at a time)
@@ -288,10 +300,10 @@ def build_graphs(args: argparse.Namespace, plan: CalibPlan) -> CalibGraphs:
         method = plan.methods[0]
         cache = _range_cache(plan.out, args.model, method, plan.fp32_sha, data_key, args.percentile)
         for g, cands in groups.items():
-            path = plan.out / "sensitivity" / f"{args.model}.{TARGET_PRECISION[args.target]}-{method}-only-{g}.onnx"
-            build_int8(fp32_model, [c.name for c in cands], method, reader, path, target=args.target,
-                       fp16_model=plan.fp16_model, cache=cache, percentile=args.percentile,
-                       meta={"sensitivity_group": g})
+            path = plan.out / "sensitivity" / f"{args.model}.{plan.precision}-{method}-only-{g}.onnx"
+            build_qdq(fp32_model, [c.name for c in cands], method, reader, path, target=args.target,
+                      fp16_model=plan.fp16_model, cache=cache, percentile=args.percentile,
+                      meta={"sensitivity_group": g}, qtype=args.precision)
             sens_graphs[g] = path
     return CalibGraphs(cached=cached, placement=placement, int8=int8, groups=groups, sens_graphs=sens_graphs)
 
@@ -304,6 +316,8 @@ def calib_report(args: argparse.Namespace, argv: Sequence[str] | None, plan: Cal
         **report_header("calibration.calib", argv),
         "model": args.model,
         "target": args.target,
+        "qtype": args.precision,
+        "precision": plan.precision,
         "threads": plan.threads,
         "fp32_onnx": str(plan.fp32_path),
         "fp32_sha256": plan.fp32_sha,
@@ -312,15 +326,19 @@ def calib_report(args: argparse.Namespace, argv: Sequence[str] | None, plan: Cal
                         "cache": str(cached.cache_path), "cache_hit": cached.from_cache,
                         "methods": plan.methods, "percentile": args.percentile},
         "placement": graphs.placement.as_dict(),
-        "int8": int8,
+        args.precision: int8,
         "max_drop": args.max_drop,
     }
     first = int8[plan.methods[0]]["fp32_island"]
     report["fp32_island"] = {"pattern": first["pattern"], "nodes": len(first["nodes"]),
                              "reason": FP32_ISLAND_REASON if first["nodes"] else "",
                              "layernorm_precision": int8[plan.methods[0]]["layernorm_precision"],
-                             "note": "the same island in every int8 graph of this report; the node and tensor "
-                                     "lists are under int8.<method>.fp32_island"}
+                             "note": f"the same island in every {args.precision} graph of this report; the node and "
+                                     f"tensor lists are under {args.precision}.<method>.fp32_island"}
+    if args.precision == "fp8":  # the attention pattern TensorRT's FP8 MHA fusion needs (docs/fp8.md)
+        from .mha_pattern import mha_patterns, summarize_patterns
+
+        report["attention"] = summarize_patterns(mha_patterns(onnx.load(int8[plan.methods[0]]["path"])))
     return report
 
 
@@ -335,7 +353,7 @@ def evaluate_accuracy(args: argparse.Namespace, plan: CalibPlan, graphs: CalibGr
     else:
         print(f"note: {fp16_path} not found; the fp16 column is skipped", flush=True)
     for m, r in graphs.int8.items():
-        onnx_graphs[f"int8-{m}"] = Path(r["path"])
+        onnx_graphs[f"{args.precision}-{m}"] = Path(r["path"])
     for g, p in graphs.sens_graphs.items():
         onnx_graphs[f"only:{g}"] = p
     val_samples = select_samples(plan.val_root, args.val_size, args.seed,
@@ -360,8 +378,8 @@ def evaluate_accuracy(args: argparse.Namespace, plan: CalibPlan, graphs: CalibGr
                            "top1_drop": acc[f"only:{g}"]["top1_drop"],
                            "top1_agreement": acc[f"only:{g}"]["top1_agreement"]} for g in graphs.sens_graphs},
         }
-    primary = f"int8-{plan.methods[0]}"
-    report["primary"] = {"graph": str(onnx_path(plan.out, args.model, TARGET_PRECISION[args.target])),
+    primary = f"{args.precision}-{plan.methods[0]}"
+    report["primary"] = {"graph": str(onnx_path(plan.out, args.model, plan.precision)),
                          "target": args.target, "method": plan.methods[0],
                          "top1_drop": acc[primary]["top1_drop"], "passed": acc[primary]["top1_drop"] <= args.max_drop}
     return report
@@ -383,7 +401,7 @@ def write_outputs(args: argparse.Namespace, plan: CalibPlan, report: dict[str, A
     print(md, flush=True)
     if "primary" in report and not report["primary"]["passed"]:
         raise AccuracyDropError(
-            f"int8 top-1 dropped {report['primary']['top1_drop']:.2f} points ({plan.methods[0]} calibration), more "
+            f"{args.precision} top-1 dropped {report['primary']['top1_drop']:.2f} points ({plan.methods[0]} calibration), more "
             f"than --max-drop {args.max_drop}; try another --method (percentile, max), --exclude-t2t, a narrower "
             f"--policy, or --sensitivity stage to find the layers to keep in fp16. Report: {targets[0]}.md"
         )
@@ -393,7 +411,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     cal = r["calibration"]
     pl = r["placement"]
     cpu = r.get("target") == "cpu"
-    lines = [f"# INT8 calibration: {r['model']}" + (" (CPU target: ONNX Runtime integer kernels)" if cpu else ""), "",
+    qtype = r.get("qtype", "int8")
+    lines = [f"# {qtype.upper()} calibration: {r['model']}" + (" (CPU target: ONNX Runtime integer kernels)" if cpu else
+                                                               " (float8e4m3fn Q/DQ, scales amax/448, SM 8.9+ GPUs)"
+                                                               if qtype == "fp8" else ""), "",
              f"`{r['command']}`", "",
              f"Calibration: {cal['size']} images from `{cal['data']}` (seed {cal['seed']}, class-balanced), "
              f"methods {', '.join(cal['methods'])} (percentile {cal['percentile']}). "
@@ -431,8 +452,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         rows = [[g, v["nodes"], v["top1"], v["top1_drop"], v["top1_agreement"]] for g, v in s["groups"].items()]
         lines += [markdown_table([s["grouping"], "nodes", "top-1 %", "top-1 drop", "agreement %"], rows), ""]
     lines += [f"Q/DQ checks ({'ONNX Runtime CPU' if cpu else 'TensorRT'} pattern): " + "; ".join(
-        f"{m}: {i['qdq_check']['weight_dq']} per-channel int8 weights, {i['qdq_check']['activation_qdq']} "
-        f"per-tensor activation Q/DQ" for m, i in r["int8"].items()), ""]
+        f"{m}: {i['qdq_check']['weight_dq']} per-channel {qtype} weights, {i['qdq_check']['activation_qdq']} "
+        f"per-tensor activation Q/DQ" for m, i in r[qtype].items()), ""]
+    if "attention" in r:
+        a = r["attention"]
+        lines += [f"FP8 attention pattern (TensorRT's FP8 MHA fusion, docs/fp8.md): {a['fp8_fusable']} of "
+                  f"{a['attentions']} softmax attentions fusable, {a['dq_direct']} with every DQ feeding its MatMul "
+                  f"directly; attention scale on {', '.join(a['scale']) or '-'}; head sizes "
+                  f"{', '.join(map(str, a['head_sizes'])) or '-'}"
+                  + (f"; problems: {a['problems']}" if a["problems"] else "") + ".", ""]
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ calibration). The steps added here are:
    measurably wrong (``FP32_ISLAND_REASON``). Nothing is converted or rebuilt here;
 4. :func:`check_qdq` asserts the pattern TensorRT accepts, and that the island is there.
 
-:func:`build_int8` chains the steps for a target (``tensorrt``: the mixed fp16 graph above; ``cpu``: the same
+:func:`build_qdq` chains the steps for a target (``tensorrt``: the mixed fp16 graph above; ``cpu``: the same
 Q/DQ over fp32, for ONNX Runtime's integer kernels), checks the result and writes it with its metadata: the
 one way every stage (``make calib``, its sensitivity sweep, the CPU benchmarks) makes an int8 graph.
 """
@@ -54,7 +54,11 @@ __all__ = [
     "TARGET_PRECISION",
     "QuantizationError",
     "TensorDataReader",
-    "build_int8",
+    "build_qdq",
+    "graph_precision",
+    "GRAPH_PRECISION",
+    "QTYPES",
+    "FP8_MIN_COMPUTE_CAPABILITY",
     "int8_metadata",
     "export_recipe",
     "ensure_opset",
@@ -72,9 +76,33 @@ __all__ = [
 METHODS = {"entropy": "Entropy", "percentile": "Percentile", "max": "MinMax"}
 MIN_OPSET = 19  # fp16 scales on QuantizeLinear/DequantizeLinear need opset 19
 TARGETS = ("tensorrt", "cpu")
+QTYPES = ("int8", "fp8")  # the quantized type of the Q/DQ layers (fp8: float8e4m3fn, calibration.fp8)
 # The int8 graph each target gets: TensorRT's (fp16 everywhere but the Q/DQ layers and the fp32 island) or
 # ONNX Runtime CPU's (the same Q/DQ placement over fp32, which ORT fuses into MatMulIntegerToFloat).
 TARGET_PRECISION = {"tensorrt": "int8", "cpu": "int8-cpu"}
+# The graph precision (artifact name) of each (target, qtype); fp8 is TensorRT's only (ONNX Runtime's CPU
+# provider has no fp8 MatMul: it runs the TensorRT graph's Q/DQ as an emulation, parity's onnxruntime-cpu-fp8).
+GRAPH_PRECISION = {("tensorrt", "int8"): "int8", ("cpu", "int8"): "int8-cpu", ("tensorrt", "fp8"): "fp8"}
+# FP8 Q/DQ runs on SM 8.9 (Ada) and later: TensorRT's support matrix lists FP8 for compute capability 8.9+.
+FP8_MIN_COMPUTE_CAPABILITY = "8.9"
+_ZERO_POINT_TYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
+
+
+def graph_precision(target: str, qtype: str = "int8") -> str:
+    """The precision name (``<model>.<precision>.onnx``) of the Q/DQ graph of ``target`` and ``qtype``.
+
+    Raises:
+        QuantizationError: a combination no runtime runs (fp8 for the CPU target).
+    """
+    if target not in TARGETS:
+        raise QuantizationError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    if qtype not in QTYPES:
+        raise QuantizationError(f"unknown quantized type {qtype!r}; choose one of {list(QTYPES)}")
+    if (target, qtype) not in GRAPH_PRECISION:
+        raise QuantizationError("fp8 has one graph, TensorRT's (--target tensorrt): ONNX Runtime's CPU provider has "
+                                "no fp8 kernels; it runs that graph's Q/DQ as an emulation (parity backend "
+                                "onnxruntime-cpu-fp8)")
+    return GRAPH_PRECISION[(target, qtype)]
 
 
 class QuantizationError(T2TError, RuntimeError):
@@ -239,11 +267,12 @@ def quiet_onnxruntime(level: int = logging.ERROR) -> Iterator[None]:
         named.setLevel(named_level)
 
 
-def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str], method: str,
-               reader: TensorDataReader | None, path: str | os.PathLike, *, target: str = "tensorrt",
-               fp16_model: onnx.ModelProto | None = None, cache: str | os.PathLike | None = None,
-               percentile: float = 99.99, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """An fp32 graph -> the checked int8 graph of ``target``, with its metadata, written (atomically) to ``path``.
+def build_qdq(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str], method: str,
+              reader: TensorDataReader | None, path: str | os.PathLike, *, target: str = "tensorrt",
+              fp16_model: onnx.ModelProto | None = None, cache: str | os.PathLike | None = None,
+              percentile: float = 99.99, meta: Mapping[str, Any] | None = None, qtype: str = "int8") -> dict[str, Any]:
+    """An fp32 graph -> the checked Q/DQ graph of ``target`` and ``qtype``, with its metadata, written
+    (atomically) to ``path``: the one way every stage makes an int8 or fp8 graph.
 
     1. :func:`quantize_model` on the placement's nodes of the fp32 graph (ranges read from ``cache`` when it
        holds them, else calibrated on ``reader`` and kept there);
@@ -253,9 +282,11 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
        ``fp32_core``, the LayerNorms when ``layernorm`` is "fp32"); ``target="cpu"``: :func:`to_cpu_int8`,
        the Q/DQ graph over fp32, the form ONNX Runtime's CPU provider fuses into integer kernels
        (DequantizeLinear + MatMul -> MatMulIntegerToFloat; fp16 would make it insert Casts it cannot fuse);
-    3. :func:`check_qdq` for the target's pattern (with the recipe's island and LayerNorms), and the full ONNX
+    3. ``qtype="fp8"`` (TensorRT target only): :func:`calibration.fp8.to_fp8` rewrites every quantizer of that
+       graph to float8e4m3fn, scales ``amax / 448`` from the same ranges and the fp16 export's weights;
+    4. :func:`check_qdq` for the target's pattern (with the recipe's island and LayerNorms), and the full ONNX
        checker (:func:`t2t_vit.graphs.check_graph`);
-    4. metadata: the fp32 graph's (its recipe included), the calibration method, ``meta``, the percentile,
+    5. metadata: the fp32 graph's (its recipe included), the calibration method, ``meta``, the percentile,
        the node count, the float type, ``precision`` (``TARGET_PRECISION``) and ``target``, then what the
        graph itself says (:func:`t2t_vit.graphs.describe_graph`: opset, fp32 islands, LayerNorm type).
 
@@ -274,6 +305,7 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
         percentile: the percentile for ``method="percentile"``.
         meta: further metadata from the caller (policy, calibration data); values that are not strings are
             JSON-encoded.
+        qtype: "int8" or "fp8".
 
     Returns:
         path, target, the :func:`check_qdq` summary, the fp32 island, the LayerNorm precision, the range cache
@@ -284,8 +316,7 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
             Q/DQ pattern.
         export.settings.ExportError: ``target="tensorrt"`` and a graph records no export recipe.
     """
-    if target not in TARGETS:
-        raise QuantizationError(f"unknown int8 target {target!r}; choose one of {list(TARGETS)}")
+    precision = graph_precision(target, qtype)
     t0 = time.perf_counter()
     nodes = placement.node_names if isinstance(placement, Placement) else list(placement)
     fp32_model = ensure_opset(fp32_model)
@@ -298,20 +329,25 @@ def build_int8(fp32_model: onnx.ModelProto, placement: Placement | Sequence[str]
         qdq = quantize_model(fp32_model, nodes, method, reader=None if reused else reader, cache_path=ranges,
                              percentile=percentile)
         if target == "tensorrt":
-            graph, fp16_nodes = quantize_fp16_export(ensure_opset(fp16_model), fp32_model, nodes, method, ranges,
-                                                     percentile)
+            fp16_model = ensure_opset(fp16_model)
+            graph, fp16_nodes = quantize_fp16_export(fp16_model, fp32_model, nodes, method, ranges, percentile)
+            if qtype == "fp8":
+                fp8_counts = _to_fp8(graph, fp16_model, fp32_model, nodes, ranges)
     if target == "cpu":
         graph = to_cpu_int8(qdq)
         check = check_qdq(graph, nodes, mixed_fp16=False)
         # fp32 throughout: no island to speak of (the structural search would name the core).
         island = {"pattern": "none", "nodes": [], "fp32_tensors": []}
     else:
-        check = check_qdq(graph, fp16_nodes, fp32_island=recipe.fp32_core, layernorm=recipe.layernorm)
+        check = check_qdq(graph, fp16_nodes, fp32_island=recipe.fp32_core, layernorm=recipe.layernorm, qtype=qtype)
         island = fp32_island(graph)
-    set_metadata(graph, int8_metadata(fp32_model, graph, nodes, method, target, percentile, meta))
+        if qtype == "fp8":
+            check.update(fp8_counts)
+    set_metadata(graph, int8_metadata(fp32_model, graph, nodes, method, target, percentile, meta, qtype))
     check_graph(graph)
     atomic_save_onnx(graph, path)
-    return {"path": str(path), "target": target, "qdq_check": check, "fp32_island": island,
+    return {"path": str(path), "target": target, "qtype": qtype, "precision": precision, "qdq_check": check,
+            "fp32_island": island,
             "layernorm_precision": "fp32" if target == "cpu" else recipe.layernorm,
             "ranges_cache": str(cache) if cache is not None else None, "ranges_reused": reused,
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -340,16 +376,21 @@ def export_recipe(fp32_model: onnx.ModelProto) -> ExportSettings:
 
 
 def int8_metadata(fp32_model: onnx.ModelProto, graph: onnx.ModelProto, nodes: Sequence[str], method: str,
-                  target: str, percentile: float, meta: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The int8 graph's metadata (see :func:`build_int8`). What the graph is (opset, islands, LayerNorm type)
+                  target: str, percentile: float, meta: Mapping[str, Any] | None = None,
+                  qtype: str = "int8") -> dict[str, str]:
+    """The Q/DQ graph's metadata (see :func:`build_qdq`). What the graph is (opset, islands, LayerNorm type)
     is read from the graph itself, with the fp16 export's keys and values; ``precision`` names the target's
-    graph (int8 / int8-cpu)."""
+    graph (int8 / int8-cpu / fp8); ``qdq_dtype`` the quantized type; an fp8 graph records the GPUs that run it
+    (``requires_compute_capability``: SM 8.9, Ada, and later)."""
     out = {p.key: p.value for p in fp32_model.metadata_props}
     out["calib_method"] = method
     out.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (meta or {}).items()})
     out.update({"calib_percentile": str(percentile) if method == "percentile" else "",
                 "quantized_nodes": str(len(nodes)), "float_dtype": "float32" if target == "cpu" else "float16",
-                "precision": TARGET_PRECISION[target], "target": target})
+                "precision": graph_precision(target, qtype), "target": target,
+                "qdq_dtype": "float8e4m3fn" if qtype == "fp8" else "int8"})
+    if qtype == "fp8":
+        out["requires_compute_capability"] = FP8_MIN_COMPUTE_CAPABILITY
     derived = describe_graph(graph)
     return {**out, **derived, "precision": out["precision"]}
 
@@ -401,22 +442,7 @@ def quantize_fp16_export(fp16_model: onnx.ModelProto, fp32_model: onnx.ModelProt
     if unknown:
         raise QuantizationError(f"not MatMul/Gemm nodes of the fp32 graph, so nothing to quantize: {unknown[:3]}")
     cache = json.loads(Path(ranges).read_text())
-    types = value_types(fp16_model)
-    weights = {i.name for i in fp32_model.graph.initializer}
-    by_name = {n.name: n for n in fp32_model.graph.node}
-    data = {}
-    for name in nodes:
-        for t32, t16 in zip(by_name[name].input[:2], pairs[name].input[:2]):
-            if t32 not in weights and t32 in cache["data"]:
-                entry = dict(cache["data"][t32])
-                # The scale's type follows the range's: the fp16 graph's type of the tensor (float16, or float32
-                # inside the fp32 island, where a policy quantizes the Performer's MatMuls).
-                dtype = "float32" if types.get(t16) == TensorProto.FLOAT else "float16"
-                for bound in ("lowest", "highest"):
-                    value = entry[bound]
-                    values = value["data"] if isinstance(value, dict) else [value]  # an array or a plain float
-                    entry[bound] = {"data": values, "dtype": dtype, "CLS": "numpy.array"}
-                data[t16] = entry
+    data = _fp16_ranges(fp16_model, fp32_model, nodes, cache["data"], pairs)
     with tempfile.TemporaryDirectory(prefix="t2t-calib-fp16-") as tmp:
         renamed = Path(tmp) / "ranges-fp16.json"
         renamed.write_text(json.dumps({**cache, "data": data}))
@@ -424,6 +450,42 @@ def quantize_fp16_export(fp16_model: onnx.ModelProto, fp32_model: onnx.ModelProt
                              percentile=percentile)
     _reroute_non_policy_consumers(qdq)
     return toposort(qdq), [pairs[n].name for n in nodes]
+
+
+def _fp16_ranges(fp16_model: onnx.ModelProto, fp32_model: onnx.ModelProto, nodes: Sequence[str],
+                 ranges: Mapping[str, Any], pairs: Mapping[str, onnx.NodeProto]) -> dict[str, dict]:
+    """The fp32 graph's activation ranges (ORT's cache entries) renamed to the fp16 graph's tensors and typed as
+    they are there: the scale's type follows the range's (float16, or float32 inside the fp32 island, where a
+    policy quantizes the Performer's MatMuls)."""
+    types = value_types(fp16_model)
+    weights = {i.name for i in fp32_model.graph.initializer}
+    by_name = {n.name: n for n in fp32_model.graph.node}
+    data = {}
+    for name in nodes:
+        for t32, t16 in zip(by_name[name].input[:2], pairs[name].input[:2]):
+            if t32 not in weights and t32 in ranges:
+                entry = dict(ranges[t32])
+                dtype = "float32" if types.get(t16) == TensorProto.FLOAT else "float16"
+                for bound in ("lowest", "highest"):
+                    value = entry[bound]
+                    values = value["data"] if isinstance(value, dict) else [value]  # an array or a plain float
+                    entry[bound] = {"data": values, "dtype": dtype, "CLS": "numpy.array"}
+                data[t16] = entry
+    return data
+
+
+def _to_fp8(graph: onnx.ModelProto, fp16_model: onnx.ModelProto, fp32_model: onnx.ModelProto,
+            nodes: Sequence[str], ranges: str | os.PathLike) -> dict[str, int]:
+    """The TensorRT int8 graph ``graph`` rewritten to fp8 in place (:func:`calibration.fp8.to_fp8`): weights
+    requantized from the fp16 export's float weights, activation scales from the fp32 graph's ranges."""
+    from .fp8 import to_fp8
+
+    pairs = matmul_pairs(fp32_model, fp16_model)
+    inits = {i.name: i for i in fp16_model.graph.initializer}
+    weights = {pairs[n].name: {i: numpy_helper.to_array(inits[t]).astype(np.float32)
+                               for i, t in enumerate(pairs[n].input[:2]) if t in inits} for n in nodes}
+    data = _fp16_ranges(fp16_model, fp32_model, nodes, json.loads(Path(ranges).read_text())["data"], pairs)
+    return to_fp8(graph, weights, data)
 
 
 def to_cpu_int8(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
@@ -470,8 +532,11 @@ def _reroute_non_policy_consumers(model: onnx.ModelProto) -> int:
 
 
 def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16: bool = True,
-              fp32_island: bool = True, layernorm: str = "fp16") -> dict:
+              fp32_island: bool = True, layernorm: str = "fp16", qtype: str = "int8") -> dict:
     """Assert the Q/DQ pattern TensorRT accepts; return a summary.
+
+    ``qtype`` is the quantized type every weight and zero point must have: ``int8`` or ``fp8``
+    (float8e4m3fn); "int8" below reads as that type.
 
     * every expected node takes ALL its MatMul/Gemm data inputs from DequantizeLinear;
     * constant inputs (weights): int8 initializer -> DQ with a per-channel scale (1-D, ``axis`` set to the
@@ -494,8 +559,9 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
     problems = [f"{name}: expected quantized node is missing from the graph" for name in sorted(expected - set(by_name))]
     island = set(performer_core_nodes(model)) if mixed_fp16 and fp32_island else set()
     inside = _int8_in_island(graph, expected, island)
-    problems += _qdq_node_problems(graph, expected, mixed_fp16, fp32_scales=inside)
-    counts = _policy_input_problems(graph, [by_name[n] for n in sorted(expected & set(by_name))], problems)
+    want = _ZERO_POINT_TYPE[qtype]
+    problems += _qdq_node_problems(graph, expected, mixed_fp16, fp32_scales=inside, want=want)
+    counts = _policy_input_problems(graph, [by_name[n] for n in sorted(expected & set(by_name))], problems, want)
     if mixed_fp16:
         # With fp32 LayerNorms, the LayerNormalization nodes (and the Casts around them) are fp32 too.
         ln = _layernorm_fp32_nodes(model) if layernorm == "fp32" else set()
@@ -509,7 +575,7 @@ def check_qdq(model: onnx.ModelProto, expected_nodes: Iterable[str], mixed_fp16:
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise QuantizationError(f"the int8 graph does not have the Q/DQ pattern TensorRT accepts:\n  {head}{more}")
+        raise QuantizationError(f"the {qtype} graph does not have the Q/DQ pattern TensorRT accepts:\n  {head}{more}")
     return {"quantized_nodes": len(expected), "weight_dq": counts["weight"], "activation_qdq": counts["activation"],
             "q_nodes": sum(n.op_type == "QuantizeLinear" for n in graph.node),
             "dq_nodes": sum(n.op_type == "DequantizeLinear" for n in graph.node),
@@ -540,7 +606,7 @@ def _int8_in_island(graph: onnx.GraphProto, expected: set[str], island: set[str]
 
 
 def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: bool,
-                       fp32_scales: set[str] = frozenset()) -> list[str]:
+                       fp32_scales: set[str] = frozenset(), want: int = TensorProto.INT8) -> list[str]:
     """Every Q/DQ node: an int8 zero point 0 (initializer), an fp16 scale in the mixed graph (except the ones in
     ``fp32_scales``, inside the fp32 island); every DQ output read only by policy nodes."""
     inits = {i.name: i for i in graph.initializer}
@@ -549,7 +615,7 @@ def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: b
     for node in graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        problems += _zero_point_problems(node, inits)
+        problems += _zero_point_problems(node, inits, want)
         scale = inits.get(node.input[1])
         if mixed_fp16 and scale is not None and scale.data_type != TensorProto.FLOAT16 and node.name not in fp32_scales:
             problems.append(f"{node.name}: scale is {TensorProto.DataType.Name(scale.data_type)}, want FLOAT16")
@@ -562,22 +628,24 @@ def _qdq_node_problems(graph: onnx.GraphProto, expected: set[str], mixed_fp16: b
     return problems
 
 
-def _zero_point_problems(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> list[str]:
+def _zero_point_problems(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
+                         want: int = TensorProto.INT8) -> list[str]:
+    name = TensorProto.DataType.Name(want)
     if len(node.input) < 3 or not node.input[2]:
-        return [f"{node.name}: no explicit zero point (TensorRT needs an int8 zero point 0)"]
+        return [f"{node.name}: no explicit zero point (TensorRT needs a {name} zero point 0)"]
     zp = inits.get(node.input[2])
     if zp is None:
         return [f"{node.name}: zero point is not an initializer"]
     problems = []
-    if zp.data_type != TensorProto.INT8:
-        problems.append(f"{node.name}: zero point type {TensorProto.DataType.Name(zp.data_type)}, want INT8")
-    if np.any(numpy_helper.to_array(zp) != 0):
+    if zp.data_type != want:
+        problems.append(f"{node.name}: zero point type {TensorProto.DataType.Name(zp.data_type)}, want {name}")
+    elif np.any(numpy_helper.to_array(zp).astype(np.float32) != 0):
         problems.append(f"{node.name}: non-zero zero point (asymmetric)")
     return problems
 
 
 def _policy_input_problems(graph: onnx.GraphProto, expected: Sequence[onnx.NodeProto],
-                           problems: list[str]) -> dict[str, int]:
+                           problems: list[str], want: int = TensorProto.INT8) -> dict[str, int]:
     """Both data inputs of every policy node come from DequantizeLinear: weights per-channel int8 along the
     output axis, activations per-tensor behind a QuantizeLinear. Appends to ``problems``; returns the counts."""
     inits = {i.name: i for i in graph.initializer}
@@ -600,8 +668,9 @@ def _policy_input_problems(graph: onnx.GraphProto, expected: Sequence[onnx.NodeP
                 counts["weight"] += 1
                 w = inits[x]
                 axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-                if w.data_type != TensorProto.INT8:
-                    problems.append(f"{dq.name}: weight stored as {TensorProto.DataType.Name(w.data_type)}, want INT8")
+                if w.data_type != want:
+                    problems.append(f"{dq.name}: weight stored as {TensorProto.DataType.Name(w.data_type)}, "
+                                    f"want {TensorProto.DataType.Name(want)}")
                 want_axis = 0 if (node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)) \
                     else len(w.dims) - 1
                 if scale_arr.ndim != 1 or scale_arr.size != w.dims[axis] or scale_arr.size < 2 and w.dims[axis] > 1:

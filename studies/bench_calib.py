@@ -7,7 +7,7 @@
 For each model the fp32/fp16 graphs are exported (``export.to_onnx.export_model``, random weights with
 a trained model's nonzero biases and LayerNorm affines, :func:`t2t_vit.checkpoint.trained_like_`) into
 ``--work``, and the int8 graph is built by ``make calib``'s own function
-(:func:`calibration.quantize.build_int8`: default policy, entropy calibration on ``--calib-images`` images:
+(:func:`calibration.quantize.build_qdq`: default policy, entropy calibration on ``--calib-images`` images:
 real ones from ``--calib-data`` when given, else Gaussian noise, which only sets ranges; checked, with its
 metadata). Also timed: ``int8-fp32``, ``make calib TARGET=cpu``'s graph from the same ranges (the same Q/DQ
 placement over fp32), which is the form ONNX Runtime's CPU provider can fuse into its int8 (VNNI) kernels;
@@ -40,7 +40,7 @@ from t2t_vit.timing import load_average, time_calls
 
 from calibration.data import load_or_preprocess, select_samples
 from calibration.policy import DEFAULT_POLICY, Placement
-from calibration.quantize import TensorDataReader, build_int8, ensure_opset
+from calibration.quantize import TensorDataReader, build_qdq, ensure_opset
 
 __all__ = ["get_args_parser", "time_session", "run", "main"]
 
@@ -84,7 +84,7 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
     paths = {"fp32": out / f"{model_name}.fp32.onnx", "fp16": out / f"{model_name}.fp16.onnx",
              "int8": out / f"{model_name}.int8.onnx", "int8-fp32": out / f"{model_name}.int8-fp32.onnx"}
     stamp = out / "weights.txt"  # graphs cached in --work from other weights (a fresh init's zero biases) are redone
-    # ... and so are graphs exported before the export recorded its recipe (build_int8 reads it).
+    # ... and so are graphs exported before the export recorded its recipe (build_qdq reads it).
     if not (paths["fp32"].is_file() and paths["fp16"].is_file()) or not stamp.is_file() \
             or stamp.read_text() != WEIGHTS or METADATA_KEY not in read_metadata(paths["fp32"]):
         for path in paths.values():
@@ -93,7 +93,7 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
         model = trained_like_(build_model(model_name, img_size=img_size).eval())
         export_model(model, out)
         stamp.write_text(WEIGHTS)
-    # int8 graphs cached in --work by another build (not make calib's build_int8, which records the target and
+    # int8 graphs cached in --work by another build (not make calib's build_qdq, which records the target and
     # the calibration in the metadata) or from other calibration images are redone.
     meta = {"calib_policy": DEFAULT_POLICY, "calib_size": str(calib_images),
             "calib_data": str(calib_data) if calib_data else "gaussian noise"}
@@ -112,7 +112,7 @@ def build_graphs(model_name: str, img_size: int, work: Path, calib_data: str | N
         with tempfile.TemporaryDirectory(prefix="t2t-bench-calib-") as tmp:  # one calibration, both targets
             cache = Path(tmp) / "ranges-entropy.json"
             for key, target in targets.items():
-                build_int8(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta,
+                build_qdq(fp32, placement, "entropy", reader, paths[key], target=target, cache=cache, meta=meta,
                            fp16_model=onnx.load(str(paths["fp16"])) if target == "tensorrt" else None)
     return paths
 

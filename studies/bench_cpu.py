@@ -62,7 +62,7 @@ import torch
 
 from calibration.data import load_or_preprocess, select_samples
 from calibration.policy import DEFAULT_POLICY, Placement
-from calibration.quantize import TensorDataReader, build_int8, ensure_opset
+from calibration.quantize import TensorDataReader, build_qdq, ensure_opset
 from export.patterns import soft_split_as_conv
 from export.to_onnx import ExportSettings, export_onnx
 from t2t_vit.checkpoint import build_model, trained_like_
@@ -264,7 +264,7 @@ def authors_onnx(model: torch.nn.Module, name: str, path: Path) -> Path:
 def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray,
                 fp16_path: Path | None = None) -> dict[str, Path]:
     """The CPU (and, given the export's ``fp16_path``, the TensorRT) int8 graph of an fp32 graph, as ``make calib
-    TARGET=cpu`` (and ``make calib``) write them (:func:`calibration.quantize.build_int8`: default policy, here
+    TARGET=cpu`` (and ``make calib``) write them (:func:`calibration.quantize.build_qdq`: default policy, here
     max calibration, both targets from one calibration; checked, with metadata), written beside it."""
     fp32 = ensure_opset(onnx.load(str(fp32_path)))
     placement = Placement.from_model(fp32, DEFAULT_POLICY)
@@ -277,7 +277,7 @@ def int8_graphs(fp32_path: Path, work: Path, calib_images: np.ndarray,
         cache = Path(tmp) / "ranges-max.json"
         for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
             if key in paths:
-                build_int8(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta,
+                build_qdq(fp32, placement, "max", reader, paths[key], target=target, cache=cache, meta=meta,
                            fp16_model=onnx.load(str(fp16_path)) if target == "tensorrt" else None)
     return paths
 

@@ -35,7 +35,7 @@ __all__ = [
     "ONNX_FLOAT16",
 ]
 
-ONNX_FLOAT, ONNX_FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
+ONNX_FLOAT, ONNX_FLOAT16, ONNX_FLOAT8E4M3FN = 1, 10, 17  # onnx.TensorProto.FLOAT / FLOAT16 / FLOAT8E4M3FN
 
 
 class GraphError(T2TError):
@@ -299,11 +299,19 @@ def check_graph(model: Any) -> None:
         raise GraphError(f"the graph is not a valid ONNX model: {e}") from e
 
 
+def _has_fp8_qdq(model: Any) -> bool:
+    """Any QuantizeLinear/DequantizeLinear whose zero point is a float8e4m3fn initializer."""
+    zps = {n.input[2] for n in model.graph.node
+           if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2]}
+    return any(i.name in zps and i.data_type == ONNX_FLOAT8E4M3FN for i in model.graph.initializer)
+
+
 def describe_graph(model: Any) -> dict[str, str]:
     """Facts read from a graph itself, for its metadata (so the metadata cannot contradict the graph).
 
     * ``opset``: the ai.onnx opset;
-    * ``precision``: ``int8`` when it holds QuantizeLinear/DequantizeLinear, ``fp16`` when any tensor is
+    * ``precision``: ``fp8`` when it holds Q/DQ with float8e4m3fn zero points, ``int8`` for other
+      QuantizeLinear/DequantizeLinear, ``fp16`` when any tensor is
       float16, else ``fp32``;
     * ``io_dtype``: the input's element type (``float32``/``float16``);
     * ``fp32_islands``: in a graph that holds float16 (fp16, or TensorRT's int8), ``performer_core_fp32`` when
@@ -316,7 +324,8 @@ def describe_graph(model: Any) -> dict[str, str]:
     io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
     ops = {n.op_type for n in model.graph.node}
     has_fp16 = any(t == ONNX_FLOAT16 for t in types.values())
-    precision = "int8" if {"QuantizeLinear", "DequantizeLinear"} & ops else ("fp16" if has_fp16 else "fp32")
+    precision = ("fp8" if _has_fp8_qdq(model) else "int8") if {"QuantizeLinear", "DequantizeLinear"} & ops else (
+        "fp16" if has_fp16 else "fp32")
     ln_types = {types.get(n.input[0]) for n in model.graph.node if n.op_type == "LayerNormalization"}
     ln = ("fp32" if ln_types == {ONNX_FLOAT} else "fp16" if ln_types == {ONNX_FLOAT16} else
           "mixed" if ln_types else "none")

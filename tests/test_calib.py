@@ -23,7 +23,7 @@ from PIL import Image
 import t2t_vit  # noqa: F401  (registers the models)
 from calibration import data as cdata
 from calibration.policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
-from calibration.quantize import (QuantizationError, TensorDataReader, build_int8, check_qdq, ensure_opset,
+from calibration.quantize import (QuantizationError, TensorDataReader, build_qdq, check_qdq, ensure_opset,
                                   quantize_model, to_cpu_int8)
 from export.settings import METADATA_KEY, ExportError, ExportSettings
 from t2t_vit.data import DataConfig, DataError
@@ -70,9 +70,9 @@ def fp16(exported) -> onnx.ModelProto:
 
 def _trt_int8(fp32: onnx.ModelProto, fp16: onnx.ModelProto, policy: str, x: np.ndarray,
               path: Path) -> tuple[onnx.ModelProto, list[str]]:
-    """build_int8's TensorRT graph (the fp16 export with Q/DQ) and its quantized nodes' names."""
+    """build_qdq's TensorRT graph (the fp16 export with Q/DQ) and its quantized nodes' names."""
     placement = Placement.from_model(fp32, policy)
-    build_int8(fp32, placement, "max", TensorDataReader(x), path, fp16_model=fp16)
+    build_qdq(fp32, placement, "max", TensorDataReader(x), path, fp16_model=fp16)
     model = onnx.load(str(path))
     prod = {o: n for n in model.graph.node for o in n.output}
     # the fp16 graph's names for the policy's nodes: the MatMul/Gemm nodes that read a DequantizeLinear
@@ -611,17 +611,17 @@ def test_warnings_survive_a_quantization(fp32, caplog):
     assert [r.getMessage() for r in caplog.records] == ["ours", "ort nag"]  # restored after the block
 
 
-def test_build_int8_checks_and_labels_every_target(fp32, fp16, tmp_path):
+def test_build_qdq_checks_and_labels_every_target(fp32, fp16, tmp_path):
     """The one int8 step: each target's graph is checked and says what it is; a graph that fails the Q/DQ
     check is not written."""
-    from calibration.quantize import build_int8
+    from calibration.quantize import build_qdq
 
     placement = Placement.from_model(fp32, "linear-attn")
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
     cache = tmp_path / "ranges.json"
-    trt = build_int8(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.int8.onnx", cache=cache,
+    trt = build_qdq(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.int8.onnx", cache=cache,
                      meta={"calib_policy": "linear-attn"}, fp16_model=fp16)
-    cpu = build_int8(fp32, placement, "max", None, tmp_path / "a.int8-cpu.onnx", target="cpu", cache=cache)
+    cpu = build_qdq(fp32, placement, "max", None, tmp_path / "a.int8-cpu.onnx", target="cpu", cache=cache)
     assert not trt["ranges_reused"] and cpu["ranges_reused"]  # the second target reads the first one's ranges
     for info, precision, float_dtype in ((trt, "int8", "float16"), (cpu, "int8-cpu", "float32")):
         meta = read_metadata(info["path"])
@@ -633,10 +633,10 @@ def test_build_int8_checks_and_labels_every_target(fp32, fp16, tmp_path):
     # A LayerNorm among the "policy" nodes: it reads no DQ output, so the check fails and nothing is written.
     ln = next(n.name for n in fp32.graph.node if n.op_type == "LayerNormalization")
     with pytest.raises(QuantizationError, match="does not come from DequantizeLinear"):
-        build_int8(fp32, [*placement.node_names, ln], "max", None, tmp_path / "bad.onnx", target="cpu", cache=cache)
+        build_qdq(fp32, [*placement.node_names, ln], "max", None, tmp_path / "bad.onnx", target="cpu", cache=cache)
     assert not (tmp_path / "bad.onnx").exists()
-    with pytest.raises(QuantizationError, match="unknown int8 target"):
-        build_int8(fp32, placement, "max", None, tmp_path / "bad.onnx", target="gpu", cache=cache)
+    with pytest.raises(QuantizationError, match="unknown target"):
+        build_qdq(fp32, placement, "max", None, tmp_path / "bad.onnx", target="gpu", cache=cache)
 
 
 def _with_recipe(model: onnx.ModelProto, recipe: ExportSettings | None) -> onnx.ModelProto:
@@ -648,7 +648,7 @@ def _with_recipe(model: onnx.ModelProto, recipe: ExportSettings | None) -> onnx.
     return out
 
 
-def test_build_int8_follows_the_export_recipe(exported, fp32, fp16, tmp_path):
+def test_build_qdq_follows_the_export_recipe(exported, fp32, fp16, tmp_path):
     """The TensorRT int8 graph is the export's own fp16 graph with Q/DQ: its LayerNorm precision and fp32 island
     are the recipe both graphs record (read back, checked to agree), the island op for op the fp16 export's;
     an fp16 graph from another export, or none, is refused."""
@@ -657,7 +657,7 @@ def test_build_int8_follows_the_export_recipe(exported, fp32, fp16, tmp_path):
     placement = Placement.from_model(fp32, "linear-attn")
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
     cache = tmp_path / "ranges.json"
-    info = build_int8(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", fp16_model=fp16, cache=cache)
+    info = build_qdq(fp32, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", fp16_model=fp16, cache=cache)
     meta = read_metadata(info["path"])
     assert ExportSettings.from_metadata(meta) == recipe and meta["layernorm_precision"] == "fp16"
     graph = onnx.load(info["path"])
@@ -670,24 +670,24 @@ def test_build_int8_follows_the_export_recipe(exported, fp32, fp16, tmp_path):
     assert all(kept.get(n.name) == (n.op_type, list(n.output)) for n in fp16.graph.node)
     other = _with_recipe(fp16, recipe.replace(layernorm="fp32"))
     with pytest.raises(QuantizationError, match="not from the export that wrote the fp32 graph.*`make onnx`"):
-        build_int8(fp32, placement, "max", None, tmp_path / "b.onnx", fp16_model=other, cache=cache)
+        build_qdq(fp32, placement, "max", None, tmp_path / "b.onnx", fp16_model=other, cache=cache)
     with pytest.raises(QuantizationError, match="pass fp16_model"):
-        build_int8(fp32, placement, "max", None, tmp_path / "b.onnx", cache=cache)
+        build_qdq(fp32, placement, "max", None, tmp_path / "b.onnx", cache=cache)
     assert not (tmp_path / "b.onnx").exists()
 
 
-def test_build_int8_refuses_a_graph_without_recipe(exported, fp32, tmp_path):
+def test_build_qdq_refuses_a_graph_without_recipe(exported, fp32, tmp_path):
     """An fp32 graph from before the recipe was recorded: the TensorRT target refuses it in one line naming
     `make onnx`, before calibrating, and writes nothing; the all-fp32 CPU target needs no recipe."""
     old = _with_recipe(fp32, None)
     placement = Placement.from_model(old, "linear-attn")
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
     with pytest.raises(ExportError, match=r"fp32 graph has no 'export_settings' metadata.*`make onnx`") as e:
-        build_int8(old, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", cache=tmp_path / "r.json",
+        build_qdq(old, placement, "max", TensorDataReader(x), tmp_path / "a.onnx", cache=tmp_path / "r.json",
                    fp16_model=onnx.load(str(exported / "t2t_vit_test.fp16.onnx")))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "r.json").exists()  # refused before calibrating
-    cpu = build_int8(old, placement, "max", TensorDataReader(x), tmp_path / "a.int8-cpu.onnx", target="cpu")
+    cpu = build_qdq(old, placement, "max", TensorDataReader(x), tmp_path / "a.int8-cpu.onnx", target="cpu")
     assert read_metadata(cpu["path"])["precision"] == "int8-cpu"
 
 
@@ -779,7 +779,7 @@ def test_bench_calib_redoes_graphs_cached_from_other_weights(tmp_path):
     assert stamp.read_text() == bench.WEIGHTS
     assert onnx.load(str(again["fp32"])).graph.node  # exported again
     assert all(again[k].stat().st_mtime_ns > kept[k] for k in ("fp16", "int8", "int8-fp32"))
-    # The benchmarked int8 graphs are make calib's (build_int8's metadata names the target): one written by
+    # The benchmarked int8 graphs are make calib's (build_qdq's metadata names the target): one written by
     # anything else, or from other calibration images, is built again.
     assert read_metadata(again["int8"])["target"] == "tensorrt" and read_metadata(again["int8-fp32"])["target"] == "cpu"
     kept = {k: p.stat().st_mtime_ns for k, p in again.items()}

@@ -149,7 +149,7 @@ def test_make_parity_require_batch_size_and_not_run_listed_once(exported, tmp_pa
     assert report["batch_size"] == 3 and report["required"] == ["onnxruntime-cpu-fp32"]
     assert report["compared"] == ["onnxruntime-cpu-fp32"] and report["verdict"] == "PASS"
     not_run = [n for g in report["not_run"] for n in g["backends"]]
-    assert sorted(not_run) == ["onnxruntime-cpu-int8", "tensorrt-fp16", "tensorrt-fp32", "tensorrt-int8"]
+    assert sorted(not_run) == ["onnxruntime-cpu-int8", "tensorrt-fp16", "tensorrt-fp32", "tensorrt-fp8", "tensorrt-int8"]
     md = (out / f"parity-{MODEL}.md").read_text()
     assert "batch size 3" in md
     for g in report["not_run"]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calibration.policy import Placement
-from calibration.quantize import TensorDataReader, build_int8, ensure_opset
+from calibration.quantize import TensorDataReader, build_qdq, ensure_opset
 from export.to_onnx import ExportSettings, export_model
 from t2t_vit.checkpoint import build_model
 from t2t_vit.graphs import describe_graph
@@ -36,13 +36,13 @@ def graphs(request, tmp_path_factory):
              "fp16-ln32": out / "ln32" / f"{name}.fp16.onnx"}
     for ln, (f32, f16) in pairs.items():
         path = out / f"{name}.int8-ln{ln}.onnx"
-        build_int8(f32, nodes, "max", TensorDataReader(images), path, fp16_model=f16, cache=out / f"ranges-{ln}.json")
+        build_qdq(f32, nodes, "max", TensorDataReader(images), path, fp16_model=f16, cache=out / f"ranges-{ln}.json")
         paths[f"int8-ln{ln}"] = path
     cpu = out / f"{name}.int8-cpu.onnx"
-    build_int8(fp32, nodes, "max", None, cpu, target="cpu", cache=out / "ranges-fp16.json")
+    build_qdq(fp32, nodes, "max", None, cpu, target="cpu", cache=out / "ranges-fp16.json")
     paths["int8-cpu"] = cpu
     only = out / "sensitivity" / f"{name}.int8-max-only-head.onnx"
-    build_int8(fp32, [n for n in nodes if n == nodes[-1]], "max", None, only, fp16_model=pairs["fp32"][1],
+    build_qdq(fp32, [n for n in nodes if n == nodes[-1]], "max", None, only, fp16_model=pairs["fp32"][1],
                cache=out / "ranges-fp16.json")
     paths["sensitivity"] = only
     return name, paths
