@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import onnx
 
 from export.patterns import LAYERNORM_PRECISIONS
@@ -157,6 +159,44 @@ def _fp16_export(args: argparse.Namespace, out: Path, meta: dict[str, str]) -> o
     return onnx.load(str(path))
 
 
+def _smallest_activation(fp32_path: Path, policy: str, exclude_t2t: bool) -> tuple[str, int]:
+    """The policy's calibrated activation with the fewest values per image: (tensor, values per image)."""
+    model = ensure_opset(onnx.load(str(fp32_path)))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    weights = {i.name for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    sizes = {}
+    for name in Placement.from_model(model, policy, exclude_t2t).node_names:
+        for t in by_name[name].input[:2]:
+            dims = shapes.get(t)
+            if t not in weights and dims and all(d for d in dims[1:]):
+                sizes[t] = int(np.prod(dims[1:]))  # the batch axis is the first
+    return min(sizes.items(), key=lambda kv: kv[1]) if sizes else ("", 0)
+
+
+def _check_percentile_size(fp32_path: Path, args: argparse.Namespace, n_images: int) -> None:
+    """Percentile calibration clips each tensor at its ``--percentile``; with fewer than 1 / (1 - p/100) values in
+    a tensor that percentile is its maximum (the method degenerates to max). Refuse a calibration set that small
+    for the policy's smallest calibrated tensor (for t2t_vit the head's input, one token).
+
+    Raises:
+        CalibrationError: CALIB_SIZE too small for the percentile (one line naming the fixes).
+    """
+    if not 0 < args.percentile < 100:
+        raise CalibrationError(f"--percentile must be in (0, 100), got {args.percentile}")
+    tensor, per_image = _smallest_activation(fp32_path, args.policy, args.exclude_t2t)
+    need = math.ceil(1 / (1 - args.percentile / 100) - 1e-9)
+    if per_image and n_images * per_image < need:
+        images = math.ceil(need / per_image)
+        raise CalibrationError(
+            f"CALIB_SIZE (--calib-size) {n_images} is too small for --method percentile {args.percentile:g}: its "
+            f"smallest calibrated tensor ({tensor}, {per_image} values per image) needs {need} values, i.e. "
+            f"{images} images, for that percentile to lie below the maximum; use CALIB_SIZE>={images}, a lower "
+            f"--percentile, or --method max")
+
+
 def _default_val(calib_data: Path) -> Path | None:
     cand = calib_data.parent / "val"
     return cand if cand.is_dir() and cand.resolve() != calib_data.resolve() else None
@@ -245,6 +285,8 @@ def plan_calibration(args: argparse.Namespace, out: Path) -> CalibPlan:
             f"no labeled validation folder for the accuracy check: pass --val-data (ARGS=\"--val-data DIR\"; there "
             f"is no 'val' folder beside CALIB_DATA {calib_root}), or --no-eval to quantize without it")
     fp32_path = ensure_fp32_onnx(args, out)
+    if "percentile" in methods:
+        _check_percentile_size(fp32_path, args, len(samples))
     meta = read_metadata(fp32_path)
     fp16_path = onnx_path(out, args.model, "fp16")
     if not args.no_eval and fp16_path.is_file():  # its column must compare the fp32 graph's weights in fp16

@@ -216,3 +216,21 @@ def test_make_calib_precision_fp8_writes_graph_and_report(graphs, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "onnxruntime-cpu-fp8" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_percentile_on_too_few_images_is_refused(graphs, tmp_path):
+    """99.99th percentile of a tensor with fewer than 10,000 values is its maximum: one line, exit 2, nothing
+    written; the count comes from the head input's size (t2t_vit_test: one 64-wide token per image)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for p in ("fp32", "fp16"):
+        shutil.copy(graphs["out"] / f"t2t_vit_test.{p}.onnx", out)
+    train = _folder(tmp_path / "train", 2, 1)
+    before = sorted(p.name for p in out.iterdir())
+    r = subprocess.run([sys.executable, "-m", "calibration.calib", "--model", "t2t_vit_test", "--out", str(out),
+                        "--calib-data", str(train), "--calib-size", "6", "--method", "max,percentile",
+                        "--precision", "fp8", "--no-eval"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    embed = t2t_vit.checkpoint.build_model("t2t_vit_test").embed_dim
+    assert f"{embed} values per image" in r.stderr and f"{-(-10000 // embed)} images" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
