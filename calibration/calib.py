@@ -54,6 +54,7 @@ from t2t_vit.reports import host_line, markdown_table, report_header, write_repo
 
 from .data import folder_label_space, load_or_preprocess, select_samples
 from .evaluate import evaluate_graphs
+from .mha_pattern import mha_patterns, summarize_patterns
 from .policy import DEFAULT_POLICY, POLICIES, Placement, group_nodes
 from .quantize import FP32_ISLAND_REASON, METHODS, QTYPES, TARGETS, TensorDataReader, build_qdq, ensure_opset, graph_precision
 
@@ -378,8 +379,6 @@ def calib_report(args: argparse.Namespace, argv: Sequence[str] | None, plan: Cal
                              "note": f"the same island in every {args.precision} graph of this report; the node and "
                                      f"tensor lists are under {args.precision}.<method>.fp32_island"}
     if args.precision == "fp8":  # the attention pattern TensorRT's FP8 MHA fusion needs (docs/fp8.md)
-        from .mha_pattern import mha_patterns, summarize_patterns
-
         report["attention"] = summarize_patterns(mha_patterns(onnx.load(int8[plan.methods[0]]["path"])))
     return report
 

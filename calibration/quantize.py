@@ -44,6 +44,7 @@ from t2t_vit.files import atomic_save_onnx
 from t2t_vit.graphs import (check_graph, consumers, default_opset, describe_graph, fp32_tensors, producers,
                             set_metadata, toposort, value_types)
 
+from .fp8 import to_fp8
 from .policy import NEVER_QUANTIZED_OPS, Placement, classify_nodes, performer_core_nodes
 
 _logger = logging.getLogger(__name__)
@@ -478,8 +479,6 @@ def _to_fp8(graph: onnx.ModelProto, fp16_model: onnx.ModelProto, fp32_model: onn
             nodes: Sequence[str], ranges: str | os.PathLike) -> dict[str, int]:
     """The TensorRT int8 graph ``graph`` rewritten to fp8 in place (:func:`calibration.fp8.to_fp8`): weights
     requantized from the fp16 export's float weights, activation scales from the fp32 graph's ranges."""
-    from .fp8 import to_fp8
-
     pairs = matmul_pairs(fp32_model, fp16_model)
     inits = {i.name: i for i in fp16_model.graph.initializer}
     weights = {pairs[n].name: {i: numpy_helper.to_array(inits[t]).astype(np.float32)
