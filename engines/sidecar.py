@@ -59,8 +59,7 @@ def make_sidecar(*, model: str, precision: str, profile: Mapping[str, Mapping[st
                  onnx_path: str | os.PathLike, onnx_sha256: str, engine_sha256: str, tensorrt_version: str,
                  gpu: Mapping[str, str], build_time_s: float, built_at: str,
                  onnx_metadata: Mapping[str, str], data_config: Mapping[str, str],
-                 builder: Mapping[str, Any], requirements: EngineRequirements = EngineRequirements(),
-                 ) -> dict[str, Any]:
+                 builder: Mapping[str, Any], requirements: EngineRequirements | None = None) -> dict[str, Any]:
     """The sidecar as plain data (every value JSON-serializable); ``requirements``: what the graph needs of the
     GPU and TensorRT (:meth:`EngineRequirements.from_metadata`), recorded as ``requires_*`` (None: nothing)."""
     return {
@@ -73,7 +72,7 @@ def make_sidecar(*, model: str, precision: str, profile: Mapping[str, Mapping[st
         "engine_sha256": engine_sha256,
         "tensorrt_version": str(tensorrt_version),
         "gpu": {"name": str(gpu["name"]), "compute_capability": str(gpu["compute_capability"])},
-        **requirements.to_sidecar(),
+        **(requirements or EngineRequirements()).to_sidecar(),
         "build_time_s": round(float(build_time_s), 3),
         "built_at": built_at,
         "builder": dict(builder),

@@ -245,7 +245,7 @@ class EngineRequirements:
     tensorrt: str | None = None
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], source: str = "the graph") -> "EngineRequirements":
+    def from_metadata(cls, meta: Mapping[str, str], source: str = "the graph") -> EngineRequirements:
         """The requirements of a graph: its ``requires_compute_capability``, and for an fp8 graph (metadata
         ``precision`` fp8 or ``qdq_dtype`` float8e4m3fn) TensorRT >= :data:`FP8_MIN_VERSION`.
 
@@ -266,7 +266,7 @@ class EngineRequirements:
         return cls(cc, ".".join(map(str, FP8_MIN_VERSION)) if fp8 else None)
 
     @classmethod
-    def from_sidecar(cls, sidecar: Mapping[str, Any]) -> "EngineRequirements":
+    def from_sidecar(cls, sidecar: Mapping[str, Any]) -> EngineRequirements:
         """The requirements ``make engine`` recorded (sidecars of engines without any have none)."""
         return cls(sidecar.get("requires_compute_capability"), sidecar.get("requires_tensorrt"))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 from engines import build as B
 from engines import sidecar as S
 from engines import trt_compat as T
-from tests.engine_helpers import REPO, listing, make_test_sidecar, tiny_out, write_onnx, data_meta
+from tests.engine_helpers import REPO, data_meta, listing, make_test_sidecar, tiny_out, write_onnx
 from tests.recording_trt import Recorder, install, make_recording_trt
 
 pytestmark = pytest.mark.timeout(300)
@@ -195,8 +194,8 @@ def test_fp8_build_refuses_what_cannot_run_it_and_writes_nothing(made, tmp_path,
     rec = Recorder()
     _fake(monkeypatch, rec, gpu=gpu, version=version)
     before = listing(tmp_path)
-    rc = B.main(["--model", MODEL, "--out", str(out), "--precision", "fp8", "--engine", str(tmp_path / "e" / "x.engine"),
-                 "--timing-cache", str(tmp_path / "c" / "t.cache")])
+    rc = B.main(["--model", MODEL, "--out", str(out), "--precision", "fp8",
+                 "--engine", str(tmp_path / "e" / "x.engine"), "--timing-cache", str(tmp_path / "c" / "t.cache")])
     err = capsys.readouterr().err
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("engines.build:")]
@@ -268,8 +267,8 @@ def test_runner_int8_engine_has_no_requirement(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 def test_bench_plan_checks_fp8_engine_precision_and_gpu(tmp_path):
     from engines.bench import BenchError, plan_tensorrt
-    from tests.test_bench_engines import FAKE_TRTEXEC
     from tests.engine_helpers import LOGS
+    from tests.test_bench_engines import FAKE_TRTEXEC
 
     fake = tmp_path / "bin" / "trtexec"
     fake.parent.mkdir()
