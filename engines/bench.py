@@ -6,9 +6,10 @@ One report per model holds:
   with the flags that make 10.x time like 11.x (:mod:`engines.trtexec`); the exact command lines, logs
   and TensorRT version are recorded. trtexec times GPU work only (CUDA graphs, no host<->device copies).
 * Baselines through the shared runners (made by :func:`engines.backends.resolve_backend`): ONNX Runtime on the CPU (and CUDA) for
-  every ``<out>/<model>.{fp32,fp16,int8,int8-cpu}.onnx`` present, PyTorch eager on the CPU, and on a GPU
+  every ``<out>/<model>.{fp32,fp16,int8,int8-cpu,fp8}.onnx`` present, PyTorch eager on the CPU, and on a GPU
   PyTorch eager fp32 / fp16 / bf16 autocast and ``torch.compile``. Baselines are timed end to end through
-  ``Runner.infer`` (host tensor in, host logits out), i.e. including copies on a GPU.
+  ``Runner.infer`` (host tensor in, host logits out), i.e. including copies on a GPU. ONNX Runtime only
+  emulates the fp8 graph (:data:`EMULATED`): its rows say ``fp8 (emulated)``.
 
 Outputs ``bench-engines-<model>-<img>-<device>[-trt-<precision>].{json,md,png}`` under ``--out`` and, with
 ``--report reports/``, the same files there. Without TensorRT, ``--tensorrt require`` (``make bench``)
@@ -28,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from t2t_vit.artifacts import GRAPH_PRECISIONS, default_out, onnx_path
-from t2t_vit.backends import BackendSpec, select_backends
+from t2t_vit.artifacts import ENGINE_PRECISIONS, GRAPH_PRECISIONS, default_out, onnx_path
+from t2t_vit.backends import BackendSpec, parse_backend, select_backends
 from t2t_vit.checkpoint import build_model, trained_like_
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, comma_list, run_command
 from t2t_vit.errors import T2TError
@@ -40,17 +41,20 @@ from t2t_vit.runners import Runner
 from t2t_vit.timing import latency_stats, load_average, time_calls
 
 from .backends import Skip, resolve_backend
-from .sidecar import EngineMismatchError, SidecarError, check_sidecar, read_sidecar
-from .trt_compat import INSTALL_HINT, TensorRTUnavailable, gpu_info, parse_version
+from .sidecar import EngineMismatchError, SidecarError, check_requirements, check_sidecar, read_sidecar
+from .trt_compat import INSTALL_HINT, TensorRTUnavailable, UnsupportedPlatform, gpu_info, parse_version
 from .trtexec import TimingBudget, TrtexecError, find_trtexec, run_trtexec, trtexec_command, trtexec_version
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["BenchError", "TrtPlan", "plan_tensorrt", "time_runner", "onnx_files", "checked_graphs", "baseline_backends",
+__all__ = ["EMULATED", "BenchError", "TrtPlan", "plan_tensorrt", "time_runner", "onnx_files", "checked_graphs", "baseline_backends",
            "report_stem", "render_markdown", "plot_report", "run_bench", "get_args_parser", "main"]
 
 DEFAULT_BATCHES = (1, 8, 32, 128)
 ONNX_PRECISIONS = GRAPH_PRECISIONS
+# Graph precisions ONNX Runtime only emulates: it runs the float8e4m3fn Q/DQ (rounding to FP8 and back) and
+# multiplies the dequantized fp16/fp32 values; no FP8 GEMM. Their rows time the emulation, not FP8 hardware.
+EMULATED = {"fp8": "ONNX Runtime emulates FP8: float8e4m3fn Q/DQ rounding, then fp16/fp32 MatMul (no FP8 GEMM)"}
 
 
 def baseline_backends() -> list[BackendSpec]:
@@ -87,7 +91,7 @@ def _same_release(a: str, b: str) -> bool:
 
 
 def plan_tensorrt(mode: str, engine: Path, trtexec: str | None = None,
-                  gpu: Callable[[], dict[str, str]] | None = None) -> TrtPlan:
+                  gpu: Callable[[], dict[str, str]] | None = None, precision: str | None = None) -> TrtPlan:
     """Check trtexec, the GPU, the engine and its sidecar; nothing is written.
 
     Args:
@@ -95,6 +99,7 @@ def plan_tensorrt(mode: str, engine: Path, trtexec: str | None = None,
         engine: the engine to time.
         trtexec: binary path (default: ``$TRTEXEC`` or PATH).
         gpu: returns ``{"name", "compute_capability"}`` of the running GPU (default: via PyTorch).
+        precision: the engine precision asked for (``--precision``); the sidecar's must equal it.
 
     Raises:
         BenchError: ``mode == "require"`` and the sweep cannot run.
@@ -118,11 +123,16 @@ def plan_tensorrt(mode: str, engine: Path, trtexec: str | None = None,
     elif not problems:
         try:
             plan.sidecar = read_sidecar(engine)
+            if precision and plan.sidecar["precision"] != precision:
+                raise EngineMismatchError(f"{engine} is a {plan.sidecar['precision']} engine (its sidecar), not the "
+                                          f"{precision} engine asked for: pass its --precision, or build the "
+                                          f"{precision} one with `make engine PRECISION={precision}`")
+            check_requirements(plan.sidecar, gpu=running_gpu, engine_path=engine)  # fp8: SM 8.9+, said first
             built = plan.sidecar["tensorrt_version"]
             check_sidecar(plan.sidecar, tensorrt_version=built if _same_release(built, plan.version) else plan.version,
                           gpu_name=running_gpu["name"], compute_capability=running_gpu["compute_capability"],
                           engine_sha256=file_sha256(engine), engine_path=engine)
-        except (SidecarError, EngineMismatchError) as e:
+        except (SidecarError, EngineMismatchError, UnsupportedPlatform) as e:
             problems.append(str(e))
     if not problems:
         if mode == "off":
@@ -232,6 +242,12 @@ def _baseline_runners(args: argparse.Namespace, out: Path, img_size: int, thread
     return runners, skipped
 
 
+def _emulation(backend: str, precision: str) -> dict[str, str]:
+    """``{"emulated": why}`` for a row that times an emulation (ONNX Runtime on the fp8 graph), else ``{}``."""
+    return {"emulated": EMULATED[precision]} if (precision in EMULATED and
+                                                 parse_backend(backend).runtime == "onnxruntime") else {}
+
+
 def run_baselines(args: argparse.Namespace, out: Path, img_size: int, batches: Sequence[int],
                   threads: int) -> tuple[list[dict], list[dict]]:
     """Time every available baseline over ``batches``: (rows, skipped backends with reasons)."""
@@ -252,7 +268,8 @@ def run_baselines(args: argparse.Namespace, out: Path, img_size: int, batches: S
                     stats = latency_stats(secs)
                     rows.append({"backend": runner.name, "precision": runner.precision, "device": str(device),
                                  "batch": batch, "source": "runner", "latency_ms": stats, "gpu_compute_ms": None,
-                                 "images_per_s": batch / (stats["mean"] / 1e3), "iterations": len(secs)})
+                                 "images_per_s": batch / (stats["mean"] / 1e3), "iterations": len(secs),
+                                 **_emulation(key, runner.precision)})
                     bar.update(1)
         except Exception as e:  # one failing baseline must not sink the others; the reason is reported
             _logger.warning("%s failed: %s", key, e)
@@ -311,8 +328,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if trt["ran"]:
         lines += [f"trtexec {trt['version']} on `{trt['engine']}` (built with TensorRT "
-                  f"{trt['sidecar'].get('tensorrt_version')} on {trt['sidecar'].get('gpu', {}).get('name')}). "
-                  "Commands:", ""]
+                  f"{trt['sidecar'].get('tensorrt_version')} on {trt['sidecar'].get('gpu', {}).get('name')}"
+                  + (f"; it runs on compute capability {trt['sidecar']['requires_compute_capability']}+ only"
+                     if trt["sidecar"].get("requires_compute_capability") else "") + "). Commands:", ""]
         lines += [f"- batch {r['batch']}: `{r.get('command', '')}`" + (f" (failed: {r['error']})" if 'error' in r else "")
                   + (f" ({r['skipped']})" if 'skipped' in r else "") for r in trt["runs"]]
     else:
@@ -326,11 +344,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         lat = r["latency_ms"] or {}  # a trtexec summary may lack the Latency line
         gpu_ms = (r.get("gpu_compute_ms") or {}).get("median")
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['device']} | {r['batch']} | {_fmt(lat.get('median'))} | "
+        precision = f"{r['precision']} (emulated)" if r.get("emulated") else r["precision"]
+        lines.append(f"| {r['backend']} | {precision} | {r['device']} | {r['batch']} | {_fmt(lat.get('median'))} | "
                      f"{_fmt(lat.get('mean'))} | {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(gpu_ms)} | "
                      f"{_fmt(r['images_per_s'], 1)} | {_fmt(r.get('iterations'))} |")
     if not report["rows"]:
         lines.append("| (nothing ran) | | | | | | | | | | |")
+    emulated = sorted({r["emulated"] for r in report["rows"] if r.get("emulated")})
+    if emulated:
+        lines += ["", "(emulated): " + "; ".join(emulated) + ". These rows time the emulation on this device, not "
+                  "the precision's hardware speed (TensorRT rows are the real thing)."]
     if report["skipped"]:
         lines += ["", "## Not run", ""] + [f"- {s['backend']}: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
@@ -406,7 +429,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
         raise BenchError(f"--batches must be positive, got {args.batches} (BATCHES=1,8,32)")
     engine = Path(args.engine) if args.engine else out / f"{args.model}.{args.precision}.engine"
     # TensorRT first: with --tensorrt require this raises before anything is read or written.
-    plan = plan_tensorrt(args.tensorrt, engine, args.trtexec)
+    plan = plan_tensorrt(args.tensorrt, engine, args.trtexec, precision=args.precision)
     graphs = checked_graphs(args, out)
     img_size = _resolve_img_size(args, graphs)
     threads = apply_threads(args.threads)
@@ -457,8 +480,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    img_size_help="input size (default: the ONNX graph's, else the registry's)")
     add_run_args(p, batch_size=None, workers=None)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
-                   help="which engine to time: <out>/<model>.<precision>.engine (default fp16)")
+    g.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp16",
+                   help="which engine to time: <out>/<model>.<precision>.engine (default fp16; fp8 runs on GPUs of "
+                        "compute capability 8.9+)")
     g.add_argument("--engine", default=None, help="engine path instead of <out>/<model>.<precision>.engine")
     g.add_argument("--tensorrt", choices=("require", "auto", "off"), default="auto",
                    help="require: stop at once without trtexec/GPU/engine (make bench); auto: skip the TensorRT "

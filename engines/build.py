@@ -8,7 +8,10 @@ Every engine of the project is built by :func:`build_serialized_engine`, on Poly
 every-tensor-an-output engine through it too. Which TensorRT calls those loaders make for the options used
 here, on 10.x and 11.x, is in docs/tensorrt.md.
 
-Precision is a property of the ONNX graph: fp16 by fp16-typed tensors, int8 by Q/DQ nodes. The network
+Precision is a property of the ONNX graph: fp16 by fp16-typed tensors, int8 and fp8 by Q/DQ nodes (int8 or
+float8e4m3fn zero points: ``make calib [PRECISION=fp8]``). An fp8 graph needs an SM 8.9+ GPU (its metadata's
+``requires_compute_capability``, recorded in the sidecar) and TensorRT >= 10.6; the build refuses anything
+less before it builds or writes anything (:func:`check_platform`). The network
 is strongly typed (the creation flag on TensorRT 10.x, the only mode on 11.x) and no precision builder
 flag or calibrator is ever set, so the engine computes in the types the graph declares on both major
 versions. TF32 is the one precision TensorRT enables by itself (``BuilderFlag.TF32`` is on by default in
@@ -29,6 +32,7 @@ Usage::
 
     python -m engines.build --model t2t_vit_12 --precision fp16            # needs TensorRT and a GPU
     python -m engines.build --model t2t_vit_12 --precision int8 --dry-run  # the plan, no TensorRT needed
+    python -m engines.build --model t2t_vit_12 --precision fp8             # SM 8.9+ GPU, TensorRT >= 10.6
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ from t2t_vit.files import OutputLock, atomic_write_bytes, file_sha256
 from t2t_vit.graphs import GraphError, expect_graph, graph_inputs, read_metadata
 
 from .sidecar import make_sidecar, sidecar_path, write_sidecar
-from .trt_compat import TensorRTUnavailable, gpu_info, import_tensorrt, network_creation_flags
+from .trt_compat import (EngineRequirements, TensorRTUnavailable, gpu_info, import_tensorrt,
+                         network_creation_flags)
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ __all__ = [
     "inspect_onnx",
     "profile_shapes",
     "plan_build",
+    "graph_requirements",
+    "check_platform",
     "default_timing_cache",
     "BuiltEngine",
     "build_serialized_engine",
@@ -179,9 +186,29 @@ def plan_build(model: str, precision: str, out: str | os.PathLike, settings: Bui
     except DataError as e:
         raise BuildError(f"{onnx_file}: {e}") from e
     shapes = profile_shapes(info.inputs, settings, img_size=img_size)
+    requirements = graph_requirements(onnx_file, meta)
     return {"model": model, "precision": precision, "onnx": str(onnx_file), "engine": str(engine_file),
             "sidecar": str(sidecar_path(engine_file)), "profile": shapes, "data_config": data_config,
-            "onnx_metadata": meta, "settings": asdict(settings)}
+            **requirements.to_sidecar(), "onnx_metadata": meta, "settings": asdict(settings)}
+
+
+def graph_requirements(onnx_file: str | os.PathLike, meta: dict[str, str] | None = None) -> EngineRequirements:
+    """What the graph's engine needs of the GPU and TensorRT, from its metadata (fp8: SM 8.9+, TensorRT >= 10.6).
+
+    Raises:
+        BuildError: an fp8 graph that does not record its compute capability (not made by ``make calib``).
+    """
+    try:
+        return EngineRequirements.from_metadata(read_metadata(onnx_file) if meta is None else meta, str(onnx_file))
+    except ValueError as e:
+        raise BuildError(str(e)) from e
+
+
+def check_platform(requirements: EngineRequirements, onnx_file: str | os.PathLike, tensorrt_version: str,
+                   gpu: dict[str, str]) -> None:
+    """Refuse to build a graph this TensorRT or GPU cannot run (an fp8 graph below SM 8.9 or TensorRT 10.6)
+    before anything is read or written; :class:`~engines.trt_compat.UnsupportedPlatform` says what it needs."""
+    requirements.check(gpu=gpu, tensorrt_version=tensorrt_version, subject=f"{onnx_file}")
 
 
 def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
@@ -263,6 +290,7 @@ def build_serialized_engine(onnx_file: str | os.PathLike, shapes: dict[str, dict
 
     Raises:
         TensorRTUnavailable: TensorRT or a GPU is missing.
+        UnsupportedPlatform: the graph needs a newer GPU or TensorRT (fp8: SM 8.9+, TensorRT >= 10.6).
         BuildError: TensorRT rejected the graph or the build failed (its errors are logged above).
     """
     trt = import_tensorrt()
@@ -274,6 +302,7 @@ def build_serialized_engine(onnx_file: str | os.PathLike, shapes: dict[str, dict
 
     settings.validate()
     gpu = gpu_info()
+    check_platform(graph_requirements(onnx_file), onnx_file, trt.__version__, gpu)
     cache_file = Path(settings.timing_cache) if settings.timing_cache else default_timing_cache(trt.__version__, gpu["name"])
     cache_in = cache_file.read_bytes() if cache_file.is_file() else b""
     if settings.opt_level == 0:
@@ -321,11 +350,14 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
 
     Raises:
         TensorRTUnavailable: TensorRT or a GPU is missing.
+        UnsupportedPlatform: the graph needs a newer GPU or TensorRT (fp8); nothing is written.
         BuildError: bad input, or the build failed.
     """
-    import_tensorrt()
+    trt = import_tensorrt()
     plan = plan_build(model, precision, out, settings, onnx_file, engine_file, img_size, checkpoint)
     onnx_file, engine_file = Path(plan["onnx"]), Path(plan["engine"])
+    requirements = EngineRequirements(plan["requires_compute_capability"], plan["requires_tensorrt"])
+    check_platform(requirements, onnx_file, trt.__version__, gpu_info())  # before the lock creates anything
     with OutputLock(engine_file.parent):  # a second build into the same folder is refused, not interleaved
         built = build_serialized_engine(onnx_file, plan["profile"], settings)
         serialized = built.serialized
@@ -340,6 +372,7 @@ def build_engine(model: str, precision: str, out: str | os.PathLike, settings: B
                      "tf32": "allowed (--tf32)" if settings.tf32 else "cleared: fp32 tensors compute in fp32",
                      "network_creation_flags": built.network_creation_flags,
                      "polygraphy": built.polygraphy_version},
+            requirements=requirements,
         )
         # The sidecar goes last: an engine without one (or with a stale one, by engine_sha256) is refused.
         write_sidecar(engine_file, sidecar)
@@ -355,7 +388,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    img_size_help="check the ONNX input is this size (default: as exported)")
     g = p.add_argument_group("engine")
     g.add_argument("--precision", choices=PRECISIONS, default="fp16",
-                   help="which typed ONNX to build: <out>/<model>.<precision>.onnx (default: fp16)")
+                   help="which typed ONNX to build: <out>/<model>.<precision>.onnx (default: fp16; fp8 needs a "
+                        "GPU of compute capability 8.9+ and TensorRT >= 10.6)")
     g.add_argument("--onnx", default=None, help="ONNX file to build instead of <out>/<model>.<precision>.onnx")
     g.add_argument("--engine", default=None, help="engine path (default: <out>/<model>.<precision>.engine)")
     d = BuildSettings()
@@ -394,8 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TensorRTUnavailable as e:  # raised before anything is read or written
             raise TensorRTUnavailable(f"cannot build a TensorRT engine: {e}\n(nothing was written)") from e
         engine = args.engine or engine_path(out, args.model, args.precision)
+        needs = (f"; runs on compute capability {sidecar['requires_compute_capability']}+ only"
+                 if sidecar.get("requires_compute_capability") else "")
         print(f"wrote {engine} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']['name']}, "
-              f"{sidecar['build_time_s']:.1f} s) and {sidecar_path(engine)}")
+              f"{sidecar['build_time_s']:.1f} s{needs}) and {sidecar_path(engine)}")
         return 0
 
     return run_command(body, "engines.build")

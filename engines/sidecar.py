@@ -5,6 +5,10 @@ A serialized TensorRT engine only runs on the TensorRT version and the GPU model
 sha256, data config) and where (TensorRT version, GPU name and compute capability), so loading can
 fail with a clear message instead of a deserialization error, and evaluators read preprocessing from
 the sidecar instead of guessing it.
+
+An engine that needs a GPU generation records it (``requires_compute_capability``, "8.9" for fp8, copied
+from the graph's metadata; ``requires_tensorrt``, the oldest TensorRT that builds the graph; both None for
+fp32/fp16/int8), and :func:`check_requirements` refuses a GPU below it before anything is deserialized.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from t2t_vit.data import DataConfig
 from t2t_vit.errors import T2TError
 from t2t_vit.files import atomic_write_json
 
+from .trt_compat import EngineRequirements
+
 __all__ = [
     "SIDECAR_FORMAT",
     "SidecarError",
@@ -26,6 +32,7 @@ __all__ = [
     "write_sidecar",
     "read_sidecar",
     "check_sidecar",
+    "check_requirements",
     "data_config_from_sidecar",
 ]
 
@@ -52,8 +59,9 @@ def make_sidecar(*, model: str, precision: str, profile: Mapping[str, Mapping[st
                  onnx_path: str | os.PathLike, onnx_sha256: str, engine_sha256: str, tensorrt_version: str,
                  gpu: Mapping[str, str], build_time_s: float, built_at: str,
                  onnx_metadata: Mapping[str, str], data_config: Mapping[str, str],
-                 builder: Mapping[str, Any]) -> dict[str, Any]:
-    """The sidecar as plain data (every value JSON-serializable)."""
+                 builder: Mapping[str, Any], requirements: EngineRequirements | None = None) -> dict[str, Any]:
+    """The sidecar as plain data (every value JSON-serializable); ``requirements``: what the graph needs of the
+    GPU and TensorRT (:meth:`EngineRequirements.from_metadata`), recorded as ``requires_*`` (None: nothing)."""
     return {
         "format": SIDECAR_FORMAT,
         "model": model,
@@ -64,6 +72,7 @@ def make_sidecar(*, model: str, precision: str, profile: Mapping[str, Mapping[st
         "engine_sha256": engine_sha256,
         "tensorrt_version": str(tensorrt_version),
         "gpu": {"name": str(gpu["name"]), "compute_capability": str(gpu["compute_capability"])},
+        **(requirements or EngineRequirements()).to_sidecar(),
         "build_time_s": round(float(build_time_s), 3),
         "built_at": built_at,
         "builder": dict(builder),
@@ -136,6 +145,18 @@ def check_sidecar(sidecar: Mapping[str, Any], *, tensorrt_version: str, gpu_name
         raise EngineMismatchError(
             f"{where}does not match its sidecar (sha256 {engine_sha256[:12]}... vs {sidecar['engine_sha256'][:12]}...): "
             f"the file was replaced or damaged after the build. {_rebuild_hint(sidecar)}")
+
+
+def check_requirements(sidecar: Mapping[str, Any], *, gpu: Mapping[str, str],
+                       engine_path: str | os.PathLike | None = None) -> None:
+    """Refuse a GPU the engine cannot run on at all (an fp8 engine below its ``requires_compute_capability``),
+    whatever else matches: checked before :func:`check_sidecar`, and also where that check is turned off.
+
+    Raises:
+        UnsupportedPlatform: one line with what the engine needs, what this GPU has, and what to build instead.
+    """
+    subject = f"{engine_path or 'the engine'} ({sidecar.get('precision')} engine)"
+    EngineRequirements.from_sidecar(sidecar).check(gpu=gpu, subject=subject)
 
 
 def data_config_from_sidecar(sidecar: Mapping[str, Any]):

@@ -16,13 +16,22 @@ notes on the deprecated precision flags and calibrators; TensorRT 11 migration n
 * 11.x: strongly typed is the only mode; the flag is deprecated and ignored, so no flag is passed.
 * Both: no precision builder flags (``BuilderFlag.FP16``/``INT8``) and no calibrators; precision is
   what the ONNX graph's tensor types and Q/DQ nodes say.
+
+Some graphs need more than a strongly typed build (:class:`EngineRequirements`): the fp8 graph of
+``make calib PRECISION=fp8`` records ``requires_compute_capability`` (SM 8.9, Ada, and later: FP8 tensor
+cores) in its metadata, and needs TensorRT >= 10.6 (:data:`FP8_MIN_VERSION`; TensorRT 10.6.0 release notes:
+"Added support for per-channel scaling for FP8 matrix multiplications on Hopper GPUs", which its per-channel
+weights need, and FP8 multi-head attention fusion on Ada). TensorRT has no query for the GPU's compute
+capability (``platformHasFastFp16``/``Int8`` were deprecated in 10.x and removed in 11, with no FP8
+counterpart ever), so it is read through PyTorch (:func:`gpu_info`).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from t2t_vit.errors import T2TError
 
@@ -34,6 +43,10 @@ __all__ = [
     "parse_version",
     "network_creation_flags",
     "gpu_info",
+    "FP8_MIN_VERSION",
+    "UnsupportedPlatform",
+    "parse_capability",
+    "EngineRequirements",
     "TRT_NAMES_USED",
     "TRT_NAMES_VERSION_GATED",
     "TRT_NAMES_VIA_POLYGRAPHY",
@@ -47,6 +60,10 @@ __all__ = [
 INSTALL_HINT = ("pip install -e '.[tensorrt]' (TensorRT >= 10.1 with its CUDA libraries, on a machine with an "
                 "NVIDIA GPU; the trtexec binary ships in NVIDIA's TensorRT tar/deb packages)")
 MIN_VERSION = (10, 1)
+# The oldest TensorRT that builds the fp8 graph as written: per-channel FP8 GEMM scaling (its weights are
+# per output channel) arrived in 10.6 (TensorRT 10.6.0 release notes, "Per-Channel Scaling for FP8 GEMMs",
+# stated for Hopper GPUs). docs/tensorrt.md, "FP8 engines", says why this and not 10.1.
+FP8_MIN_VERSION = (10, 6)
 
 # Every attribute the engines code reads on the `trt` module or on TensorRT objects. The names test
 # collects them from the source by AST (see TRT_OBJECT_NAMES) and requires this list to match exactly.
@@ -130,6 +147,11 @@ class TensorRTUnavailable(T2TError, RuntimeError):
     """TensorRT (or a GPU for it) is missing or too old; the message says what to install."""
 
 
+class UnsupportedPlatform(T2TError, RuntimeError):
+    """This GPU or TensorRT cannot build or run a graph's engine (an fp8 engine below SM 8.9, or before
+    TensorRT 10.6); the message says what the graph needs and what to build instead."""
+
+
 def tensorrt_availability() -> tuple[bool, str]:
     """``(True, "")`` when the ``tensorrt`` package is importable and PyTorch sees a CUDA GPU."""
     if importlib.util.find_spec("tensorrt") is None:
@@ -197,3 +219,79 @@ def gpu_info(device: int | None = None) -> dict[str, str]:
     idx = torch.cuda.current_device() if device is None else device
     major, minor = torch.cuda.get_device_capability(idx)
     return {"name": torch.cuda.get_device_name(idx), "compute_capability": f"{major}.{minor}"}
+
+
+def parse_capability(text: str) -> tuple[int, int]:
+    """``"8.9"`` -> ``(8, 9)``, for comparing compute capabilities (``"10.0"`` is above ``"8.9"``).
+
+    Raises:
+        ValueError: not ``major.minor``.
+    """
+    m = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", str(text))
+    if not m:
+        raise ValueError(f"compute capability {text!r} is not major.minor (such as 8.9)")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class EngineRequirements:
+    """What an engine needs beyond a strongly typed build: a GPU generation and a TensorRT release (None: any).
+
+    Read from the graph's metadata when building (:meth:`from_metadata`) and recorded in the sidecar, read back
+    from it when running (:meth:`from_sidecar`).
+    """
+
+    compute_capability: str | None = None
+    tensorrt: str | None = None
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], source: str = "the graph") -> EngineRequirements:
+        """The requirements of a graph: its ``requires_compute_capability``, and for an fp8 graph (metadata
+        ``precision`` fp8 or ``qdq_dtype`` float8e4m3fn) TensorRT >= :data:`FP8_MIN_VERSION`.
+
+        Raises:
+            ValueError: an fp8 graph without ``requires_compute_capability`` (not written by
+                ``make calib PRECISION=fp8``), or a value that is not ``major.minor``.
+        """
+        fp8 = meta.get("precision") == "fp8" or meta.get("qdq_dtype") == "float8e4m3fn"
+        cc = (meta.get("requires_compute_capability") or "").strip() or None
+        if fp8 and cc is None:
+            raise ValueError(f"{source} is an fp8 graph but its metadata lacks requires_compute_capability: "
+                             f"re-create it with `make calib PRECISION=fp8`")
+        if cc is not None:
+            try:
+                parse_capability(cc)
+            except ValueError as e:
+                raise ValueError(f"{source}: metadata requires_compute_capability: {e}") from e
+        return cls(cc, ".".join(map(str, FP8_MIN_VERSION)) if fp8 else None)
+
+    @classmethod
+    def from_sidecar(cls, sidecar: Mapping[str, Any]) -> EngineRequirements:
+        """The requirements ``make engine`` recorded (sidecars of engines without any have none)."""
+        return cls(sidecar.get("requires_compute_capability"), sidecar.get("requires_tensorrt"))
+
+    def problems(self, *, gpu: Mapping[str, str] | None = None, tensorrt_version: str | None = None,
+                 subject: str = "this graph") -> list[str]:
+        """Why ``gpu`` (``{"name", "compute_capability"}``) or ``tensorrt_version`` cannot build/run it ([] when
+        they can, or when not given)."""
+        out = []
+        if self.tensorrt and tensorrt_version is not None and \
+                parse_version(tensorrt_version)[:2] < parse_version(self.tensorrt)[:2]:
+            out.append(f"{subject} needs TensorRT >= {self.tensorrt}, this is TensorRT {tensorrt_version} "
+                       f"(upgrade: pip install -U 'tensorrt>={self.tensorrt}')")
+        if self.compute_capability and gpu is not None and \
+                parse_capability(gpu["compute_capability"]) < parse_capability(self.compute_capability):
+            out.append(f"{subject} needs a GPU of compute capability {self.compute_capability} or later "
+                       f"(FP8 tensor cores: Ada, Hopper and later), this {gpu['name']} has "
+                       f"{gpu['compute_capability']}: build the int8 engine instead (`make engine PRECISION=int8`)")
+        return out
+
+    def check(self, *, gpu: Mapping[str, str] | None = None, tensorrt_version: str | None = None,
+              subject: str = "this graph") -> None:
+        """Raises :class:`UnsupportedPlatform` with every problem of :meth:`problems`."""
+        problems = self.problems(gpu=gpu, tensorrt_version=tensorrt_version, subject=subject)
+        if problems:
+            raise UnsupportedPlatform("; ".join(problems))
+
+    def to_sidecar(self) -> dict[str, str | None]:
+        return {"requires_compute_capability": self.compute_capability, "requires_tensorrt": self.tensorrt}

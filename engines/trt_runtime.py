@@ -3,7 +3,8 @@
 TensorRT 10/11 tensor API only (unchanged between the two): ``set_input_shape``, ``set_tensor_address``
 and ``execute_async_v3`` on a CUDA stream, with input/output buffers held as torch CUDA tensors (so no
 pycuda / cuda-python dependency). The sidecar written by ``make engine`` is checked against the running
-TensorRT version and GPU before the engine is deserialized::
+TensorRT version and GPU before the engine is deserialized, and a GPU below the engine's
+``requires_compute_capability`` (fp8: SM 8.9) is refused even with ``check=False``::
 
     with TensorRTRunner("artifacts/t2t_vit_12/t2t_vit_12.fp16.engine") as runner:
         logits = runner.infer(images)   # float32 NCHW CPU tensor -> np.float32 (N, classes)
@@ -20,7 +21,7 @@ import torch
 
 from t2t_vit.runners import Runner, RunnerError
 
-from .sidecar import check_sidecar, data_config_from_sidecar, read_sidecar
+from .sidecar import check_requirements, check_sidecar, data_config_from_sidecar, read_sidecar
 from .trt_compat import gpu_info, import_tensorrt, tensorrt_availability
 
 __all__ = ["TensorRTRunner", "batch_chunks"]
@@ -76,9 +77,11 @@ class TensorRTRunner(Runner):
     # -- lifetime ---------------------------------------------------------------------------------
     def _activate(self) -> None:
         trt = import_tensorrt()
+        gpu = gpu_info()
+        # Even with check=False: an fp8 engine on a GPU below SM 8.9 has no kernels to run, only a cryptic failure.
+        check_requirements(self.sidecar, gpu=gpu, engine_path=self.path)
         data = self.path.read_bytes()
         if self.check:
-            gpu = gpu_info()
             check_sidecar(self.sidecar, tensorrt_version=trt.__version__, gpu_name=gpu["name"],
                           compute_capability=gpu["compute_capability"],
                           engine_sha256=hashlib.sha256(data).hexdigest(), engine_path=self.path)
