@@ -59,7 +59,7 @@ from t2t_vit.errors import Interrupted, T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_bytes, atomic_write_json, file_sha256
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 
-__all__ = ["STEPS", "RULES", "EvidenceError", "calib_precisions", "plan_evidence", "summarize", "get_args_parser",
+__all__ = ["STEPS", "RULES", "EvidenceError", "calib_precisions", "step_key", "plan_evidence", "summarize", "get_args_parser",
            "main"]
 
 TOOL = "evaluation.evidence"
@@ -198,6 +198,20 @@ def _steps(args: argparse.Namespace, model: str, img: int, ckpt: Path, data: Pat
     return steps
 
 
+def step_key(cmd: Sequence[str], checkpoint_sha256: str) -> str:
+    """What makes a step's result: its command without the flags that change only how it runs (threads,
+    progress bars), and the checkpoint's content."""
+    argv, kept, skip = list(cmd), [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--threads":
+            skip = True
+        elif a != "--no-progress":
+            kept.append(a)
+    return hashlib.sha256(json.dumps([kept, checkpoint_sha256]).encode()).hexdigest()[:16]
+
+
 def plan_evidence(args: argparse.Namespace) -> Plan:
     """Check the input and settle every step (the checkpoint is loaded once, for its size and validity).
 
@@ -215,7 +229,7 @@ def plan_evidence(args: argparse.Namespace) -> Plan:
     sha = file_sha256(ckpt)
     steps = _steps(args, args.model, img, ckpt, data, calib_data, out / "model")
     for s in steps:
-        s.key = hashlib.sha256(json.dumps([s.cmd, sha]).encode()).hexdigest()[:16]
+        s.key = step_key(s.cmd, sha)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return Plan(args.model, img, ckpt, sha, out, Path(args.report_dir), steps, selected, args.in_process,
                 args.verbose, env)

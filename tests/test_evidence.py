@@ -140,13 +140,15 @@ def test_rerun_skips_every_step_and_rewrites_nothing(first_run, inputs, capsys):
     logs = {p: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
     reports = {p: p.stat().st_mtime_ns for p in (out / "model").glob("*.json")}
     capsys.readouterr()
-    rc = E.main(_argv(inputs, "--no-fail"))
+    rc = E.main(_argv(inputs, "--no-fail", "--verbose"))  # progress bars on: the same steps, not new ones
     printed = capsys.readouterr().out
     assert rc == 0
     for step in E.STEPS:
         if step != "calib-fp8" or "fp8" in E.calib_precisions():
             assert re.search(rf"\] {re.escape(step)}: (ok|threshold): up to date", printed), printed
     assert "python -m" not in printed  # no stage command was started
+    assert E.step_key(["m", "--threads", "1", "--no-progress", "--x"], "s") == E.step_key(["m", "--x"], "s")
+    assert E.step_key(["m", "--x"], "s") != E.step_key(["m", "--x"], "t")  # another checkpoint: another result
     assert {p: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
     assert {p: p.stat().st_mtime_ns for p in (out / "model").glob("*.json")} == reports
     again = json.loads((inputs["base"] / "reports" / f"{NAME}.json").read_text())
