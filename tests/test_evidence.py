@@ -228,3 +228,24 @@ def test_sigterm_stops_the_running_child(inputs, tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not (tmp_path / "out" / "evidence-state.json").exists()  # the stopped step is not recorded as done
+
+
+def test_the_fp8_slot_runs_once_calib_offers_fp8(inputs, monkeypatch):
+    """Detected from calib's parser: without --precision fp8 the step is skipped with the reason; with it, planned."""
+    args = E.get_args_parser().parse_args(_argv(inputs))
+    fp8 = next(s for s in E.plan_evidence(args).steps if s.name == "calib-fp8")
+    if "fp8" not in E.calib_precisions():
+        assert fp8.unavailable == "make calib PRECISION=fp8 not available (calibration.calib has no --precision fp8)"
+    real = E.calib_cli.get_args_parser
+
+    def with_fp8(add_help: bool = True):
+        p = real(add_help)
+        if "--precision" not in p._option_string_actions:
+            p.add_argument("--precision", choices=("int8", "fp8"), default="int8")
+        return p
+
+    monkeypatch.setattr(E.calib_cli, "get_args_parser", with_fp8)
+    assert "fp8" in E.calib_precisions()
+    fp8 = next(s for s in E.plan_evidence(args).steps if s.name == "calib-fp8")
+    assert fp8.unavailable == "" and fp8.cmd[0] == "calibration.calib"
+    assert fp8.cmd[fp8.cmd.index("--precision") + 1] == "fp8" and "--report" in fp8.cmd
