@@ -59,8 +59,8 @@ from t2t_vit.errors import Interrupted, T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_bytes, atomic_write_json, file_sha256
 from t2t_vit.reports import host_line, markdown_table, report_header, write_report
 
-__all__ = ["STEPS", "RULES", "EvidenceError", "calib_precisions", "step_key", "plan_evidence", "summarize", "get_args_parser",
-           "main"]
+__all__ = ["STEPS", "RULES", "EvidenceError", "calib_precisions", "step_key", "plan_evidence", "summarize",
+           "get_args_parser", "main"]
 
 TOOL = "evaluation.evidence"
 STEPS = ("onnx", "precision", "calib-tensorrt", "calib-cpu", "calib-fp8", "layers-fp16", "layers-int8",
@@ -79,9 +79,9 @@ RULES = {
     "island": f"the Performer core stays fp32 while the fp16 graph without it misses the export's fp16 agreement "
               f"({FP16_MIN_TOP1_AGREEMENT:g}%), has a non-finite logit, or moves max |dlogit| at least "
               f"{ISLAND_MIN_RATIO:g}x as far as the graph with it",
-    "int8": f"the int8 default ({DEFAULT_POLICY} placement, {DEFAULT_METHOD} calibration) holds while its |delta top-1| "
-            f"<= {{d:g}} points (the int8 parity threshold) and no other method agrees with fp32 on more than "
-            f"{METHOD_MARGIN:g} points more images",
+    "int8": f"the int8 default ({DEFAULT_POLICY} placement, {DEFAULT_METHOD} calibration) holds while its "
+            f"|delta top-1| <= {{d:g}} points (the int8 parity threshold) and no other method agrees with fp32 on "
+            f"more than {METHOD_MARGIN:g} points more images",
 }
 
 
@@ -180,7 +180,8 @@ def _steps(args: argparse.Namespace, model: str, img: int, ckpt: Path, data: Pat
              [md / f"{n}-{model}" for n in ("precision-tf32", "precision-layernorm", "activations")]),
         Step("calib-tensorrt", [*calib, "--method", ",".join(methods), "--target", "tensorrt"], [g["fp32"], g["fp16"]],
              [g["int8"], md / f"{model}.calib.json"], [md / f"{model}.calib"], needs=("onnx",)),
-        Step("calib-cpu", [*calib, "--method", ",".join(methods), "--target", "cpu"], [g["fp32"]], [g["int8-cpu"], md / f"{model}.calib-cpu.json"],
+        Step("calib-cpu", [*calib, "--method", ",".join(methods), "--target", "cpu"], [g["fp32"]],
+             [g["int8-cpu"], md / f"{model}.calib-cpu.json"],
              [md / f"{model}.calib-cpu"], needs=("onnx",)),
         # fp8 scales come from the largest value (max), as ModelOpt's fp8 recipe calibrates them.
         Step("calib-fp8", [*calib, "--method", "max", "--precision", "fp8", "--report", str(md / f"calib-fp8-{model}")],
@@ -480,7 +481,8 @@ def _fp8(plan: Plan, results: dict[str, Any]) -> dict[str, Any]:
     if rep is None or "accuracy" not in rep:
         return _decision("fp8 (TensorRT)", "not a default", "measured only", [], res["status"],
                          res.get("reason") or "the calib-fp8 step did not finish")
-    rows = [_row(k, name, a.get("top1_agreement"), a.get("max_abs_dlogit"), 0.0 - a["top1_drop"] if "top1_drop" in a else None)
+    rows = [_row(k, name, a.get("top1_agreement"), a.get("max_abs_dlogit"),
+                 0.0 - a["top1_drop"] if "top1_drop" in a else None)
             for k, a in rep["accuracy"].items() if k not in ("fp32", "fp16")]
     return _decision("fp8 (TensorRT)", "not a default", "measured only", rows, "measured", "no default to hold")
 
@@ -503,7 +505,8 @@ def _checks(plan: Plan, results: dict[str, Any]) -> dict[str, Any]:
     parity = None if rep is None else {
         "verdict": rep["verdict"], "images": rep["data"]["images_evaluated"], "source": name,
         "backends": [{k: b.get(k) for k in ("name", "precision", "status", "reason", "top1", "delta_top1",
-                                            "top1_agreement", "max_abs_dlogit")} for b in rep["backends"] if "top1" in b],
+                                            "top1_agreement", "max_abs_dlogit")}
+                     for b in rep["backends"] if "top1" in b],
         "not_run": rep.get("not_run") or []}
     return {"layers": layers, "parity": parity}
 
@@ -537,9 +540,10 @@ def render_markdown(s: dict[str, Any]) -> str:
         if d["rows"]:
             lines += [markdown_table(["measurement", "top-1 agreement %", "max abs dlogit", "delta top-1", "headroom",
                                       "source"],
-                                     [[r["measurement"], _fmt(r["top1_agreement"], ".2f"), _fmt(r["max_abs_dlogit"], ".3g"),
-                                       _fmt(r["delta_top1"], "+.2f"), _fmt(r["headroom"], ".3g") + ("x" if r["headroom"] else ""),
-                                       r["source"]] for r in d["rows"]]), ""]
+                                     [[r["measurement"], _fmt(r["top1_agreement"], ".2f"),
+                                       _fmt(r["max_abs_dlogit"], ".3g"), _fmt(r["delta_top1"], "+.2f"),
+                                       _fmt(r["headroom"], ".3g") + ("x" if r["headroom"] else ""), r["source"]]
+                                      for r in d["rows"]]), ""]
     ch = s["checks"]
     lines += ["## Layer-wise (first tensor past the tolerance)", "",
               markdown_table(["precision", "runner", "tolerance", "first past tolerance", "relative error"],
@@ -580,9 +584,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_limit_arg(p)
     p.add_argument("--layer-images", type=int, default=16, help="images for the layer-wise comparison (default 16)")
     p.add_argument("--out", default=None,
-                   help="run folder: graphs, stage reports, logs, state (default artifacts/precision-evidence-<model>-<size>)")
+                   help="run folder: graphs, stage reports, logs, state "
+                        "(default artifacts/precision-evidence-<model>-<size>)")
     p.add_argument("--report-dir", default="reports",
-                   help="summary precision-evidence-<model>-<size>.{json,md} and the step reports' copies (default reports)")
+                   help="folder of the summary precision-evidence-<model>-<size>.{json,md} and of the step reports' "
+                        "copies (default reports)")
     p.add_argument("--only", type=comma_list(), default=None, help=f"steps to run, comma-separated: {', '.join(STEPS)}")
     p.add_argument("--threads", default=None, help="--threads passed to every stage (default: theirs, auto)")
     p.add_argument("--in-process", action="store_true",

@@ -125,8 +125,10 @@ def test_summary_numbers_equal_the_step_reports(first_run):
 
     parity = _step_json(model_dir, f"parity-{MODEL}.json")
     ran = [b for b in parity["backends"] if "top1" in b]
-    assert [(b["name"], b["top1"], b.get("top1_agreement"), b.get("max_abs_dlogit")) for b in s["checks"]["parity"]["backends"]] \
-        == [(b["name"], b["top1"], b.get("top1_agreement"), b.get("max_abs_dlogit")) for b in ran]
+    def key(b):
+        return b["name"], b["top1"], b.get("top1_agreement"), b.get("max_abs_dlogit")
+
+    assert [key(b) for b in s["checks"]["parity"]["backends"]] == [key(b) for b in ran]
     assert s["checks"]["parity"]["verdict"] == parity["verdict"]
     for prec in ("fp16", "int8", "int8-cpu"):
         fb = _step_json(model_dir, f"layers-{MODEL}-{prec}.json")["result"]["first_bad"]
