@@ -84,7 +84,7 @@ train-imagenette-cpu:
 		--validate $(REF_RUN)/validate-imagenette2-val.json --name train-imagenette-cpu --command "make train-imagenette-cpu"
 
 # ----- 224 px evidence (issue 20): the 224 px reference checkpoint, the resolution sweep, the GPU check -----
-.PHONY: train-imagenette-224 precision-sweep gpu-pack gpu-check
+.PHONY: train-imagenette-224 precision-sweep precision-evidence gpu-pack gpu-check
 REF224_RUN  ?= runs/imagenette-t2t_vit_7-224
 FINETUNE    ?= $(REF_RUN)/best.pth
 SWEEP       ?= 80,160,224,384
@@ -103,6 +103,15 @@ train-imagenette-224:
 precision-sweep:
 	$(PYTHON) -m evaluation.precision --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--weights,$(WEIGHTS)) \
 		--what sweep --sweep $(SWEEP) --out $(or $(REPORT_DIR),reports) $(call opt,--data,$(DATA)) $(call opt,--limit,$(LIMIT)) $(ARGS)
+
+ONLY        ?=
+# OUT only when set on the command line: the evidence's own default is artifacts/precision-evidence-<MODEL>-<size>.
+EVIDENCE_OUT = $(if $(filter command line environment,$(origin OUT)),--out $(OUT))
+## precision-evidence  every precision decision re-measured on CHECKPOINT at IMG_SIZE: onnx, precision, calib (TensorRT + CPU, entropy/percentile/max; fp8 when calib has it), layers, parity [DATA=val CALIB_DATA=train LIMIT= ONLY=step,...]; resumable -> $(REPORT_DIR)/precision-evidence-<MODEL>-<size>.{json,md} + step reports
+precision-evidence:
+	$(PYTHON) -m evaluation.evidence --model $(MODEL) $(call opt,--checkpoint,$(CHECKPOINT)) $(call opt,--img-size,$(IMG_SIZE)) \
+		$(call opt,--data,$(DATA)) $(call opt,--calib-data,$(CALIB_DATA)) --calib-size $(CALIB_SIZE) $(call opt,--limit,$(LIMIT)) \
+		$(call opt,--only,$(ONLY)) $(EVIDENCE_OUT) --report-dir $(or $(REPORT_DIR),reports) $(ARGS)
 
 GPU_PACK    ?= artifacts/gpu-pack
 ## gpu-pack     on the development machine: GPU_CHECKPOINT's weights alone + 160 val images -> artifacts/gpu-pack/ (< 64 MiB, to carry to a lent GPU)

@@ -47,7 +47,7 @@ from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_json, atomic_write_text
 from t2t_vit.timing import child_process_kwargs
 
-__all__ = ["DemoError", "write_digits_dataset", "get_args_parser", "main", "run_demo"]
+__all__ = ["DemoError", "run_logged_step", "write_digits_dataset", "get_args_parser", "main", "run_demo"]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("data", "train", "onnx", "calib", "engine", "bench", "parity")
@@ -99,14 +99,16 @@ def write_digits_dataset(root: str | Path, size: int = 72, val_fraction: float =
     return root
 
 
-def _run_step(step: str, cmd: list[str], logs: Path, verbose: bool, env: dict[str, str]) -> tuple[int, float, Path]:
-    """Run one step's command with its output in ``logs/<step>.log``; the child stops when the demo stops."""
+def run_logged_step(step: str, cmd: list[str], logs: Path, verbose: bool, env: dict[str, str],
+                    cwd: Path = REPO, tag: str = "demo") -> tuple[int, float, Path]:
+    """Run one step's command with its output in ``logs/<step>.log`` (and on the terminal with ``verbose``);
+    the child stops when this process is interrupted or fails. Returns (exit code, seconds, log)."""
     log = logs / f"{step}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if verbose else f, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if verbose else f, stderr=subprocess.STDOUT, cwd=cwd,
                                 env=env, text=True, bufsize=1, **child_process_kwargs())
         try:
             if verbose:
@@ -123,7 +125,7 @@ def _run_step(step: str, cmd: list[str], logs: Path, verbose: bool, env: dict[st
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            print(f"[demo] stopped the running step `{step}` (pid {proc.pid}); its log: {log}", flush=True)
+            print(f"[{tag}] stopped the running step `{step}` (pid {proc.pid}); its log: {log}", flush=True)
             raise
     return rc, time.perf_counter() - t0, log
 
@@ -252,7 +254,7 @@ class _Steps:
                              reason=f"needs {', '.join(n for n in needs if n in failed)}, which failed")
         else:
             say(f"[demo] {label or name}: {shlex.join(cmd[2:]) if cmd[:2] == [py, '-m'] else shlex.join(cmd)}")
-            rc, secs, log = _run_step(label or name, cmd, self.plan.logs, self.verbose, self.plan.env)
+            rc, secs, log = run_logged_step(label or name, cmd, self.plan.logs, self.verbose, self.plan.env)
             outs = [str(p) for p in outputs if Path(p).exists()]
             if rc == 0:
                 res = StepResult(label or name, "ok", secs, shlex.join(cmd), str(log), outputs=outs)

@@ -149,6 +149,7 @@ COMMANDS_BAD_INPUT = {
     "studies.bench_busy": ["--conditions", "noisy:auto", "--out", "{tmp}"],
     "studies.bench_cpu": ["--models", "no_such_model", "--out", "{tmp}", "--work", "{tmp}/work"],
     "evaluation.precision": ["--model", "t2t_vit_test", "--out", "{tmp}", "--data", "/nonexistent/val"],
+    "evaluation.evidence": ["--model", "t2t_vit_test", "--out", "{tmp}", "--checkpoint", "{tmp}/missing.pth"],
     "studies.gpu_check": ["--dry-run", "--out", "{tmp}", "--checkpoint", "{tmp}/missing.pth"],
     "serving.predict": ["--artifact", "{tmp}/missing.onnx", "--images", "a.jpg"],
     "serving.triton_repo": ["--model", "t2t_vit_test", "--out", "{tmp}/none"],
