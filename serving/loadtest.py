@@ -44,7 +44,7 @@ from t2t_vit.reports import host_line, markdown_table, pyplot, report_header, wr
 from t2t_vit.runners import OnnxRuntimeRunner
 from t2t_vit.timing import latency_stats, load_average, time_interleaved
 
-__all__ = ["LevelResult", "direct_runners", "time_direct", "direct_summary", "same_batches_img_s", "drive",
+__all__ = ["LevelResult", "direct_runners", "time_direct", "direct_summary", "same_batches", "drive",
            "batch_counts", "run_level", "judge", "get_args_parser", "main"]
 
 TOOL = "serving.loadtest"
@@ -65,6 +65,7 @@ class LevelResult:
     batches: dict[int, int] = field(default_factory=dict)
     client_cpu_s: float = 0.0  # this process (the client threads) while the level ran
     server_cpu_s: float | None = None  # the server's process group while the level ran
+    server_cpu_by_process: dict[str, float] = field(default_factory=dict)  # the same per command name
     direct: dict[str, Any] = field(default_factory=dict)  # the runner timed right before and after the level
     load_average: list[Any] = field(default_factory=list)  # before, after
 
@@ -79,6 +80,7 @@ class LevelResult:
                 "mean_batch": (sum(k * v for k, v in self.batches.items()) / max(1, sum(self.batches.values()))),
                 "client_cpu_s": self.client_cpu_s, "client_cpu_s_per_img": per_img(self.client_cpu_s),
                 "server_cpu_s": self.server_cpu_s, "server_cpu_s_per_img": per_img(self.server_cpu_s),
+                "server_cpu_s_per_img_by_process": {k: per_img(v) for k, v in self.server_cpu_by_process.items()},
                 "direct": self.direct, "load_average": self.load_average}
 
 
@@ -130,16 +132,18 @@ def direct_summary(*parts: dict[str, dict[int, dict[str, list[float]]]]) -> dict
             "best_img_s": img_s[label][batch]}
 
 
-def same_batches_img_s(summary: dict[str, Any], batches: dict[int, int]) -> float | None:
-    """Images/s the direct runner (its faster setting) takes for exactly the batches Triton executed:
-    images / sum(count x median seconds per call at that size); None if a size was not timed."""
+def same_batches(summary: dict[str, Any], batches: dict[int, int]) -> dict[str, Any] | None:
+    """The direct runner (its faster setting) on exactly the batches Triton executed: images/s = images /
+    sum(count x median seconds per call at that size), and CPU seconds per image; None if a size was not timed."""
     best = None
     for label, rows in summary["img_s"].items():
         if not batches or any(str(b) not in rows for b in batches):
             continue
         images = sum(b * n for b, n in batches.items())
         v = images / sum(n * b / rows[str(b)] for b, n in batches.items())
-        best = v if best is None else max(best, v)
+        cpu = sum(n * b * summary["cpu_s_per_img"][label][str(b)] for b, n in batches.items()) / images
+        if best is None or v > best["img_s"]:
+            best = {"img_s": v, "cpu_s_per_img": cpu, "setting": label}
     return best
 
 
@@ -231,13 +235,15 @@ def run_level(server: ServerProcess, protocol: str, model: str, x: np.ndarray, c
               args: argparse.Namespace) -> LevelResult:
     """One load level and the counters around it: batches formed, client and server CPU seconds."""
     url = server.http_url if protocol == "http" else server.grpc_url
-    before, cpu0, srv0, load0 = batch_counts(server.http_url, model), _cpu_now(), server.cpu_seconds(), load_average()
+    before, cpu0, srv0, load0 = batch_counts(server.http_url, model), _cpu_now(), server.cpu_by_process(), load_average()
     res = drive(protocol, url, model, x, c, args.requests, args.max_seconds, args.timeout)
-    cpu1, srv1 = _cpu_now(), server.cpu_seconds()
+    cpu1, srv1 = _cpu_now(), server.cpu_by_process()
     after = batch_counts(server.http_url, model)
     res.batches = {b: n - before.get(b, 0) for b, n in after.items() if n - before.get(b, 0) > 0}
     res.client_cpu_s = cpu1 - cpu0
-    res.server_cpu_s = srv1 - srv0 if srv0 is not None and srv1 is not None else None
+    if srv0 is not None and srv1 is not None:  # processes that ended during the level are not counted
+        res.server_cpu_by_process = {k: v - srv0.get(k, 0.0) for k, v in srv1.items()}
+        res.server_cpu_s = sum(res.server_cpu_by_process.values())
     res.load_average = [load0, load_average()]
     return res
 
@@ -254,7 +260,7 @@ def _levels(server: ServerProcess, model: str, x: np.ndarray, args: argparse.Nam
             res = run_level(server, protocol, model, x, c, args)
             post = time_direct(runners, sorted(set(batches) | set(res.batches)), size, args.level_direct_seconds)
             d = direct_summary(pre, post)
-            res.direct = {**d, "same_batches_img_s": same_batches_img_s(d, res.batches)}
+            res.direct = {**d, "same_batches": same_batches(d, res.batches)}
             print(f"{protocol} c={c}: {res.ok}/{res.sent} ok, {res.ok / res.wall_s:.1f} img/s "
                   f"(direct around it: {d['best_img_s']:.1f} at batch {d['best_batch']}, {d['best_setting']}), "
                   f"batches {res.batches}, client CPU {res.client_cpu_s:.1f} s", flush=True)
@@ -287,19 +293,20 @@ def _tables(r: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
     rows, cpu = [], []
     for x in r["levels"]:
         d, img_s = x["direct"], x["throughput_img_s"]
-        same = d.get("same_batches_img_s")
+        same = d.get("same_batches") or {}
         rows.append([x["protocol"], x["concurrency"], f"{x['ok']}/{x['sent']}", f"{img_s:.1f}",
                      f"{d['best_img_s']:.1f} (b{d['best_batch']}, {d['best_setting']})", f"**{img_s / d['best_img_s']:.2f}x**",
-                     _f(img_s / same if same else None, ".2f") + "x" * bool(same), f"{img_s / sweep:.2f}x",
+                     f"{img_s / same['img_s']:.2f}x" if same else "-", f"{img_s / sweep:.2f}x",
                      *(f"{x['latency_ms'].get(k, float('nan')):.1f}" for k in ("median", "p95", "p99")),
                      f"{x['mean_batch']:.1f}", ", ".join(f"{b}:{n}" for b, n in x["batch_sizes"].items())])
-        best_cpu = d["cpu_s_per_img"][d["best_setting"]][str(d["best_batch"])]
         total = x["client_cpu_s"] + (x["server_cpu_s"] or 0.0)
         (l0, l1) = [(la or [None])[0] for la in x["load_average"]] if x["load_average"] else (None, None)
+        by = ", ".join(f"{k} {_f(v, '.1f', 1e3)}" for k, v in sorted(x.get("server_cpu_s_per_img_by_process", {}).items(),
+                                                                      key=lambda kv: -(kv[1] or 0)))
         cpu.append([x["protocol"], x["concurrency"], _f(x["client_cpu_s_per_img"], ".1f", 1e3),
-                    _f(x["server_cpu_s_per_img"], ".1f", 1e3),
+                    _f(x["server_cpu_s_per_img"], ".1f", 1e3), by or "-",
                     _f(total / x["ok"] if x["ok"] and x["server_cpu_s"] is not None else None, ".1f", 1e3),
-                    _f(total / x["wall_s"] if x["wall_s"] else None, ".2f"), _f(best_cpu, ".1f", 1e3),
+                    _f(same.get("cpu_s_per_img"), ".1f", 1e3), _f(total / x["wall_s"] if x["wall_s"] else None, ".2f"),
                     f"{_f(l0, '.2f')} / {_f(l1, '.2f')}"])
     return rows, cpu
 
@@ -333,11 +340,13 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{d['best_setting']}, {d['best_when']}).", "",
         "Where the CPU goes (ms of CPU time per answered image; the machine has "
         f"{r['host'].get('cpu_cores_usable')} cores):", "",
-        markdown_table(["protocol", "concurrency", "client CPU ms/img", "server CPU ms/img", "total CPU ms/img",
-                        "cores busy (client + server)", "direct runner CPU ms/img (its best)",
-                        "load average 1-min before / after"], cpu), "",
+        markdown_table(["protocol", "concurrency", "client CPU ms/img", "server CPU ms/img", "server by process",
+                        "client + server CPU ms/img", "direct runner CPU ms/img, same batches",
+                        "cores busy (client + server)", "load average 1-min before / after"], cpu), "",
         "Client: this process's user + system time while the level ran (its threads only send and wait). Server: "
-        "the server's process group (`tritonserver`, Python-backend stubs, the runner's process), from /proc.", "",
+        "the server's process group from /proc, by command name: `python` is the process running the runner "
+        "(PyTriton's model side and ONNX Runtime), `tritonserver` Triton's HTTP/gRPC front end and dynamic "
+        "batcher, `triton_python_b` the Python-backend stubs that hand each batch to it.", "",
         f"The direct runner ({d['runner']}, same file and threads, in this process) before the server started and "
         "after it stopped, img/s, both spinning settings timed interleaved:", "",
         markdown_table(["batch", *(f"{k} {when}" for k in labels for when in ("before", "after"))], direct_rows), "",

@@ -146,6 +146,7 @@ def test_load_levels_batches_cpu_and_the_goal(server, artifact, tmp_path):
         # 24 requests cost the client and the server some CPU, and no more than all cores for the whole level.
         assert 0 < res.client_cpu_s < res.wall_s * 2 * os.cpu_count()
         assert res.server_cpu_s is not None and 0 < res.server_cpu_s < res.wall_s * 2 * os.cpu_count()
+        assert "tritonserver" in res.server_cpu_by_process and res.server_cpu_by_process["python"] > 0
         levels.append(res)
     assert levels[0].batches == {1: 24}  # one client: nothing to batch
     runners = L.direct_runners(artifact, 1, False)
@@ -157,9 +158,14 @@ def test_load_levels_batches_cpu_and_the_goal(server, artifact, tmp_path):
     d = L.direct_summary(pre, post)
     best = max(v for rows in d["img_s"].values() for v in rows.values())
     assert d["best_img_s"] == best and d["img_s"][d["best_setting"]][str(d["best_batch"])] == best
-    same = L.same_batches_img_s(d, levels[1].batches)
-    assert same is not None and 0 < same <= best * 1.0001  # a mix of sizes is never faster than the best size
-    assert L.same_batches_img_s(L.direct_summary(pre), {3: 1}) is None  # batch 3 never timed: no estimate
+    same = L.same_batches(d, levels[1].batches)
+    assert 0 < same["img_s"] <= best * 1.0001  # a mix of sizes is never faster than the best size
+    assert same["cpu_s_per_img"] > 0 and same["setting"] in runners
+    # One batch size: the same-batches numbers are that size's own.
+    one = L.same_batches(d, {2: 5})
+    assert one["img_s"] == max(d["img_s"][k]["2"] for k in runners)
+    assert one["cpu_s_per_img"] == d["cpu_s_per_img"][one["setting"]]["2"]
+    assert L.same_batches(L.direct_summary(pre), {3: 1}) is None  # batch 3 never timed: no estimate
     rows = [lv.summary() for lv in levels]
     for row in rows:
         row["direct"] = {**d, "best_img_s": 1e-3}
@@ -214,10 +220,11 @@ def test_loadtest_command_writes_the_report_and_exits_1_on_a_missed_goal(artifac
         assert sum(int(b) * n for b, n in lv["batch_sizes"].items()) == 12
         # The direct runner around each level: every power of two and every size Triton formed.
         assert set(lv["direct"]["img_s"]["no-spin"]) == {"1", "2", "4"} | set(lv["batch_sizes"])
-        assert lv["direct"]["same_batches_img_s"] > 0 and lv["client_cpu_s_per_img"] > 0
+        assert lv["direct"]["same_batches"]["img_s"] > 0 and lv["client_cpu_s_per_img"] > 0
         assert lv["server_cpu_s_per_img"] > 0 and len(lv["load_average"]) == 2
     md = (tmp_path / f"serve-{MODEL}.md").read_text()
     for column in ("vs direct around (goal)", "vs direct on the same batches", "vs direct sweep best",
-                   "client CPU ms/img", "server CPU ms/img", "no-spin before", "spin after"):
+                   "client CPU ms/img", "server CPU ms/img", "server by process", "same batches", "no-spin before",
+                   "spin after"):
         assert column in md
     assert (tmp_path / f"serve-{MODEL}.png").is_file()
