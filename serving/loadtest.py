@@ -7,23 +7,29 @@
 
 Plan -> execute -> report:
 
-1. the direct runner (:class:`~t2t_vit.runners.OnnxRuntimeRunner` on the served file, same thread count)
-   timed at each batch size up to the server's maximum, before the server starts (nothing else runs);
+1. the direct runner (:class:`~t2t_vit.runners.OnnxRuntimeRunner` on the served file, same thread count),
+   with the server's ONNX Runtime spinning setting and the other one, timed interleaved at each batch size
+   up to the server's maximum, before the server starts and after it stops (the sweep);
 2. a server (:class:`serving.process.ServerProcess`, Triton on free 127.0.0.1 ports) driven by
    ``tritonclient`` over HTTP and gRPC at each concurrency: that many client threads, one single-image
    request at a time each, until ``--requests`` are answered or ``--max-seconds`` pass, each request with a
    client timeout; Triton's statistics API before and after each level gives the batch sizes its dynamic
-   batcher formed;
-3. ``<out>/serve-<model>.{json,md,png}``: throughput, latency p50/p95/p99, errors and batch sizes per
-   protocol and concurrency, against the direct runner's best batch size.
+   batcher formed; the client's CPU time (this process) and the server's (its process group, per process)
+   are counted over the level; the direct runner is timed again right before and right after each level
+   (every size up to the maximum, and after it the sizes Triton formed);
+3. ``<out>/serve-<model>.{json,md,png}``: throughput, latency p50/p95/p99, errors, batch sizes and CPU per
+   image per protocol and concurrency, against the direct runner around the level (best size and setting;
+   and on the same batches) and against the sweep's best (the earlier method).
 
 Goal: at the highest concurrency, throughput >= ``--goal`` (0.9) x the direct runner at its best batch
-size, and every request answered; exit 1 when missed (the report is written first).
+size and spinning setting, timed around that level (median call of the repeats before and after it), and
+every request answered; exit 1 when missed (the report is written first).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import resource
 import sys
 import threading
@@ -93,20 +99,20 @@ def direct_runners(artifact: Path, threads: int, served_spinning: bool) -> dict[
     return {SPIN[s]: artifact_runner(artifact, threads=threads, spinning=s) for s in (served_spinning, not served_spinning)}
 
 
+def _timed_infer(runner: Any, x: torch.Tensor, out: dict[str, list[float]]) -> None:
+    c0 = time.process_time()  # the whole process: ONNX Runtime's pool threads included
+    runner.infer(x)
+    out["cpu"].append(time.process_time() - c0)
+
+
 def time_direct(runners: dict[str, Any], batches: Sequence[int], size: int, seconds: float,
                 rounds: int = 3) -> dict[str, dict[int, dict[str, list[float]]]]:
     """Seconds and CPU seconds per call of each (active) runner at each batch size, interleaved
     (:func:`t2t_vit.timing.time_interleaved`: a drifting machine slows every case alike): ``seconds`` of
     calls per case over ``rounds`` rounds, at least one call per round. Warm-up calls are dropped."""
     samples: dict[str, dict[int, dict[str, list[float]]]] = {k: {b: {"s": [], "cpu": []} for b in batches} for k in runners}
-    fns = {}
-    for label, runner in runners.items():
-        for b in batches:
-            def call(runner=runner, x=torch.randn(b, 3, size, size), out=samples[label][b]) -> None:
-                c0 = time.process_time()  # the whole process: ONNX Runtime's pool threads included
-                runner.infer(x)
-                out["cpu"].append(time.process_time() - c0)
-            fns[(label, b)] = call
+    fns = {(label, b): functools.partial(_timed_infer, runner, torch.randn(b, 3, size, size), samples[label][b])
+           for label, runner in runners.items() for b in batches}
     times = time_interleaved(fns, rounds=rounds, warmup=1, min_iters=rounds, min_time_s=seconds)
     for (label, b), ts in times.items():
         out = samples[label][b]
@@ -389,6 +395,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise T2TError(f"--protocols {bad}: use http and/or grpc")
     if not args.concurrency or min(args.concurrency) < 1 or args.requests < 1:
         raise T2TError("--concurrency needs positive numbers and --requests at least 1")
+    if args.direct_seconds < 0 or args.level_direct_seconds < 0:
+        raise T2TError("--direct-seconds and --level-direct-seconds need 0 or more seconds (0: 3 calls per case)")
     threads = resolve_threads(args.threads)
     header = report_header(TOOL, argv)
     load_before = load_average()

@@ -228,3 +228,11 @@ def test_loadtest_command_writes_the_report_and_exits_1_on_a_missed_goal(artifac
                    "spin after"):
         assert column in md
     assert (tmp_path / f"serve-{MODEL}.png").is_file()
+
+
+def test_loadtest_refuses_negative_timing_seconds_in_one_line(artifact, tmp_path, capsys):
+    rc = L.main(["--model", MODEL, "--artifact", str(artifact), "--out", str(tmp_path), "--level-direct-seconds", "-1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("serving.loadtest: error: --direct-seconds and "
+                                                           "--level-direct-seconds")
+    assert not list(tmp_path.iterdir())  # nothing written
