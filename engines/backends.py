@@ -64,13 +64,15 @@ def _missing_hint(spec: BackendSpec, model: str) -> str:
     return f"create it with {make_hint(spec.precision, model)} and the same OUT"
 
 
-def artifact_runner(path: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None) -> Runner:
+def artifact_runner(path: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
+                    spinning: bool | None = None) -> Runner:
     """The runner of one artifact file, as every tool builds it: an ``.engine`` on TensorRT (its sidecar
-    checked when activated), any other file as an ONNX graph on ONNX Runtime's ``provider``."""
+    checked when activated), any other file as an ONNX graph on ONNX Runtime's ``provider`` (``threads``
+    and ``spinning``: :class:`~t2t_vit.runners.OnnxRuntimeRunner`)."""
     path = Path(path)
     if path.suffix == ".engine":
         return TensorRTRunner(path)
-    return OnnxRuntimeRunner(path, provider=provider, threads=threads)
+    return OnnxRuntimeRunner(path, provider=provider, threads=threads, spinning=spinning)
 
 
 def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model_name: str, *,

@@ -68,8 +68,10 @@ def _check_model(recorded: str | None, model: str | None, artifact: Path) -> str
 
 
 def load_classifier(artifact: str | os.PathLike, model: str | None = None, *, threads: int | None = None,
-                    img_size: int | None = None, weights: str | None = None) -> Classifier:
-    """The runner for an ``.onnx`` graph, an ``.engine`` or a checkpoint, with its own data config.
+                    img_size: int | None = None, weights: str | None = None,
+                    spinning: bool | None = None) -> Classifier:
+    """The runner for an ``.onnx`` graph, an ``.engine`` or a checkpoint, with its own data config
+    (``threads``, ``spinning``: ONNX Runtime's, :class:`~t2t_vit.runners.OnnxRuntimeRunner`).
 
     Raises:
         PredictError: the artifact is missing, or a checkpoint without ``model``, or a model mismatch.
@@ -79,7 +81,7 @@ def load_classifier(artifact: str | os.PathLike, model: str | None = None, *, th
         raise PredictError(f"artifact not found: {path} (ARTIFACT= / --artifact: an .onnx from `make onnx`, an "
                            f".engine from `make engine`, or a checkpoint)")
     if path.suffix == ".onnx":
-        runner = artifact_runner(path, threads=threads)
+        runner = artifact_runner(path, threads=threads, spinning=spinning)
         meta = runner.metadata
         name = _check_model(meta.get("model"), model, path)
         return Classifier(runner, runner.data_config, metadata_class_names(meta), name, str(path), "onnx")

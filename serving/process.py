@@ -83,6 +83,28 @@ class ServerProcess:
         self.stop()
         raise T2TError(f"the Triton server did not become ready (exit {self.proc.returncode}); log {self.log}:\n{tail}")
 
+    def cpu_by_process(self) -> dict[str, float] | None:
+        """CPU seconds (user + system) used so far by the server's live processes, summed per command name:
+        its process group (``tritonserver``, the Python-backend stubs, the runner's ``python``); None where
+        /proc is missing."""
+        if self.proc is None or not Path("/proc/self/stat").is_file():
+            return None
+        ticks, total = os.sysconf("SC_CLK_TCK"), {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue  # a process that ended while being read
+            comm, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 1:].split()
+            if int(fields[2]) == self.proc.pid:  # field 5 of stat: the process group id
+                total[comm] = total.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return total
+
+    def cpu_seconds(self) -> float | None:
+        """The server's CPU seconds so far, all its processes (:meth:`cpu_by_process`)."""
+        by = self.cpu_by_process()
+        return None if by is None else sum(by.values())
+
     def kill(self) -> None:
         """SIGKILL the whole process group at once (the crash case)."""
         if self.proc is not None and self.proc.poll() is None:

@@ -116,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
         raise T2TError("pass --model (MODEL=) or --artifact (ARTIFACT=)")
     artifact = Path(args.artifact) if args.artifact else onnx_path(args.out or default_out(args.model), args.model, "fp32")
     threads = apply_threads(args.threads)
-    clf = load_classifier(artifact, args.model, threads=threads)
+    clf = load_classifier(artifact, args.model, threads=threads, spinning=args.ort_spinning)
     try:
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
     except ImportError:
@@ -134,7 +134,8 @@ def serve(args: argparse.Namespace) -> int:
         names = _bind_models(triton, clf, args)
         triton.run()
         print(f"{READY}: http 127.0.0.1:{args.http_port} grpc 127.0.0.1:{args.grpc_port} models {','.join(names)} "
-              f"runner {clf.runner.name} threads {threads} max_batch_size {args.max_batch_size}", flush=True)
+              f"runner {clf.runner.name} threads {threads} spinning {'on' if args.ort_spinning else 'off'} "
+              f"max_batch_size {args.max_batch_size}", flush=True)
         try:
             while not stop.wait(0.5):
                 pass
@@ -157,6 +158,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=16 << 20,
                    help="largest encoded image the -classify model accepts (default 16 MiB)")
     p.add_argument("--threads", default="auto", help="runner intra-op threads (a number, or auto: the idle cores)")
+    p.add_argument("--ort-spinning", action=argparse.BooleanOptionalAction, default=False,
+                   help="let ONNX Runtime's idle pool threads busy-wait (default off: they would take the CPU "
+                        "Triton's own threads need on the same cores; docs/serving.md)")
     return p
 
 

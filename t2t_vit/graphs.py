@@ -33,9 +33,13 @@ __all__ = [
     "describe_graph",
     "ONNX_FLOAT",
     "ONNX_FLOAT16",
+    "ORT_SPINNING_KEYS",
 ]
 
 ONNX_FLOAT, ONNX_FLOAT16, ONNX_FLOAT8E4M3FN = 1, 10, 17  # onnx.TensorProto.FLOAT / FLOAT16 / FLOAT8E4M3FN
+# ONNX Runtime's session config keys for thread-pool spinning (onnxruntime_session_options_config_keys.h;
+# https://onnxruntime.ai/docs/performance/tune-performance/threading.html).
+ORT_SPINNING_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
 
 class GraphError(T2TError):
@@ -204,16 +208,25 @@ def onnx_precision(path: str | os.PathLike, metadata: Mapping[str, str] | None =
 
 
 def ort_session_options(threads: int | None = None, optimize: bool = True, profile_prefix: str | None = None,
-                        optimized_model: str | os.PathLike | None = None) -> Any:
+                        optimized_model: str | os.PathLike | None = None, spinning: bool | None = None) -> Any:
     """ONNX Runtime session options: ``threads`` intra-op threads (None: ORT's default, all cores) and one
     inter-op thread; all graph optimizations unless ``optimize`` is False; optional profiling and saving
-    of the optimized graph (ORT's own start-up cache)."""
+    of the optimized graph (ORT's own start-up cache).
+
+    ``spinning``: whether idle pool threads busy-wait for the next piece of work (ORT's
+    ``session.intra_op.allow_spinning`` / ``session.inter_op.allow_spinning``; None keeps ORT's default,
+    on). Spinning saves a wake-up per parallel section when the cores are the runner's alone; when other
+    processes need the same cores (a server's network threads, its clients) the spinning threads take
+    their CPU time, so a server turns it off."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+    if spinning is not None:
+        for pool in ORT_SPINNING_KEYS:
+            so.add_session_config_entry(pool, "1" if spinning else "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if profile_prefix:

@@ -199,10 +199,12 @@ class OnnxRuntimeRunner(Runner):
         provider: ``"cpu"`` or ``"cuda"``.
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default, all cores).
         name: report name; default ``onnxruntime-<provider>-<precision>``.
+        spinning: whether idle pool threads busy-wait (None: ONNX Runtime's default, on); see
+            :func:`t2t_vit.graphs.ort_session_options`.
     """
 
     def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, spinning: bool | None = None) -> None:
         super().__init__()
         provider = provider.lower()
         if provider not in _ORT_PROVIDERS:
@@ -210,6 +212,7 @@ class OnnxRuntimeRunner(Runner):
         self.path = Path(onnx_path)
         self.provider = provider
         self.threads = threads
+        self.spinning = spinning
         self.metadata = read_metadata(self.path)
         self.precision = onnx_precision(self.path, self.metadata)
         self.name = name or f"onnxruntime-{provider}-{self.precision}"
@@ -246,7 +249,7 @@ class OnnxRuntimeRunner(Runner):
             raise RunnerError(f"{self.name}: {why}")
         import onnxruntime as ort
 
-        opts = ort_session_options(self.threads)
+        opts = ort_session_options(self.threads, spinning=self.spinning)
         providers = [_ORT_PROVIDERS[self.provider]]
         if self.provider != "cpu":
             providers.append("CPUExecutionProvider")
@@ -276,5 +279,6 @@ class OnnxRuntimeRunner(Runner):
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        return {**super().describe(), "path": str(self.path), "provider": self.provider,
+        spin = {} if self.spinning is None else {"spinning": self.spinning}  # None: ORT's default (on)
+        return {**super().describe(), "path": str(self.path), "provider": self.provider, **spin,
                 "onnxruntime": ort.__version__}

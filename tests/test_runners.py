@@ -118,6 +118,26 @@ def test_ort_runner_matches_torch(tiny_model, tiny_onnx):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spinning", [False, True])
+def test_ort_runner_sets_thread_spinning_in_its_session(tiny_onnx, spinning):
+    """The session ONNX Runtime runs with (not just the options object) has both pools' spinning keys;
+    without ``spinning`` the keys stay unset (ORT's default)."""
+    from t2t_vit.graphs import ORT_SPINNING_KEYS
+
+    want = "1" if spinning else "0"
+    assert ORT_SPINNING_KEYS == ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+    with OnnxRuntimeRunner(tiny_onnx, threads=2, spinning=spinning) as runner:
+        opts = runner._session.get_session_options()
+        assert [opts.get_session_config_entry(k) for k in ORT_SPINNING_KEYS] == [want, want]
+        assert runner.describe()["spinning"] is spinning
+    with OnnxRuntimeRunner(tiny_onnx, threads=2) as runner:
+        opts = runner._session.get_session_options()
+        for key in ORT_SPINNING_KEYS:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                opts.get_session_config_entry(key)
+        assert "spinning" not in runner.describe()
+
+
 def test_ort_runner_casts_fp16_io(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((12, 4)).astype(np.float16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import threading
 import time
@@ -67,6 +68,8 @@ def test_http_and_grpc_answer_like_the_runner(server, artifact):
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
+    # The served runner's ONNX Runtime pool does not spin by default (docs/serving.md).
+    assert "spinning off" in server.log.read_text()
     x = _batch(3)
     h = http.InferenceServerClient(server.http_url, network_timeout=30)
     inp = http.InferInput("input", list(x.shape), "FP32")
@@ -129,23 +132,46 @@ def test_a_second_server_on_a_busy_port_says_so_in_one_line(server, artifact):
     assert proc.returncode == 2 and "already in use" in proc.stderr
 
 
-def test_load_levels_batches_and_report(server, tmp_path):
+def test_load_levels_batches_cpu_and_the_goal(server, artifact, tmp_path):
     """The load test's parts on the running server: every request answered, Triton's batch counts add up
-    to the requests, the report renders and the goal check reads the numbers."""
-    x = _batch(1)
+    to the requests, the client's and the server's CPU time are counted, and the goal check reads the
+    direct runner timed around the level."""
+    args = L.get_args_parser().parse_args(["--model", MODEL, "--requests", "24", "--max-seconds", "20",
+                                           "--timeout", "10"])
     levels = []
     for proto, c in (("http", 1), ("grpc", 4)):
-        before = L.batch_counts(server.http_url, MODEL)
-        res = L.drive(proto, server.http_url if proto == "http" else server.grpc_url, MODEL, x, c, 24, 20, 10)
-        after = L.batch_counts(server.http_url, MODEL)
-        res.batches = {b: n - before.get(b, 0) for b, n in after.items() if n - before.get(b, 0)}
+        res = L.run_level(server, proto, MODEL, _batch(1), c, args)
         assert res.sent == res.ok == 24 and not res.errors and len(res.latencies_s) == 24
         assert sum(b * n for b, n in res.batches.items()) == 24  # Triton executed exactly these images
-        levels.append(res.summary())
-    assert levels[0]["batch_sizes"] == {"1": 24}  # one client: nothing to batch
-    direct = {"runner": "onnxruntime-cpu-fp32", "threads": 1, "img_s": {"1": 10.0}, "best_batch": 1, "best_img_s": 10.0}
-    assert L.judge(levels, direct, 0.9) == []
-    assert "grpc c=4" in L.judge(levels, {**direct, "best_img_s": 1e9}, 0.9)[0]
+        # 24 requests cost the client and the server some CPU, and no more than all cores for the whole level.
+        assert 0 < res.client_cpu_s < res.wall_s * 2 * os.cpu_count()
+        assert res.server_cpu_s is not None and 0 < res.server_cpu_s < res.wall_s * 2 * os.cpu_count()
+        assert "tritonserver" in res.server_cpu_by_process and res.server_cpu_by_process["python"] > 0
+        levels.append(res)
+    assert levels[0].batches == {1: 24}  # one client: nothing to batch
+    runners = L.direct_runners(artifact, 1, False)
+    assert [(k, r.spinning) for k, r in runners.items()] == [("no-spin", False), ("spin", True)]
+    with runners["no-spin"], runners["spin"]:
+        pre = L.time_direct(runners, [1, 2], 64, 0.05)
+        post = L.time_direct(runners, sorted({1, 2} | set(levels[1].batches)), 64, 0.05)
+    assert all(len(pre[k][b]["s"]) == len(pre[k][b]["cpu"]) >= 3 for k in runners for b in (1, 2))
+    d = L.direct_summary(pre, post)
+    best = max(v for rows in d["img_s"].values() for v in rows.values())
+    assert d["best_img_s"] == best and d["img_s"][d["best_setting"]][str(d["best_batch"])] == best
+    same = L.same_batches(d, levels[1].batches)
+    assert 0 < same["img_s"] <= best * 1.0001  # a mix of sizes is never faster than the best size
+    assert same["cpu_s_per_img"] > 0 and same["setting"] in runners
+    # One batch size: the same-batches numbers are that size's own.
+    one = L.same_batches(d, {2: 5})
+    assert one["img_s"] == max(d["img_s"][k]["2"] for k in runners)
+    assert one["cpu_s_per_img"] == d["cpu_s_per_img"][one["setting"]]["2"]
+    assert L.same_batches(L.direct_summary(pre), {3: 1}) is None  # batch 3 never timed: no estimate
+    rows = [lv.summary() for lv in levels]
+    for row in rows:
+        row["direct"] = {**d, "best_img_s": 1e-3}
+    assert L.judge(rows, 0.9) == []
+    rows[1]["direct"] = {**d, "best_img_s": 1e9}
+    assert "grpc c=4" in L.judge(rows, 0.9)[0] and len(L.judge(rows, 0.9)) == 1  # only the top concurrency
 
 
 def test_server_killed_during_load_then_restarted(artifact, tmp_path):
@@ -186,6 +212,27 @@ def test_loadtest_command_writes_the_report_and_exits_1_on_a_missed_goal(artifac
     report = json.loads((tmp_path / f"serve-{MODEL}.json").read_text())
     assert [(lv["protocol"], lv["concurrency"], lv["ok"], lv["errors"]) for lv in report["levels"]] == \
         [("http", 1, 12, 0), ("http", 3, 12, 0), ("grpc", 1, 12, 0), ("grpc", 3, 12, 0)]
-    assert sorted(report["direct"]["img_s"]) == ["1", "2", "4"] and report["goal_missed"]
-    assert all(sum(int(b) * n for b, n in lv["batch_sizes"].items()) == 12 for lv in report["levels"])
-    assert (tmp_path / f"serve-{MODEL}.md").is_file() and (tmp_path / f"serve-{MODEL}.png").is_file()
+    assert report["goal_missed"] and report["served_setting"] == "no-spin"
+    for when in ("before", "after"):  # the sweep: both spinning settings at every batch size
+        assert {k: sorted(v) for k, v in report["direct"][when]["img_s"].items()} == \
+            {"no-spin": ["1", "2", "4"], "spin": ["1", "2", "4"]}
+    for lv in report["levels"]:
+        assert sum(int(b) * n for b, n in lv["batch_sizes"].items()) == 12
+        # The direct runner around each level: every power of two and every size Triton formed.
+        assert set(lv["direct"]["img_s"]["no-spin"]) == {"1", "2", "4"} | set(lv["batch_sizes"])
+        assert lv["direct"]["same_batches"]["img_s"] > 0 and lv["client_cpu_s_per_img"] > 0
+        assert lv["server_cpu_s_per_img"] > 0 and len(lv["load_average"]) == 2
+    md = (tmp_path / f"serve-{MODEL}.md").read_text()
+    for column in ("vs direct around (goal)", "vs direct on the same batches", "vs direct sweep best",
+                   "client CPU ms/img", "server CPU ms/img", "server by process", "same batches", "no-spin before",
+                   "spin after"):
+        assert column in md
+    assert (tmp_path / f"serve-{MODEL}.png").is_file()
+
+
+def test_loadtest_refuses_negative_timing_seconds_in_one_line(artifact, tmp_path, capsys):
+    rc = L.main(["--model", MODEL, "--artifact", str(artifact), "--out", str(tmp_path), "--level-direct-seconds", "-1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("serving.loadtest: error: --direct-seconds and "
+                                                           "--level-direct-seconds")
+    assert not list(tmp_path.iterdir())  # nothing written
