@@ -254,6 +254,28 @@ def run_level(server: ServerProcess, protocol: str, model: str, x: np.ndarray, c
     return res
 
 
+def preferred_sizes(spec: str, sweep: dict[str, Any], max_batch: int) -> list[int]:
+    """The preferred batch sizes the served model gets (see ``--preferred-batch-size``).
+
+    ``auto`` stops at the batch the direct runner served fastest in ``sweep``: larger batches are not faster
+    on that runner, and with one model instance a batch that takes every queued request leaves nothing to run
+    while its responses travel back and the clients send the next ones.
+    """
+    if spec == "all":
+        return [b for b in (2 ** i for i in range(1, 12)) if b <= max_batch] or [max_batch]
+    if spec == "auto":
+        best = max(2, min(int(sweep["best_batch"]), max_batch))
+        return [b for b in (2 ** i for i in range(1, 12)) if b <= best]
+    try:
+        sizes = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1 or sizes[-1] > max_batch:
+        raise T2TError(f"--preferred-batch-size {spec!r}: give auto, all, or a comma list of sizes from 1 to "
+                            f"--max-batch-size {max_batch}")
+    return sizes
+
+
 def _levels(server: ServerProcess, model: str, x: np.ndarray, args: argparse.Namespace,
             runners: dict[str, Any], batches: Sequence[int]) -> list[LevelResult]:
     """Every level, with the direct runner timed right before it and right after it (its batch sizes up to
@@ -328,7 +350,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Triton serving load test: {r['model']} ({r['runner']})", "",
         f"Command: `{r['command']}`  ", f"Host: {host_line(r['host'])}  ",
         f"Load average before / after: {r['load_average_before']} / {r['load_average_after']}  ",
-        f"Served: `{r['artifact']}` at {r['img_size']} px, weights: {r['weights']}; max_batch_size {r['max_batch_size']}, "
+        f"Served: `{r['artifact']}` at {r['img_size']} px, weights: {r['weights']}; max_batch_size {r['max_batch_size']} (preferred batch sizes {r.get('preferred_batch_size', 'all')}), "
         f"{r['threads']} runner thread(s), ONNX Runtime spinning {r['served_setting']}, dynamic batching; "
         f"single-image requests, at most {r['requests']} per level or {r['max_seconds']:g} s, client timeout "
         f"{r['timeout_s']:g} s.", "",
@@ -397,6 +419,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise T2TError("--concurrency needs positive numbers and --requests at least 1")
     if args.direct_seconds < 0 or args.level_direct_seconds < 0:
         raise T2TError("--direct-seconds and --level-direct-seconds need 0 or more seconds (0: 3 calls per case)")
+    if args.preferred_batch_size not in ("auto", "all"):
+        preferred_sizes(args.preferred_batch_size, {}, args.max_batch_size)  # a bad list: one line, nothing run
     threads = resolve_threads(args.threads)
     header = report_header(TOOL, argv)
     load_before = load_average()
@@ -412,8 +436,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(f"direct: best {sweep_before['best_img_s']:.1f} img/s at batch {sweep_before['best_batch']} "
               f"({sweep_before['best_setting']})", flush=True)
         spin = "--ort-spinning" if args.ort_spinning else "--no-ort-spinning"
+        preferred = preferred_sizes(args.preferred_batch_size, sweep_before, args.max_batch_size)
+        print(f"dynamic batching: preferred batch sizes {preferred}", flush=True)
         with ServerProcess(artifact, threads=threads, max_batch_size=args.max_batch_size,
-                           extra=["--max-queue-delay-us", str(args.max_queue_delay_us), spin]) as server:
+                           extra=["--max-queue-delay-us", str(args.max_queue_delay_us), spin,
+                                  "--preferred-batch-size", ",".join(map(str, preferred))]) as server:
             model = meta.get("model") or args.model
             levels = [lv.summary() for lv in _levels(server, model, x, args, runners, batches)]
         # Timed again once the server is gone: a machine whose load changed during the run shows it here.
@@ -428,6 +455,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
               "img_size": size, "weights": "checkpoint" if meta.get("checkpoint_sha256", "").strip()[:4] not in
               ("", "none") else "random, trained-like (what make onnx writes without a checkpoint)",
               "threads": threads, "served_setting": SPIN[args.ort_spinning], "max_batch_size": args.max_batch_size,
+            "preferred_batch_size": preferred,
               "requests": args.requests, "max_seconds": args.max_seconds, "timeout_s": args.timeout,
               "concurrency": list(args.concurrency), "goal": args.goal, "direct": direct, "levels": levels,
               "load_average_before": load_before, "load_average_after": load_average()}
@@ -452,6 +480,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request, seconds (default 30)")
     p.add_argument("--max-batch-size", type=int, default=32, help="the server's max_batch_size (default 32)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay (default 2000)")
+    p.add_argument("--preferred-batch-size", default="auto",
+                   help="the server's preferred batch sizes: auto (default: powers of two up to the direct runner's "
+                        "best batch, measured before the server starts), all (every power of two up to "
+                        "--max-batch-size, make serve's default) or a comma list")
     p.add_argument("--direct-seconds", type=float, default=3.0,
                    help="direct runner timing per batch size and setting, before and after the server (default 3)")
     p.add_argument("--level-direct-seconds", type=float, default=0.5,

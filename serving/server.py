@@ -63,6 +63,17 @@ def _libpython_env() -> None:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
 
 
+def _batch_list(spec: str) -> list[int]:
+    """``"4,8"`` -> [4, 8] (argparse type: a bad list is a usage error, exit 2)."""
+    try:
+        sizes = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of batch sizes: {spec!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {spec!r}")
+    return sizes
+
+
 def _bind_models(triton: Any, clf: Any, args: argparse.Namespace) -> list[str]:
     import torch
     from pytriton.decorators import batch
@@ -93,8 +104,9 @@ def _bind_models(triton: Any, clf: Any, args: argparse.Namespace) -> list[str]:
             out.append({"logits": clf.runner.infer(torch.from_numpy(x))})
         return out
 
-    batcher = DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us,
-                             preferred_batch_size=_preferred(args.max_batch_size))
+    preferred = ([b for b in args.preferred_batch_size if b <= args.max_batch_size] if args.preferred_batch_size
+                 else _preferred(args.max_batch_size))
+    batcher = DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us, preferred_batch_size=preferred)
     triton.bind(model_name=clf.model, infer_func=classify_tensor,
                 inputs=[Tensor(name="input", dtype=np.float32, shape=(3, size, size))],
                 outputs=[Tensor(name="logits", dtype=np.float32, shape=(classes,))],
@@ -155,6 +167,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="largest batch Triton's dynamic batcher forms")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="how long Triton may hold a request to form a batch (default 2000)")
+    p.add_argument("--preferred-batch-size", type=_batch_list, default=None,
+                   help="comma list of the batch sizes the dynamic batcher prefers (default: every power of two up "
+                        "to --max-batch-size); with more requests queued it forms the largest of these, so a list "
+                        "that stops at the runner's most efficient batch keeps the next batch queued while one runs")
     p.add_argument("--max-image-bytes", type=int, default=16 << 20,
                    help="largest encoded image the -classify model accepts (default 16 MiB)")
     p.add_argument("--threads", default="auto", help="runner intra-op threads (a number, or auto: the idle cores)")

@@ -4,6 +4,7 @@ when killed but leaves no client hanging, restarts, and refuses a busy port. Eve
 the test that started it (process group, also on failure); request loops are bounded in count and time."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -236,3 +237,21 @@ def test_loadtest_refuses_negative_timing_seconds_in_one_line(artifact, tmp_path
     assert rc == 2 and len(err) == 1 and err[0].startswith("serving.loadtest: error: --direct-seconds and "
                                                            "--level-direct-seconds")
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_preferred_batch_sizes_stop_at_the_direct_runners_best():
+    from serving.loadtest import preferred_sizes
+    from serving.server import _batch_list
+    from t2t_vit.errors import T2TError
+
+    assert preferred_sizes("auto", {"best_batch": 8}, 32) == [2, 4, 8]
+    assert preferred_sizes("auto", {"best_batch": 1}, 32) == [2]  # batching still possible
+    assert preferred_sizes("auto", {"best_batch": 64}, 16) == [2, 4, 8, 16]
+    assert preferred_sizes("all", {}, 32) == [2, 4, 8, 16, 32]
+    assert preferred_sizes("8,4", {}, 32) == [4, 8]
+    for bad in ("0,4", "64", "x"):
+        with pytest.raises(T2TError, match="--preferred-batch-size"):
+            preferred_sizes(bad, {}, 32)
+    assert _batch_list("8,2,8") == [2, 8]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _batch_list("0")
