@@ -35,7 +35,7 @@ PRECISIONS: dict[str, tuple[str, ...]] = {"pytorch": ("fp32", "bf16", "fp16"), "
                                            "tensorrt": ENGINE_PRECISIONS}
 # What ONNX Runtime's run of the fp8 graph is: its QuantizeLinear/DequantizeLinear round every quantized tensor to
 # float8e4m3fn exactly as TensorRT's Q does (saturating, nearest even: tests/test_fp8.py checks it), then it multiplies
-# in the graph's fp16/fp32. TensorRT's FP8 GEMMs multiply FP8 operands with their own accumulation; that is not modelled.
+# in the graph's fp16/fp32. TensorRT's FP8 GEMMs multiply FP8 operands with their own accumulation: not modelled.
 FP8_EMULATION = ("emulated: ONNX Runtime rounds the quantized tensors to float8e4m3fn (Q/DQ) and multiplies in "
                  "fp16/fp32; no FP8 GEMM accumulation is modelled")
 # The spellings used before there was one vocabulary began with these; they are gone (see _old_name_hint).

@@ -52,7 +52,8 @@ def test_backend_vocabulary_is_the_runner_names():
     assert names[:2] == ["pytorch-cpu-fp32", "pytorch-cpu-bf16-autocast"]
     assert [s.name for s in select_backends("onnxruntime", specs)] == [
         f"onnxruntime-cpu-{p}" for p in ("fp32", "fp16", "int8", "int8-cpu", "fp8")]
-    assert [s.name for s in select_backends("tensorrt", specs)] == [f"tensorrt-{p}" for p in ("fp32", "fp16", "int8", "fp8")]
+    assert [s.name for s in select_backends("tensorrt", specs)] == [
+        f"tensorrt-{p}" for p in ("fp32", "fp16", "int8", "fp8")]
     assert [s.name for s in select_backends("*-fp8", specs)] == ["onnxruntime-cpu-fp8", "tensorrt-fp8"]
     assert select_backends("onnxruntime-cpu-int8,tensorrt-fp16", names) == ["onnxruntime-cpu-int8", "tensorrt-fp16"]
     assert [s.runtime for s in select_backends("*-int8", specs)] == ["onnxruntime", "tensorrt"]
@@ -110,7 +111,8 @@ def _set_meta(path: Path, meta: dict[str, str]) -> None:
 def setup(shared_data, tmp_path_factory):
     """A 10-class tiny checkpoint and fp32/fp16/int8/fp8 ONNX files made without the project's exporters (fp8:
     onnxruntime's own float8e4m3fn quantizer, which takes only its distribution calibration)."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from t2t_vit.checkpoint import build_model
@@ -155,8 +157,9 @@ def setup(shared_data, tmp_path_factory):
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     _set_meta(int8, {**meta, "precision": "int8"})
     fp8 = out / f"{MODEL}.fp8.onnx"
-    quantize_static(str(fp32), str(fp8), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
-                    activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN,
+    quantize_static(str(fp32), str(fp8), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"], activation_type=QuantType.QFLOAT8E4M3FN,
+                    weight_type=QuantType.QFLOAT8E4M3FN,
                     calibrate_method=CalibrationMethod.Distribution)
     _set_meta(fp8, {**meta, "precision": "fp8", "qdq_dtype": "float8e4m3fn"})
     return {"val": val, "out": out, "ckpt": ckpt, "model": model, "wnids": wnids,

@@ -47,7 +47,8 @@ def _write_fp8_onnx(path: Path) -> Path:
     graph = helper.make_graph(
         nodes, "tiny_fp8", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.01]), helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0])])
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.01]),
+         helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     model.ir_version = 9
     for k, v in {**_meta("fp8"), "qdq_dtype": "float8e4m3fn", "requires_compute_capability": "8.9"}.items():
@@ -65,7 +66,8 @@ def out(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _add_engine(out: Path, max_batch: int = 16, opt: int = 8, precision: str = "fp16", meta: dict | None = None) -> Path:
+def _add_engine(out: Path, max_batch: int = 16, opt: int = 8, precision: str = "fp16",
+                meta: dict | None = None) -> Path:
     onnx = out / f"{MODEL}.{precision}.onnx"
     engine = out / f"{MODEL}.{precision}.engine"
     engine.write_bytes(b"not a real plan: the repository only copies it")
@@ -151,7 +153,8 @@ def test_fp8_engine_records_its_compute_capability(out):
     assert built["requires_compute_capability"] == "8.9" and "compute capability 8.9 or later" in built["note"]
     # the fp8 graph itself is an ONNX Runtime model (KIND_CPU), with nothing built for a GPU
     onnx_fp8 = out / "triton" / f"{MODEL}-onnx-fp8"
-    assert _parse(onnx_fp8 / "config.pbtxt").platform == "onnxruntime_onnx" and not (onnx_fp8 / "built_for.json").exists()
+    assert _parse(onnx_fp8 / "config.pbtxt").platform == "onnxruntime_onnx"
+    assert not (onnx_fp8 / "built_for.json").exists()
     _add_engine(out)  # an fp16 engine records none
     R.write_repository(R.plan_repository(MODEL, out), out / "triton")
     fp16 = json.loads((out / "triton" / f"{MODEL}-trt-fp16" / "built_for.json").read_text())
