@@ -15,7 +15,8 @@
    defaults and CPU calibration -> ``<out>/modelopt/<model>.modelopt-<mode>.onnx`` (+ ``.json`` result,
    ``.log``);
 4. evaluation in this environment: fp32, our int8 (``<out>/<model>.int8.onnx`` from ``make calib``), our
-   fp8 (``<out>/<model>.fp8.onnx``; 'not built yet' until it exists) and ModelOpt's graphs on ONNX
+   fp8 (``<out>/<model>.fp8.onnx`` from ``make calib PRECISION=fp8``; 'not built yet' while it is absent; each
+   says whether it was calibrated on this run's images) and ModelOpt's graphs on ONNX
    Runtime CPU over the same val batches: top-1, agreement with fp32, max |dlogit|; and per graph the
    Q/DQ counts by consumer op type and the softmax-attention check (:mod:`calibration.mha_pattern`);
 5. report ``reports/modelopt-<model>.{json,md}`` (``--report``). A ModelOpt failure is recorded in the

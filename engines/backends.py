@@ -14,7 +14,10 @@ a skip reason; and which backends this machine can run (``python -m engines.back
 
 It lives in ``engines`` because it makes TensorRT runners too (``t2t_vit`` may not import this stage);
 every tool above it (the engines benchmark, parity, the demo, serving) makes its runners here. Runner
-construction is device-free (files and metadata only): the GPU is touched inside ``with`` only.
+construction is device-free (files and metadata only): the GPU is touched inside ``with`` only, with one
+exception: an engine that records a minimum compute capability (an fp8 engine: SM 8.9+,
+:func:`required_compute_capability`) is checked against the GPU's (PyTorch's CUDA query) and skipped with one
+line naming the requirement on an older GPU (:func:`capability_shortfall`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -32,10 +35,11 @@ from t2t_vit.backends import DEVICES, BackendSpec, parse_backend
 from t2t_vit.checkpoint import build_model
 from t2t_vit.runners import OnnxRuntimeRunner, Runner, TorchRunner
 
+from .trt_compat import gpu_info
 from .trt_runtime import TensorRTRunner
 
-__all__ = ["Skip", "resolve_backend", "artifact_runner", "availability", "BackendStatus", "backend_statuses", "get_args_parser",
-           "main"]
+__all__ = ["Skip", "resolve_backend", "artifact_runner", "availability", "required_compute_capability",
+           "capability_shortfall", "BackendStatus", "backend_statuses", "get_args_parser", "main"]
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -58,6 +62,35 @@ def availability(spec: BackendSpec) -> tuple[bool, str]:
     return TensorRTRunner.availability()
 
 
+def required_compute_capability(record: Mapping[str, Any]) -> str | None:
+    """The minimum compute capability (``"8.9"``) an artifact records, or None when it records none.
+
+    ``record`` is an engine sidecar or an ONNX graph's metadata: the sidecar's own
+    ``requires_compute_capability`` when ``make engine`` writes one, else the one in the metadata of the ONNX
+    graph it was built from (``onnx_metadata``; ``make calib PRECISION=fp8`` writes it), else the metadata's own.
+    """
+    for where in (record, record.get("onnx_metadata") or {}):
+        value = where.get("requires_compute_capability") if isinstance(where, Mapping) else None
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def _capability(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(text).strip().split("."))
+    except ValueError:
+        raise ValueError(f"compute capability {text!r}: expected 'major.minor', e.g. '8.9'") from None
+
+
+def capability_shortfall(required: str | None, gpu: Mapping[str, str], what: str = "this engine") -> str:
+    """One line when ``gpu`` (``{"name", "compute_capability"}``) is below ``required``, else ''."""
+    if not required or _capability(gpu["compute_capability"]) >= _capability(required):
+        return ""
+    return (f"{what} needs a GPU of compute capability {required} or later; this GPU ({gpu['name']}) has "
+            f"{gpu['compute_capability']}")
+
+
 def _missing_hint(spec: BackendSpec, model: str) -> str:
     if spec.runtime == "tensorrt":
         return f"build it with `make engine PRECISION={spec.precision}`"
@@ -77,7 +110,8 @@ def artifact_runner(path: str | os.PathLike, *, provider: str = "cpu", threads: 
 
 def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model_name: str, *,
                     model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
-                    checkpoint: str | os.PathLike | None = None, threads: int | None = None) -> Runner | Skip:
+                    checkpoint: str | os.PathLike | None = None, threads: int | None = None,
+                    gpu: Callable[[], Mapping[str, str]] | None = None) -> Runner | Skip:
     """The runner a backend names, built (device-free) from the artifacts folder, or why it cannot run.
 
     Args:
@@ -87,10 +121,12 @@ def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model
         model: PyTorch backends: the module (or a function returning it, called only when needed);
             default: :func:`t2t_vit.checkpoint.build_model` of ``model_name`` with ``checkpoint``.
         threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default).
+        gpu: the running GPU's ``{"name", "compute_capability"}``, asked only for an engine that records a
+            minimum compute capability (default :func:`engines.trt_compat.gpu_info`).
 
     Returns:
-        The runner (activate it with ``with``), or a :class:`Skip` when the runtime is missing here or
-        the file is absent (the reason says how to make it).
+        The runner (activate it with ``with``), or a :class:`Skip` when the runtime is missing here, the
+        file is absent (the reason says how to make it) or the engine needs a newer GPU than this one.
 
     Raises:
         RunnerError: an unknown backend name. Errors reading a present file (GraphError, SidecarError)
@@ -104,7 +140,13 @@ def resolve_backend(spec: BackendSpec | str, artifacts: str | os.PathLike, model
     if path is not None and not path.is_file():
         return Skip(spec, f"{path} not found ({_missing_hint(spec, model_name)})", str(path))
     if spec.runtime in ("onnxruntime", "tensorrt"):
-        return artifact_runner(path, provider=spec.device, threads=threads)
+        runner = artifact_runner(path, provider=spec.device, threads=threads)
+        need = required_compute_capability(runner.sidecar) if isinstance(runner, TensorRTRunner) else None
+        if need:  # the GPU is asked only for an engine that records a requirement
+            short = capability_shortfall(need, (gpu or gpu_info)(), what=f"{path} (an {runner.precision} engine)")
+            if short:
+                return Skip(spec, short, str(path))
+        return runner
     if model is None:
         model = build_model(model_name, checkpoint).eval()
     elif callable(model) and not isinstance(model, torch.nn.Module):

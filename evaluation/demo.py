@@ -13,12 +13,15 @@ each tool's output kept in ``<out>/logs/<step>.log``:
    PNGs under ``<out>/data/digits``;
 2. train (``python -m train.train``) a small T2T-ViT for a few epochs -> ``<out>/train/best.pth``;
 3. onnx (``python -m export.to_onnx``) -> ``<out>/model/<model>.fp32.onnx`` / ``.fp16.onnx``;
-4. calib (``python -m calibration.calib``) -> ``<out>/model/<model>.int8.onnx``, and with ``--target cpu``
-   ``<model>.int8-cpu.onnx``;
-5. engine (``python -m engines.build``) fp32/fp16/int8 engines when TensorRT and a GPU are present,
-   otherwise reported as skipped with the reason;
+4. calib (``python -m calibration.calib``) -> ``<out>/model/<model>.int8.onnx``, with ``--target cpu``
+   ``<model>.int8-cpu.onnx``, and with ``--precision fp8`` ``<model>.fp8.onnx`` (the same ranges: the range
+   cache of the first run);
+5. engine (``python -m engines.build``) fp32/fp16/int8 engines when TensorRT and a GPU are present, and the
+   fp8 engine on a GPU of the compute capability the fp8 graph records (SM 8.9+); otherwise reported as
+   skipped with the reason;
 6. bench (``python -m engines.bench --tensorrt auto``) -> ``<out>/model/bench-engines-*``;
-7. parity (``python -m evaluation.parity``) -> ``<out>/model/parity-<model>.*``;
+7. parity (``python -m evaluation.parity``) -> ``<out>/model/parity-<model>.*`` (fp8 on ONNX Runtime: an
+   emulation, marked so);
 
 then prints a one-screen summary and writes it to ``<out>/demo-summary.md`` (+ ``demo.json``).
 A failing step is reported with its log and the demo goes on where later steps do not depend on it.
@@ -39,12 +42,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from engines.backends import capability_shortfall, required_compute_capability
+from engines.trt_compat import gpu_info
 from engines.trt_runtime import TensorRTRunner
 from t2t_vit.cli import run_command
 from t2t_vit.data import IMG_EXTENSIONS, imagenette_root
 from t2t_vit.env import host_info
 from t2t_vit.errors import T2TError, ThresholdMissed
 from t2t_vit.files import OutputLock, atomic_write_json, atomic_write_text
+from t2t_vit.graphs import read_metadata
 from t2t_vit.timing import child_process_kwargs
 
 __all__ = ["DemoError", "run_logged_step", "write_digits_dataset", "get_args_parser", "main", "run_demo"]
@@ -323,7 +329,7 @@ def _train_step(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_ro
 
 
 def _export_steps(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_root: Path) -> None:
-    """3. onnx (fp32/fp16 graphs), 4. calib (int8 Q/DQ graph) and its CPU target (calib-cpu)."""
+    """3. onnx (fp32/fp16 graphs), 4. calib (int8 Q/DQ graph), its CPU target (calib-cpu) and fp8 (calib-fp8)."""
     py, model_dir, common, val_images = plan.py, plan.model_dir, plan.common, plan.val_images
     train_split, val_split = data_root / "train", data_root / "val"
     steps.run("onnx", [py, "-m", "export.to_onnx", *common, "--data", str(val_split),
@@ -342,10 +348,13 @@ def _export_steps(args: argparse.Namespace, plan: DemoPlan, steps: _Steps, data_
     steps.run("calib", [*calib_cmd, "--target", "cpu"], needs=["train", "onnx"], label="calib-cpu",
               outputs=[model_dir / f"{args.model}.int8-cpu.onnx", model_dir / f"{args.model}.calib-cpu.md"],
               soft=True)
+    # And with float8e4m3fn Q/DQ (make calib PRECISION=fp8), from the same cached ranges: parity's fp8 rows.
+    steps.run("calib", [*calib_cmd, "--precision", "fp8"], needs=["train", "onnx"], label="calib-fp8",
+              outputs=[model_dir / f"{args.model}.fp8.onnx", model_dir / f"{args.model}.calib-fp8.md"], soft=True)
 
 
 def _engine_step(plan: DemoPlan, steps: _Steps) -> None:
-    """5. engine: fp32/fp16/int8 TensorRT engines, or one skipped entry saying why not."""
+    """5. engine: fp32/fp16/int8 TensorRT engines and fp8 on an SM 8.9+ GPU, or one skipped entry saying why not."""
     trt_ok, trt_why = TensorRTRunner.availability()
     if "engine" not in plan.steps:
         steps.results.append(StepResult("engine", "skipped", reason="not selected (--steps)"))
@@ -353,10 +362,22 @@ def _engine_step(plan: DemoPlan, steps: _Steps) -> None:
         steps.results.append(StepResult("engine", "skipped", reason=trt_why))
         steps.say(f"[demo] engine: skipped: {trt_why}")
     else:
-        for prec in ("fp32", "fp16", "int8"):
+        for prec in ("fp32", "fp16", "int8", "fp8"):
+            short = _gpu_shortfall(plan.model_dir / f"{plan.model}.{prec}.onnx") if prec == "fp8" else ""
+            if short:
+                steps.results.append(StepResult(f"engine-{prec}", "skipped", reason=short))
+                steps.say(f"[demo] engine-{prec}: skipped: {short}")
+                continue
             steps.run("engine", [plan.py, "-m", "engines.build", *plan.common, "--precision", prec],
-                      needs=["train", "onnx"] + (["calib"] if prec == "int8" else []),
+                      needs=["train", "onnx"] + ({"int8": ["calib"], "fp8": ["calib-fp8"]}.get(prec, [])),
                       outputs=[plan.model_dir / f"{plan.model}.{prec}.engine"], label=f"engine-{prec}")
+
+
+def _gpu_shortfall(graph: Path) -> str:
+    """Why this GPU cannot run ``graph`` (the compute capability its metadata records, fp8's 8.9), or ''."""
+    if not graph.is_file():
+        return ""  # the build step says it is missing (or is skipped: calib-fp8 failed)
+    return capability_shortfall(required_compute_capability(read_metadata(graph)), gpu_info(), what=graph.name)
 
 
 def _bench_step(args: argparse.Namespace, plan: DemoPlan, steps: _Steps) -> None:
@@ -435,7 +456,8 @@ def _collect_metrics(train_dir: Path, model_dir: Path, model: str) -> dict[str, 
         rep = json.loads(parity.read_text())
         m["parity"] = {b["name"]:
                        ({"top1": round(b["top1"], 2), "delta": round(b.get("delta_top1", 0.0), 2),
-                         "agreement": round(b.get("top1_agreement", 100.0), 2), "status": b["status"]}
+                         "agreement": round(b.get("top1_agreement", 100.0), 2), "status": b["status"],
+                         "emulated": bool(b.get("emulated"))}
                         if "top1" in b else {"status": b["status"], "reason": b["reason"]})
                        for b in rep["backends"]}
         m["parity_images"] = rep["data"]["images_evaluated"]
@@ -474,12 +496,15 @@ def render_summary(s: dict[str, Any]) -> str:
     if "parity" in m:
         lines += ["", f"parity on {m['parity_images']} val images ({'PASS' if m['parity_passed'] else 'FAIL'}):"]
         skipped: dict[str, list[str]] = {}
+        # A reason a step above already printed (TensorRT missing: the engine step's) is named, not repeated.
+        said = {r["reason"]: r["step"] for r in s["steps"] if r["status"] == "skipped" and r["reason"]}
         for name, p in m["parity"].items():
             if "top1" in p:
                 lines.append(f"    {name:<30} top-1 {p['top1']:6.2f}  delta {p['delta']:+.2f}  "
-                             f"agree {p['agreement']:6.2f}%  {p['status']}")
+                             f"agree {p['agreement']:6.2f}%  {p['status']}{' (emulated)' if p.get('emulated') else ''}")
             else:
-                skipped.setdefault(f"{p['status']}: {p['reason']}", []).append(name)
+                why = f"see the {said[p['reason']]} step" if p["reason"] in said else p["reason"]
+                skipped.setdefault(f"{p['status']}: {why}", []).append(name)
         for reason, names in skipped.items():  # one entry per reason: TensorRT's is the same for 3 engines
             lines += textwrap.wrap(f"{', '.join(names)}: {reason}", width=100, initial_indent="    ",
                                    subsequent_indent="      ")

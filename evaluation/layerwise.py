@@ -5,9 +5,11 @@ project's form of ``polygraphy run model.onnx --onnxrt --onnx-outputs mark all``
 fails: on N real images (the model's own preprocessing, read from the fp32 graph's metadata) it runs
 
 * the fp32 graph ``<out>/<model>.fp32.onnx`` (the reference) and
-* the candidate ``<out>/<model>.<precision>.onnx`` (fp16, int8 or int8-cpu) with Polygraphy's ONNX Runtime
-  runner, and, where TensorRT and a GPU exist, the candidate's TensorRT engine built by Polygraphy's
-  TensorRT loaders (strongly typed, every tensor marked as an output),
+* the candidate ``<out>/<model>.<precision>.onnx`` (fp16, int8, int8-cpu or fp8) with Polygraphy's ONNX
+  Runtime runner (on the fp8 graph an emulation: :data:`t2t_vit.backends.FP8_EMULATION`), and, where TensorRT
+  and a GPU exist, the candidate's TensorRT engine built by Polygraphy's TensorRT loaders (strongly typed,
+  every tensor marked as an output; for a graph that records a minimum compute capability, fp8's SM 8.9,
+  only on a GPU that has it),
 
 marks every tensor the two graphs share as an output, compares them with Polygraphy's comparator
 (``SimpleCompareFunc``: max absolute and relative differences) and adds the error relative to the
@@ -34,9 +36,12 @@ import numpy as np
 import onnx
 
 from calibration.policy import PolicyError, performer_core_nodes
+from engines.backends import capability_shortfall, required_compute_capability
 from engines.build import BuildSettings, build_serialized_engine, profile_shapes
+from engines.trt_compat import gpu_info
 from engines.trt_runtime import TensorRTRunner
 from t2t_vit.artifacts import default_out, onnx_path
+from t2t_vit.backends import BackendSpec
 from t2t_vit.cli import add_run_args, add_stage_args, apply_threads, run_command
 from t2t_vit.data import DataConfig, ImageBatcher, class_balanced_subset, imagenette_root, scan_image_folder
 from t2t_vit.errors import T2TError, ThresholdMissed
@@ -49,8 +54,10 @@ _logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_TOLERANCE", "tensor_module", "shared_tensors", "compare_layers", "get_args_parser", "main"]
 
 # Relative error (max|cand - ref| / max|ref|) above which a tensor counts as diverged, per precision.
-# fp16 keeps 11 significant bits (2^-11 = 5e-4 per rounding); int8 keeps 8 bits per quantized input.
-DEFAULT_TOLERANCE = {"fp16": 1e-2, "int8": 1e-1, "int8-cpu": 1e-1}
+# fp16 keeps 11 significant bits (2^-11 = 5e-4 per rounding); int8 keeps 8 bits per quantized input. fp8 (E4M3)
+# keeps 4 significant bits: each quantized operand is off by up to 2^-4 of itself, so a product of two is off by
+# up to about 2 * 2^-4 = 0.125 (first order); docs/fp8.md has the measurement beside int8's.
+DEFAULT_TOLERANCE = {"fp16": 1e-2, "int8": 1e-1, "int8-cpu": 1e-1, "fp8": 1.25e-1}
 _SCOPE = re.compile(r"^/(?:model/)?(?P<scope>.*)/[^/]+$")
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -133,6 +140,10 @@ def _runners(ref: onnx.ModelProto, cand: onnx.ModelProto, names: list[str], prec
     why = ""
     if tensorrt:
         ok, why = TensorRTRunner.availability()
+        need = required_compute_capability({p.key: p.value for p in cand.metadata_props})
+        if ok and need:  # an fp8 graph builds only for an SM 8.9+ GPU
+            why = capability_shortfall(need, gpu_info(), what=f"{cand_path} (a TensorRT {precision} graph)")
+            ok = not why
         if ok:
             # The project's one engine build (engines.build), for batches of 1..batch_size, every tensor marked an
             # output (tensors TensorRT fuses away are reported as not compared). Built from the renamed candidate,
@@ -191,7 +202,7 @@ def compare_layers(fp32_path: Path, cand_path: Path, precision: str, images: np.
     pairs = shared_tensors(ref, cand)
     if not pairs:
         raise GraphError(f"{cand_path} shares no tensor names with {fp32_path}; export both with `make onnx` "
-                         f"(and `make calib` for int8) from the same model")
+                         f"(and `make calib` for int8/fp8) from the same model")
     cand = _rename_tensors(cand, {p["candidate_tensor"]: p["tensor"] for p in pairs})
     names = [p["tensor"] for p in pairs]
     runners, trt_reason = _runners(ref, cand, names, precision, cand_path, tensorrt, batch_size)
@@ -261,6 +272,7 @@ def _modules_table(result: dict[str, Any], runner: str) -> list[list[Any]]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     res = report["result"]
+    emulation = report.get("emulation")  # fp8: what ONNX Runtime's run of the graph leaves out
     lines = [f"# Layer-wise comparison: {report['model']} {report['precision']} vs fp32", "",
              f"`{report['command']}`", "",
              f"- graphs: `{report['fp32_onnx']}` (reference) and `{report['candidate_onnx']}`",
@@ -270,6 +282,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- relative error = max|candidate - fp32| / max|fp32| over the images, per tensor; tolerance "
              f"{report['tolerance']:g}",
              f"- TensorRT: {res['tensorrt']}",
+             *([f"- onnxruntime-cpu-{report['precision']}: {emulation}"] if emulation else []),
              f"- {res.get('core_internal', 0)} tensors inside Performer cores (random features exp(w.x - |x|^2/2), "
              f"their sums and D) are reported but "
              + ("count for the first bad layer (--include-core)" if res.get("include_core") else
@@ -369,7 +382,7 @@ def _images(data: str | None, config: DataConfig, n: int, seed: int) -> tuple[np
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Compare every intermediate tensor of a fp16/int8 graph with the fp32 "
+    p = argparse.ArgumentParser(description="Compare every intermediate tensor of a fp16/int8/fp8 graph with the fp32 "
                                             "graph (Polygraphy) and name the first layer that diverges",
                                 add_help=add_help)
     add_stage_args(p, weights=False, checkpoint_help="the weights come from the ONNX files; if given, both graphs "
@@ -382,7 +395,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, help="ImageFolder of real images (default: the development data's val)")
     g.add_argument("--images", type=int, default=16, help="class-balanced images (default 16)")
     g.add_argument("--tolerance", type=float, default=None,
-                   help="relative error that counts as diverged (default: fp16 1e-2, int8 1e-1)")
+                   help="relative error that counts as diverged (default: fp16 1e-2, int8 1e-1, fp8 0.125)")
     g.add_argument("--no-tensorrt", action="store_true", help="ONNX Runtime only, even where TensorRT exists")
     g.add_argument("--include-core", action="store_true",
                    help="let tensors inside a Performer core count for the first bad layer (by default a core is "
@@ -412,7 +425,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                                 tensorrt=not args.no_tensorrt, include_core=args.include_core)
         report = {**report_header("evaluation.layerwise", argv), "model": args.model, "precision": args.precision,
                   "fp32_onnx": str(fp32), "candidate_onnx": str(cand), "data": root, "images": int(len(images)),
-                  "tolerance": tolerance, "result": result}
+                  "tolerance": tolerance, "emulation": BackendSpec("onnxruntime", "cpu", args.precision).emulation,
+                  "result": result}
         stem = out / f"layers-{args.model}-{args.precision}"
         write_report(stem, report, render_markdown(report), plot(report))
     report["written"] = str(stem) + ".md"

@@ -7,9 +7,11 @@
 
 One :class:`t2t_vit.data.ImageBatcher` (the model's eval transform, fp32 inputs, last batch not padded)
 feeds every runner batch by batch, so all backends see the same tensors: PyTorch fp32 (the reference),
-PyTorch autocast (bf16 on CPU, fp16 on CUDA), ONNX Runtime on ``<out>/<model>.{fp32,fp16,int8,int8-cpu}.onnx``
-(CUDA provider when present, else CPU) and TensorRT engines ``<out>/<model>.<precision>.engine`` when
-TensorRT and a GPU are present. A backend that cannot run is reported as skipped with the reason (listed
+PyTorch autocast (bf16 on CPU, fp16 on CUDA), ONNX Runtime on ``<out>/<model>.{fp32,fp16,int8,int8-cpu,fp8}.onnx``
+(CUDA provider when present, else CPU; on the fp8 graph an emulation, marked so in the report:
+:data:`t2t_vit.backends.FP8_EMULATION`) and TensorRT engines ``<out>/<model>.<precision>.engine`` when
+TensorRT and a GPU are present (``tensorrt-fp8``: a GPU of the compute capability its sidecar or graph
+records, SM 8.9+). A backend that cannot run is reported as skipped with the reason (listed
 once per reason in the report and the summary). A run where every backend asked for was skipped compared
 nothing and is refused (exit 2, one line with each backend's reason), as is a ``--require``'d backend
 that cannot run; a run asked only for the reference is reported as ``REFERENCE ONLY``, not as a pass. An
@@ -81,13 +83,15 @@ __all__ = [
 
 # (max |delta top-1| in points, min top-1 agreement in %) per precision. fp32 must be identical;
 # reduced precisions may move a few borderline images. bf16 (PyTorch autocast) keeps only 8 mantissa
-# bits, so it gets more room than fp16.
+# bits, so it gets more room than fp16. fp8 quantizes the same tensors as int8 (one placement, the same
+# calibrated ranges), so it gets int8's budget (docs/parity.md says why).
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float | None]] = {
     "fp32": (0.0, 99.9),
     "fp16": (0.1, None),
     "bf16": (0.5, None),
     "int8": (1.0, None),
     "int8-cpu": (1.0, None),
+    "fp8": (1.0, None),
 }
 ONNX_PRECISIONS = GRAPH_PRECISIONS
 
@@ -132,14 +136,16 @@ class BackendResult:
     reason: str = ""
     artifact: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    emulation: str = ""  # what an emulated backend (ONNX Runtime on the fp8 graph) does and does not model
 
     @classmethod
     def not_run(cls, spec: BackendSpec, status: str, reason: str, artifact: str | None) -> "BackendResult":
-        return cls(spec.name, spec.family, spec.precision, status, reason, artifact)
+        return cls(spec.name, spec.family, spec.precision, status, reason, artifact, emulation=spec.emulation)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "precision": self.precision,
-                "status": self.status, "reason": self.reason, "artifact": self.artifact, **self.metrics}
+                "status": self.status, "reason": self.reason, "artifact": self.artifact,
+                "emulated": bool(self.emulation), "emulation": self.emulation, **self.metrics}
 
 
 def autocast_precision(device: str) -> str:
@@ -432,7 +438,7 @@ def _results(plan: ParityPlan, run: ParityRun) -> list[BackendResult]:
         if m["nonfinite_images"]:
             fails.append(f"{m['nonfinite_images']} images with non-finite logits")
         res = BackendResult(spec.name, spec.family, spec.precision, "fail" if fails else "pass",
-                            "; ".join(fails), plan.artifact(spec), m)
+                            "; ".join(fails), plan.artifact(spec), m, spec.emulation)
         res.metrics["runner"] = run.describes[spec.name]
         results.append(res)
     return results
@@ -576,11 +582,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         if b["status"] in ("skipped", "error") and "top1" not in b:
             continue
         lines.append(
-            f"| {b['name']} | {b['precision']} | {_fmt(b.get('top1'))} | {_fmt(b.get('top5'))} | "
+            f"| {b['name']} | {b['precision']}{' (emulated)' if b.get('emulated') else ''} | "
+            f"{_fmt(b.get('top1'))} | {_fmt(b.get('top5'))} | "
             f"{_fmt(b.get('delta_top1'), '+.2f')} | {_fmt(b.get('top1_agreement'))}% | "
             f"{_fmt(b.get('mean_abs_dlogit'), '.2e')} | {_fmt(b.get('max_abs_dlogit'), '.2e')} | "
             f"{_fmt(b.get('mean_kl'), '.2e')} | {_fmt(b.get('images_per_s'), '.1f')} | "
             f"{b['status']}{': ' + b['reason'] if b['reason'] else ''} |")
+    emulated = [b for b in report["backends"] if b.get("emulated") and "top1" in b]
+    if emulated:
+        lines += [""] + [f"- {b['name']}: {b['emulation']}." for b in emulated]
     if report.get("not_run"):
         lines += ["", "Asked for but not run:", ""]
         lines += [f"- {', '.join(g['backends'])} ({g['status']}): {g['reason']}" for g in report["not_run"]]
@@ -617,7 +627,7 @@ def _chart(report: dict[str, Any]) -> Any:
     colors = {"reference": "#4c72b0", "pass": "#55a868", "fail": "#c44e52"}
     y = np.arange(len(rows))
     ax.barh(y, [b["top1"] for b in rows], color=[colors.get(b["status"], "#8c8c8c") for b in rows])
-    ax.set_yticks(y, [b["name"] for b in rows])
+    ax.set_yticks(y, [b["name"] + (" (emulated)" if b.get("emulated") else "") for b in rows])
     ax.invert_yaxis()
     hi = max(b["top1"] for b in rows) if rows else 100.0
     ax.set_xlim(0, min(100.0, hi * 1.25 + 1))
@@ -671,7 +681,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--backends", default=None,
                    help="comma-separated runner names or prefixes (default: all), e.g. onnxruntime,tensorrt-fp16; "
                         "names: pytorch-<dev>-fp32, pytorch-<dev>-<bf16|fp16>-autocast, "
-                        "onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu>, tensorrt-<fp32|fp16|int8>")
+                        "onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu|fp8>, tensorrt-<fp32|fp16|int8|fp8>")
     g.add_argument("--require", default=None,
                    help="backends that must run, comma-separated names or prefixes like --backends (added to them), "
                         "e.g. tensorrt,onnxruntime-cpu-int8: one that cannot run stops the run with exit 2 (REQUIRE=)")
@@ -694,7 +704,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if "top1" in b:
             extra = "" if b["status"] == "reference" else (
                 f"  delta {b['delta_top1']:+.2f}  agree {b['top1_agreement']:.2f}%  max|dlogit| {b['max_abs_dlogit']:.2e}")
-            lines.append(f"  {b['name']:<32} top-1 {b['top1']:6.2f}{extra}  [{b['status']}]"
+            lines.append(f"  {b['name']:<32} top-1 {b['top1']:6.2f}{extra}  [{b['status']}"
+                         f"{', emulated' if b.get('emulated') else ''}]"
                          + (f" {b['reason']}" if b["reason"] and b["status"] != "pass" else ""))
     for g in report.get("not_run") or []:  # once per reason, however many backends share it
         lines.append(f"  not run ({g['status']}): {', '.join(g['backends'])}: {g['reason']}")

@@ -7,13 +7,16 @@
 
 For every artifact present in ``--out``:
 
-* ``<model>.<fp32|fp16|int8|int8-cpu>.onnx`` -> ``<model>-onnx-<precision>/`` with ``platform:
+* ``<model>.<fp32|fp16|int8|int8-cpu|fp8>.onnx`` -> ``<model>-onnx-<precision>/`` with ``platform:
   "onnxruntime_onnx"``; input/output names, types and dims read from the graph, ``max_batch_size`` from
-  ``--max-batch-size`` (the graphs have a dynamic batch dimension).
+  ``--max-batch-size`` (the graphs have a dynamic batch dimension). The fp8 graph's float8e4m3fn Q/DQ
+  (opset 19) need the server's ONNX Runtime to have float8 QuantizeLinear/DequantizeLinear kernels; it runs
+  there as the project's ``onnxruntime-cpu-fp8`` does: an emulation, not FP8 arithmetic.
 * ``<model>.<precision>.engine`` -> ``<model>-trt-<precision>/`` with ``platform: "tensorrt_plan"``,
   ``max_batch_size`` and dims from the optimization profile in the engine's sidecar, types from the ONNX
   graph it was built from, and ``built_for.json`` beside it: the TensorRT version and GPU the engine was
-  built for (it loads on no other).
+  built for (it loads on no other), and the minimum compute capability it records, when it records one
+  (an fp8 engine: 8.9).
 * ``<model>-preprocess/``: a Python-backend model (:mod:`serving.triton_python.preprocess`) taking
   encoded image bytes (``TYPE_STRING``) and applying the artifact's eval transform (its data config is a
   config parameter), and ``<model>-classify/``: an ensemble chaining it to the classifier (the engine
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from engines.backends import required_compute_capability
 from engines.sidecar import read_sidecar
 from t2t_vit.artifacts import ENGINE_PRECISIONS, GRAPH_PRECISIONS, default_out, engine_path, onnx_path
 from t2t_vit.cli import parse_and_run
@@ -138,11 +142,15 @@ def engine_model_spec(path: Path, model: str, out: Path) -> ModelSpec:
                               f"{[i.name for i in inputs]}; rebuild the engine")
     inputs = [TensorSpec(in_name, inputs[0].data_type, tuple(int(d) for d in shapes["max"][1:]))]
     max_batch = int(shapes["max"][0])
+    need = required_compute_capability(side)
     built_for = {"tensorrt_version": side["tensorrt_version"], "gpu": side["gpu"],
                  "engine_sha256": side["engine_sha256"], "built_at": side.get("built_at"),
                  "profile": side["profile"],
                  "note": "a TensorRT engine loads only on this TensorRT version and GPU model; rebuild it with "
-                         f"`make engine MODEL={model} PRECISION={side['precision']}` on the serving machine"}
+                         f"`make engine MODEL={model} PRECISION={side['precision']}` on the serving machine"
+                         + (f" (a GPU of compute capability {need} or later)" if need else "")}
+    if need:
+        built_for["requires_compute_capability"] = need
     meta = dict(side.get("onnx_metadata") or {})
     return ModelSpec(f"{model}-trt-{side['precision']}", "tensorrt_plan", str(side["precision"]), path, "model.plan",
                      inputs, outputs, max_batch, _preferred(max_batch, [int(shapes["opt"][0])]), "KIND_GPU",

@@ -1,10 +1,13 @@
 """The backend vocabulary: one typed spec per inference backend, parsed once from its name.
 
 A backend is a runtime (``pytorch``, ``onnxruntime``, ``tensorrt``) on a device (``cpu``, ``cuda``) at a
-precision (``fp32``, ``bf16``, ``fp16``, ``int8``, ``int8-cpu``), spelled as its runner is named::
+precision (``fp32``, ``bf16``, ``fp16``, ``int8``, ``int8-cpu``, ``fp8``), spelled as its runner is named::
 
     pytorch-<cpu|cuda>-fp32[-compile]      pytorch-<cpu|cuda>-<bf16|fp16>-autocast
-    onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu>      tensorrt-<fp32|fp16|int8>
+    onnxruntime-<cpu|cuda>-<fp32|fp16|int8|int8-cpu|fp8>      tensorrt-<fp32|fp16|int8|fp8>
+
+``onnxruntime-*-fp8`` runs the TensorRT fp8 graph's float8e4m3fn Q/DQ on ONNX Runtime: an emulation
+(:attr:`BackendSpec.emulation` says what it models); ``tensorrt-fp8`` needs an SM 8.9+ GPU.
 
 :func:`parse_backend` turns a name into a :class:`BackendSpec` (or one line listing the valid names);
 :func:`select_backends` picks specs by name, dash-separated prefix (``onnxruntime-cpu``) or glob
@@ -23,13 +26,18 @@ from typing import Iterable, Sequence, TypeVar
 from .artifacts import ENGINE_PRECISIONS, GRAPH_PRECISIONS, engine_path, onnx_path
 from .runners import RunnerError
 
-__all__ = ["RUNTIMES", "DEVICES", "BackendSpec", "all_backends", "parse_backend", "select_backends"]
+__all__ = ["RUNTIMES", "DEVICES", "FP8_EMULATION", "BackendSpec", "all_backends", "parse_backend", "select_backends"]
 
 RUNTIMES = ("pytorch", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 # PyTorch runs fp32 as is and bf16/fp16 under autocast; the other runtimes run the graph the file holds.
 PRECISIONS: dict[str, tuple[str, ...]] = {"pytorch": ("fp32", "bf16", "fp16"), "onnxruntime": GRAPH_PRECISIONS,
                                            "tensorrt": ENGINE_PRECISIONS}
+# What ONNX Runtime's run of the fp8 graph is: its QuantizeLinear/DequantizeLinear round every quantized tensor to
+# float8e4m3fn exactly as TensorRT's Q does (saturating, nearest even: tests/test_fp8.py checks it), then it multiplies
+# in the graph's fp16/fp32. TensorRT's FP8 GEMMs multiply FP8 operands with their own accumulation: not modelled.
+FP8_EMULATION = ("emulated: ONNX Runtime rounds the quantized tensors to float8e4m3fn (Q/DQ) and multiplies in "
+                 "fp16/fp32; no FP8 GEMM accumulation is modelled")
 # The spellings used before there was one vocabulary began with these; they are gone (see _old_name_hint).
 _OLD_RUNTIMES = {"ort": "onnxruntime", "trt": "tensorrt", "torch": "pytorch"}
 
@@ -64,6 +72,11 @@ class BackendSpec:
             return f"onnxruntime-{self.device}-{self.precision}"
         suffix = "-compile" if self.compile else ("" if self.precision == "fp32" else "-autocast")
         return f"pytorch-{self.device}-{self.precision}{suffix}"
+
+    @property
+    def emulation(self) -> str:
+        """What this backend does not run natively ('' for a native run): ONNX Runtime on the fp8 graph."""
+        return FP8_EMULATION if self.runtime == "onnxruntime" and self.precision == "fp8" else ""
 
     @property
     def family(self) -> str:

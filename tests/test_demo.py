@@ -62,7 +62,7 @@ def test_reduced_demo_runs_every_step_on_digits(tmp_path):
     for name in ("data", "train", "bench"):
         assert steps[name]["status"] == "ok", steps[name]
     # Quality thresholds of a one-epoch tiny model may be missed ("warn"); the files must exist anyway.
-    for name in ("onnx", "calib", "calib-cpu", "parity"):
+    for name in ("onnx", "calib", "calib-cpu", "calib-fp8", "parity"):
         assert steps[name]["status"] in ("ok", "warn"), steps[name]
     from engines.backends import backend_statuses
 
@@ -71,6 +71,7 @@ def test_reduced_demo_runs_every_step_on_digits(tmp_path):
         assert steps["engine"]["status"] == "skipped" and steps["engine"]["reason"] == trt.reason
     model_dir = out / "model"
     for name in ("t2t_vit_test.fp32.onnx", "t2t_vit_test.fp16.onnx", "t2t_vit_test.int8.onnx", "t2t_vit_test.int8-cpu.onnx",
+                 "t2t_vit_test.fp8.onnx", "t2t_vit_test.calib-fp8.md",
                  "parity-t2t_vit_test.json", "parity-t2t_vit_test.md", "parity-t2t_vit_test.png"):
         assert (model_dir / name).is_file(), name
     assert (out / "train" / "best.pth").is_file()
@@ -90,4 +91,27 @@ def test_reduced_demo_runs_every_step_on_digits(tmp_path):
     assert ort_fp32["top1_agreement"] == 100.0
     # The CPU int8 graph the demo made is a parity backend of its own, evaluated, not skipped.
     assert next(b for b in parity["backends"] if b["name"] == "onnxruntime-cpu-int8-cpu")["top1_agreement"] > 0
-    assert len(text.splitlines()) <= 45  # one screen
+    # So is the fp8 graph (make calib PRECISION=fp8), on ONNX Runtime: an emulation, and the summary says so.
+    fp8 = next(b for b in parity["backends"] if b["name"] == "onnxruntime-cpu-fp8")
+    assert fp8["top1_agreement"] > 0 and fp8["emulated"]
+    assert next(ln for ln in text.splitlines() if "onnxruntime-cpu-fp8" in ln).endswith("(emulated)")
+    from t2t_vit.graphs import read_metadata
+
+    assert read_metadata(model_dir / "t2t_vit_test.fp8.onnx")["qdq_dtype"] == "float8e4m3fn"
+    if not trt.available:  # TensorRT's reason is printed once, at the engine step, and referred to by parity
+        assert text.count(trt.reason.split(":")[0]) == 1 and "skipped: see the engine step\n" in text
+    assert len(text.splitlines()) <= 48  # one screen
+
+
+def test_fp8_engine_step_needs_the_gpu_the_graph_records(tmp_path, monkeypatch):
+    """The engine step builds fp8 only on a GPU of the compute capability the fp8 graph records (SM 8.9)."""
+    from tests.engine_helpers import write_onnx
+
+    graph = write_onnx(tmp_path / "t2t_vit_test.fp8.onnx",
+                       metadata={"precision": "fp8", "requires_compute_capability": "8.9"})
+    monkeypatch.setattr(demo, "gpu_info", lambda: {"name": "NVIDIA A10G", "compute_capability": "8.6"})
+    assert demo._gpu_shortfall(graph) == ("t2t_vit_test.fp8.onnx needs a GPU of compute capability 8.9 or later; "
+                                          "this GPU (NVIDIA A10G) has 8.6")
+    assert demo._gpu_shortfall(tmp_path / "missing.fp8.onnx") == ""  # the build step says it is missing
+    monkeypatch.setattr(demo, "gpu_info", lambda: {"name": "NVIDIA L4", "compute_capability": "8.9"})
+    assert demo._gpu_shortfall(graph) == ""

@@ -204,3 +204,86 @@ def test_plot_marks_performer_core_points_and_keeps_stage_labels_apart():
     # and inside the figure
     fig_box = fig.bbox
     assert all(b.x0 >= fig_box.x0 and b.x1 <= fig_box.x1 and b.y0 >= fig_box.y0 for b in boxes)
+
+
+@pytest.fixture(scope="module")
+def fp8_graph(graphs) -> Path:
+    """The tiny model's fp8 graph, built as `make calib PRECISION=fp8` builds it (the one Q/DQ step), from the
+    fixture's fp32/fp16 export and max calibration on synthetic images."""
+    from calibration.policy import DEFAULT_POLICY, Placement
+    from calibration.quantize import TensorDataReader, build_qdq, ensure_opset
+
+    fp32 = ensure_opset(onnx.load(str(graphs / f"{MODEL}.fp32.onnx")))
+    x = np.random.default_rng(1).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    path = graphs / f"{MODEL}.fp8.onnx"
+    build_qdq(fp32, Placement.from_model(fp32, DEFAULT_POLICY), "max", TensorDataReader(x), path,
+              fp16_model=onnx.load(str(graphs / f"{MODEL}.fp16.onnx")), cache=graphs / "ranges.json", qtype="fp8")
+    return path
+
+
+def test_fp8_graph_compared_layer_by_layer(graphs, fp8_graph, capsys):
+    """make layers PRECISION=fp8: every shared tensor, the graph output's error equal to direct ONNX Runtime
+    sessions', the Performer cores marked, the emulation stated, and the exit code following the first bad layer."""
+    import onnxruntime as ort
+
+    images = np.random.default_rng(2).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    fp32 = graphs / f"{MODEL}.fp32.onnx"
+    res = L.compare_layers(fp32, fp8_graph, "fp8", images, L.DEFAULT_TOLERANCE["fp8"], tensorrt=False)
+    name = "onnxruntime-cpu-fp8"
+    assert res["runners"] == ["onnxruntime-cpu-fp32", name] and res["compared"] > 100
+    # independent: the logits of both graphs from plain sessions
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], {"input": images})[0]
+           for p in (fp32, fp8_graph)}
+    direct = float(np.abs(run[fp8_graph].astype(np.float64) - run[fp32]).max())
+    logits = next(r for r in res["tensors"] if r["tensor"] == "logits")["by_runner"][name]
+    # (every tensor marked an output changes ONNX Runtime's fusions a little: equal to float32 rounding)
+    assert direct > 0 and logits["max_abs"] == pytest.approx(direct, rel=1e-4)  # quantized, and the same number
+    # the Performer cores are still recognised in the fp8 graph's reference
+    internal = L.core_internal_tensors(onnx.load(str(fp32)))
+    assert res["core_internal"] > 0 and {r["tensor"] for r in res["tensors"] if r["inside_performer_core"]} == \
+        {r["tensor"] for r in res["tensors"]} & internal
+    # quantized MatMul outputs carry fp8's error, larger than the fp16 export's alone
+    attn = [r["by_runner"][name]["relative"] for r in res["tensors"] if r["module"] == "blocks.0.attn.qkv"]
+    assert attn and max(attn) > 1e-3
+
+    rc = L.main(["--model", MODEL, "--out", str(graphs), "--precision", "fp8", "--data", str(graphs / "images"),
+                 "--images", "6", "--threads", "1"])
+    report = json.loads((graphs / f"layers-{MODEL}-fp8.json").read_text())
+    first = report["result"]["first_bad"][name]
+    assert rc == (1 if first else 0), capsys.readouterr().err
+    assert report["tolerance"] == 0.125 and "no FP8 GEMM accumulation is modelled" in report["emulation"]
+    worst = max(r["by_runner"][name]["relative"] for r in report["result"]["tensors"] if not r["inside_performer_core"])
+    assert (first is None) == (worst <= 0.125)
+    md = (graphs / f"layers-{MODEL}-fp8.md").read_text()
+    assert f"- {name}: emulated: ONNX Runtime rounds" in md and f"## {name}" in md
+
+
+def test_tensorrt_fp8_comparison_needs_an_sm89_gpu(graphs, fp8_graph, monkeypatch):
+    """The fp8 graph records SM 8.9: on an older GPU no engine is built and the report says why in one line; on
+    an SM 8.9+ GPU the engine is built as for the other precisions."""
+    from polygraphy.backend import trt as pg_trt
+
+    from engines import build as B
+
+    ref, cand = onnx.load(str(graphs / f"{MODEL}.fp32.onnx")), onnx.load(str(fp8_graph))
+    pairs = L.shared_tensors(ref, cand)
+    cand = L._rename_tensors(cand, {p["candidate_tensor"]: p["tensor"] for p in pairs})  # as compare_layers does
+    names = [p["tensor"] for p in pairs][:5]
+    built = []
+
+    def fake_build(path, shapes, settings, *, mark_all_outputs=False):
+        built.append(path)
+        return B.BuiltEngine(b"ENGINE", "10.13.3.9", {"name": "GPU"}, Path("c"), 0.0, 8, "0")
+
+    monkeypatch.setattr(L.TensorRTRunner, "availability", classmethod(lambda cls: (True, "")))
+    monkeypatch.setattr(L, "build_serialized_engine", fake_build)
+    monkeypatch.setattr(pg_trt, "EngineFromBytes", lambda data: data)
+    monkeypatch.setattr(pg_trt, "TrtRunner", lambda engine, name: name)
+    monkeypatch.setattr(L, "gpu_info", lambda: {"name": "Tesla T4", "compute_capability": "7.5"})
+    runners, why = L._runners(ref, cand, names, "fp8", fp8_graph, True, batch_size=2)
+    assert len(runners) == 2 and not built
+    assert why == f"{fp8_graph} (a TensorRT fp8 graph) needs a GPU of compute capability 8.9 or later; this GPU " \
+                  f"(Tesla T4) has 7.5"
+    monkeypatch.setattr(L, "gpu_info", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    runners, why = L._runners(ref, cand, names, "fp8", fp8_graph, True, batch_size=2)
+    assert why == "" and runners[-1] == "tensorrt-fp8" and len(built) == 1

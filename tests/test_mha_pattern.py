@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from calibration.compare_modelopt import (CompareError, build_report, check_modelopt_python, qdq_counts,
                                           render_markdown)
 from calibration.mha_pattern import FP8, mha_patterns, summarize_patterns
+from t2t_vit.checkpoint import build_model
 from t2t_vit.files import file_sha256
 from tests.image_helpers import noise_images
 
@@ -209,14 +210,20 @@ def test_make_modelopt_compare_without_the_venv_says_why_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_modelopt_failure_is_recorded_in_the_report(tmp_path):
     """ModelOpt 'installed' where it cannot import (this project's interpreter has no modelopt): every graph
-    of ours is still evaluated, the report records the runner's exact error, the command exits 2 in one line,
-    and the fp32 graph is left as it was."""
+    of ours is still evaluated, our fp8 graph (make calib PRECISION=fp8 on the same images) with its Q/DQ counts
+    and attention check, the report records the runner's exact error, the command exits 2 in one line, and the
+    fp32 graph is left as it was."""
     data = tmp_path / "data"
     noise_images(data / "train", size=40), noise_images(data / "val", size=40)
     out, rep = tmp_path / "out", tmp_path / "rep" / "modelopt-t2t_vit_test"
     ex = subprocess.run([sys.executable, "-m", "export.to_onnx", "--model", "t2t_vit_test", "--out", str(out),
                          "--val-images", "0"], cwd=REPO, capture_output=True, text=True, timeout=500)
     assert ex.returncode == 0, ex.stderr  # the comparison quantizes what make onnx wrote
+    cal = subprocess.run([sys.executable, "-m", "calibration.calib", "--model", "t2t_vit_test", "--out", str(out),
+                          "--calib-data", str(data / "train"), "--calib-size", "4", "--method", "max", "--precision",
+                          "fp8", "--no-eval", "--workers", "0", "--no-progress", "--threads", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert cal.returncode == 0, cal.stderr[-2000:]  # our fp8 graph, calibrated on the images the comparison uses
     cmd = [sys.executable, "-m", "calibration.compare_modelopt", "--model", "t2t_vit_test", "--out", str(out),
            "--calib-data", str(data / "train"), "--calib-size", "4", "--modes", "fp8", "--threads", "1",
            "--workers", "0", "--no-progress", "--modelopt-python", sys.executable, "--report", str(rep)]
@@ -227,7 +234,18 @@ def test_a_modelopt_failure_is_recorded_in_the_report(tmp_path):
     r = json.loads(rep.with_suffix(".json").read_text())
     e = r["modelopt_errors"]["modelopt-fp8"]
     assert e["type"] == "ModuleNotFoundError" and "modelopt" in e["message"]
-    assert r["graphs"]["modelopt-fp8"]["status"] == "failed" and r["graphs"]["ours-fp8"]["status"] == "not built yet"
+    assert r["graphs"]["modelopt-fp8"]["status"] == "failed" and r["graphs"]["ours-int8"]["status"] == "not built yet"
+    ours = r["graphs"]["ours-fp8"]
+    assert ours["status"] == "ok" and ours["path"] == str(out / "t2t_vit_test.fp8.onnx")
+    assert ours["same_calibration_images"] and ours["calib_method"] == "max" and ours["note"] == ""
+    q = ours["summary"]["qdq"]
+    assert set(q["q_types"]) == {FP8} and set(q["dq_types"]) == {FP8} and q["weight_dq"] > 0
+    att = ours["summary"]["attention"]
+    blocks = len(build_model("t2t_vit_test").blocks)
+    assert att["attentions"] == att["fp8_fusable"] == att["dq_direct"] == blocks
+    assert ours["accuracy"]["max_abs_dlogit"] > 0 and 0 <= ours["accuracy"]["top1_agreement"] <= 100
+    row = next(ln for ln in rep.with_suffix(".md").read_text().splitlines() if ln.startswith("| ours-fp8 |"))
+    assert row.split("|")[2].strip() == "ok" and f"{blocks}/{blocks}" in row
     assert r["graphs"]["fp32"]["accuracy"]["top1"] is not None and r["validation"]["images"] == 6
     assert r["calibration"]["size"] == 4 and np.load(r["calibration"]["npy"]).shape == (4, 3, 64, 64)
     assert "ModuleNotFoundError" in rep.with_suffix(".md").read_text()

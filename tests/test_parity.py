@@ -41,6 +41,7 @@ def test_thresholds_defaults_and_overrides():
     assert th.check("fp16", -0.2, 100.0)  # |delta| counts in both directions
     assert th.check("int8", 0.9, 50.0) == []
     assert th.check("int8", 1.1, 100.0)
+    assert th.check("fp8", -0.9, 50.0) == [] and th.check("fp8", -1.1, 100.0)  # int8's budget (docs/parity.md)
     th.max_delta_top1["int8"] = 2.0
     assert th.check("int8", 1.1, 100.0) == []
 
@@ -50,7 +51,10 @@ def test_backend_vocabulary_is_the_runner_names():
     names = [s.name for s in specs]
     assert names[:2] == ["pytorch-cpu-fp32", "pytorch-cpu-bf16-autocast"]
     assert [s.name for s in select_backends("onnxruntime", specs)] == [
-        f"onnxruntime-cpu-{p}" for p in ("fp32", "fp16", "int8", "int8-cpu")]
+        f"onnxruntime-cpu-{p}" for p in ("fp32", "fp16", "int8", "int8-cpu", "fp8")]
+    assert [s.name for s in select_backends("tensorrt", specs)] == [
+        f"tensorrt-{p}" for p in ("fp32", "fp16", "int8", "fp8")]
+    assert [s.name for s in select_backends("*-fp8", specs)] == ["onnxruntime-cpu-fp8", "tensorrt-fp8"]
     assert select_backends("onnxruntime-cpu-int8,tensorrt-fp16", names) == ["onnxruntime-cpu-int8", "tensorrt-fp16"]
     assert [s.runtime for s in select_backends("*-int8", specs)] == ["onnxruntime", "tensorrt"]
     # the old spellings are gone: the error names the backend that replaces them here
@@ -105,8 +109,10 @@ def _set_meta(path: Path, meta: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def setup(shared_data, tmp_path_factory):
-    """A 10-class tiny checkpoint and fp32/fp16/int8 ONNX files made without the project's exporters."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """A 10-class tiny checkpoint and fp32/fp16/int8/fp8 ONNX files made without the project's exporters (fp8:
+    onnxruntime's own float8e4m3fn quantizer, which takes only its distribution calibration)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from t2t_vit.checkpoint import build_model
@@ -150,8 +156,14 @@ def setup(shared_data, tmp_path_factory):
     quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     _set_meta(int8, {**meta, "precision": "int8"})
+    fp8 = out / f"{MODEL}.fp8.onnx"
+    quantize_static(str(fp32), str(fp8), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"], activation_type=QuantType.QFLOAT8E4M3FN,
+                    weight_type=QuantType.QFLOAT8E4M3FN,
+                    calibrate_method=CalibrationMethod.Distribution)
+    _set_meta(fp8, {**meta, "precision": "fp8", "qdq_dtype": "float8e4m3fn"})
     return {"val": val, "out": out, "ckpt": ckpt, "model": model, "wnids": wnids,
-            "onnx": {"fp32": fp32, "fp16": fp16, "int8": int8}}
+            "onnx": {"fp32": fp32, "fp16": fp16, "int8": int8, "fp8": fp8}}
 
 
 def _preprocess_by_hand(path: str, size: int = 64, crop_pct: float = 0.9) -> np.ndarray:
@@ -202,8 +214,9 @@ def test_report_matches_independent_onnxruntime(setup):
     assert [int(r["reference"]) for r in rows] == ref.argmax(1).tolist()
     assert ref_b["top1"] == pytest.approx(100 * np.mean(ref.argmax(1) == labels))
     ref_top1 = 100 * np.mean(ref.argmax(1) == labels)
-    for prec in ("fp32", "fp16", "int8"):
+    for prec in ("fp32", "fp16", "int8", "fp8"):
         b = backends[f"onnxruntime-cpu-{prec}"]
+        assert b["emulated"] == (prec == "fp8"), prec  # ONNX Runtime runs the fp8 graph's Q/DQ: an emulation
         sess = ort.InferenceSession(str(setup["onnx"][prec]), providers=["CPUExecutionProvider"])
         logits = sess.run(["logits"], {"input": x})[0].astype(np.float64)
         pred = logits.argmax(1)
@@ -221,12 +234,21 @@ def test_report_matches_independent_onnxruntime(setup):
     # The disagreement list holds exactly the images where some backend's top-1 differs.
     with open(out / f"parity-{MODEL}-disagreements.csv") as f:
         dis = {r["path"] for r in csv.DictReader(f)}
-    names = ["pytorch-cpu-bf16-autocast", "onnxruntime-cpu-fp32", "onnxruntime-cpu-fp16", "onnxruntime-cpu-int8"]
+    names = ["pytorch-cpu-bf16-autocast", "onnxruntime-cpu-fp32", "onnxruntime-cpu-fp16", "onnxruntime-cpu-int8",
+             "onnxruntime-cpu-fp8"]
     assert dis == {r["path"] for r in rows if any(r[n] != r["reference"] for n in names)}
     skipped = [b["name"] for b in report["backends"] if b["status"] == "skipped"]
     # tensorrt-* were not selected; of the ONNX graphs only int8-cpu (not made here) is missing
     assert skipped == ["onnxruntime-cpu-int8-cpu"]
     assert report["host"]["cpu_cores"] >= 1
+    # The fp8 row says it is emulated, and what the emulation leaves out, in the report and on the chart's axis.
+    fp8 = backends["onnxruntime-cpu-fp8"]
+    assert fp8["precision"] == "fp8" and "no FP8 GEMM accumulation is modelled" in fp8["emulation"]
+    assert fp8["max_abs_dlogit"] > 0  # quantized, not a copy of the fp32 graph
+    md = (out / f"parity-{MODEL}.md").read_text()
+    assert "| onnxruntime-cpu-fp8 | fp8 (emulated) |" in md
+    assert f"- onnxruntime-cpu-fp8: {fp8['emulation']}." in md
+    assert "fp8 1" in md.split("Thresholds:")[1]  # its default threshold is stated
 
 
 @pytest.mark.data
@@ -375,3 +397,34 @@ def test_labels_exactly_one_to_k_are_suspicious():
     assert one_based_suspicions([0, 1, 2], 1000) == [] and one_based_suspicions([1, 5, 9], 10) == []
     ok = shifted_label_check([0, 1, 2, 2], [0, 1, 2, 1])
     assert ok["top1_as_given"] == 75.0 and not ok["looks_one_based"]
+
+
+def test_required_fp8_engine_on_an_older_gpu_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """tensorrt-fp8 on a GPU below the SM 8.9 its engine records: skipped with the requirement, and under --require
+    (REQUIRE=) a refusal in one line (exit 2) before anything runs; nothing written. TensorRT and the GPU are faked:
+    the engine is never deserialized."""
+    import engines.backends as eb
+    from engines import sidecar as S
+    from engines.trt_runtime import TensorRTRunner
+    from tests.engine_helpers import make_test_sidecar
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(flat / "img0.png")
+    (tmp_path / "labels.txt").write_text("img0.png 0\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    engine = out / f"{MODEL}.fp8.engine"
+    engine.write_bytes(b"never deserialized")
+    S.write_sidecar(engine, make_test_sidecar(model=MODEL, precision="fp8",
+                                              onnx_metadata={"model": MODEL, "precision": "fp8",
+                                                             "requires_compute_capability": "8.9"}))
+    monkeypatch.setattr(TensorRTRunner, "availability", classmethod(lambda cls: (True, "")))
+    monkeypatch.setattr(eb, "gpu_info", lambda: {"name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0"})
+    rc = _run(["--out", str(out), "--data", str(flat), "--labels", str(tmp_path / "labels.txt"), "--img-size", "32",
+               "--backends", "pytorch-cpu-fp32", "--require", "tensorrt-fp8", "--threads", "1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("evaluation.parity: error:")]
+    assert rc == 2 and len(err) == 1, err
+    assert "tensorrt-fp8" in err[0] and "needs a GPU of compute capability 8.9 or later" in err[0]
+    assert "NVIDIA A100-SXM4-40GB) has 8.0" in err[0]
+    assert not (out / f"parity-{MODEL}.json").exists()

@@ -204,13 +204,19 @@ def test_backend_names_parse_to_typed_specs_and_back():
     from t2t_vit.backends import BackendSpec, all_backends, parse_backend
 
     specs = all_backends()
-    assert len({s.name for s in specs}) == len(specs) == 19  # one name per spec, no two specs share one
+    # pytorch 3 precisions x 2 devices + 2 compiled, onnxruntime 5 graphs x 2 providers, tensorrt 4 engines
+    assert len({s.name for s in specs}) == len(specs) == 22  # one name per spec, no two specs share one
     for spec in specs:
         assert parse_backend(spec.name) == spec and parse_backend(spec.name.upper()) == spec
     assert parse_backend("onnxruntime-cuda-int8-cpu") == BackendSpec("onnxruntime", "cuda", "int8-cpu")
     assert parse_backend("pytorch-cpu-bf16-autocast") == BackendSpec("pytorch", "cpu", "bf16")
     assert parse_backend("pytorch-cuda-fp32-compile") == BackendSpec("pytorch", "cuda", "fp32", compile=True)
     assert parse_backend("tensorrt-int8") == BackendSpec("tensorrt", "cuda", "int8")
+    assert parse_backend("onnxruntime-cpu-fp8") == BackendSpec("onnxruntime", "cpu", "fp8")
+    assert parse_backend("tensorrt-fp8") == BackendSpec("tensorrt", "cuda", "fp8")
+    # ONNX Runtime on the fp8 graph is an emulation, and says what it leaves out; nothing else is one
+    assert [s.name for s in specs if s.emulation] == ["onnxruntime-cpu-fp8", "onnxruntime-cuda-fp8"]
+    assert "no FP8 GEMM accumulation is modelled" in parse_backend("onnxruntime-cpu-fp8").emulation
     with pytest.raises(dataclasses.FrozenInstanceError):
         specs[0].precision = "fp16"
     for bad in (("tensorrt", "cpu", "fp16"), ("pytorch", "cpu", "int8"), ("tensorflow", "cpu", "fp32"),
@@ -228,7 +234,8 @@ def test_unknown_and_old_backend_names_are_one_line_errors():
     assert "\n" not in msg and "onnxruntime-cpu-int8-cpu" in msg and "tensorrt-fp16" in msg
     # The pre-vocabulary spellings are gone; the error names what replaces them.
     for old, new in (("ort-fp16", "onnxruntime-cpu-fp16"), ("trt-int8", "tensorrt-int8"),
-                     ("torch-cuda-bf16", "pytorch-cuda-bf16-autocast"), ("pytorch-fp32", "pytorch-cpu-fp32")):
+                     ("torch-cuda-bf16", "pytorch-cuda-bf16-autocast"), ("pytorch-fp32", "pytorch-cpu-fp32"),
+                     ("ort-fp8", "onnxruntime-cpu-fp8"), ("trt-fp8", "tensorrt-fp8")):
         with pytest.raises(RunnerError, match="old backend names") as e:
             parse_backend(old)
         assert new in str(e.value) and "\n" not in str(e.value)
@@ -258,3 +265,43 @@ def test_resolve_backend_makes_the_runner_or_says_why_not(tiny_model, tiny_onnx,
     assert isinstance(trt, Skip) and (trt.reason == why if not ok else "make engine PRECISION=fp16" in trt.reason)
     with pytest.raises(RunnerError, match="use onnxruntime-cpu-fp32"):
         resolve_backend("ort-fp32", tmp_path, "t2t_vit_test")
+
+
+def test_an_engine_is_skipped_on_a_gpu_below_its_recorded_compute_capability(tmp_path, monkeypatch):
+    """An fp8 engine records SM 8.9 (in its sidecar, or in the ONNX metadata the sidecar carries): on an older GPU
+    the factory skips it with one line naming the requirement and the GPU, before anything touches TensorRT."""
+    from engines import sidecar as S
+    from engines.backends import Skip, capability_shortfall, required_compute_capability, resolve_backend
+    from engines.trt_runtime import TensorRTRunner
+    from tests.engine_helpers import make_test_sidecar
+
+    assert required_compute_capability({"onnx_metadata": {"requires_compute_capability": "8.9"}}) == "8.9"
+    assert required_compute_capability({"requires_compute_capability": "9.0",
+                                        "onnx_metadata": {"requires_compute_capability": "8.9"}}) == "9.0"
+    assert required_compute_capability({"precision": "fp16", "onnx_metadata": {}}) is None
+    assert required_compute_capability({"requires_compute_capability": "8.9"}) == "8.9"  # a graph's own metadata
+    ada, turing = {"name": "NVIDIA L4", "compute_capability": "8.9"}, {"name": "Tesla T4", "compute_capability": "7.5"}
+    hopper, ampere = {"name": "NVIDIA H100", "compute_capability": "9.0"}, {"name": "A100", "compute_capability": "8.0"}
+    assert capability_shortfall("8.9", ada) == capability_shortfall("8.9", hopper) == ""
+    assert capability_shortfall(None, turing) == ""
+    assert capability_shortfall("8.9", {"name": "RTX 3090", "compute_capability": "8.6"})
+    assert capability_shortfall("8.9", {"name": "future", "compute_capability": "10.0"}) == ""  # numeric, not text
+
+    engine = tmp_path / "t2t_vit_test.fp8.engine"
+    engine.write_bytes(b"never deserialized here")
+    S.write_sidecar(engine, make_test_sidecar(model="t2t_vit_test", precision="fp8",
+                                              onnx_metadata={"precision": "fp8", "requires_compute_capability": "8.9"}))
+    monkeypatch.setattr(TensorRTRunner, "availability", classmethod(lambda cls: (True, "")))
+    skip = resolve_backend("tensorrt-fp8", tmp_path, "t2t_vit_test", gpu=lambda: turing)
+    assert isinstance(skip, Skip) and skip.artifact == str(engine)
+    assert skip.reason == (f"{engine} (an fp8 engine) needs a GPU of compute capability 8.9 or later; this GPU "
+                           f"(Tesla T4) has 7.5")
+    assert isinstance(resolve_backend("tensorrt-fp8", tmp_path, "t2t_vit_test", gpu=lambda: ampere), Skip)
+    runner = resolve_backend("tensorrt-fp8", tmp_path, "t2t_vit_test", gpu=lambda: hopper)
+    assert isinstance(runner, TensorRTRunner) and runner.name == "tensorrt-fp8"
+    # An engine recording no requirement never asks for the GPU.
+    S.write_sidecar(tmp_path / "t2t_vit_test.fp16.engine", make_test_sidecar(model="t2t_vit_test"))
+    (tmp_path / "t2t_vit_test.fp16.engine").write_bytes(b"x")
+    asked = []
+    assert isinstance(resolve_backend("tensorrt-fp16", tmp_path, "t2t_vit_test", gpu=lambda: asked.append(1)),
+                      TensorRTRunner) and asked == []

@@ -35,19 +35,45 @@ def _parse(path: Path):
     return text_format.Parse(path.read_text(), pb.ModelConfig())
 
 
+def _write_fp8_onnx(path: Path) -> Path:
+    """The tiny graph with a float8e4m3fn Q/DQ pair on its pooled features (opset 19, as the fp8 graph has)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("QuantizeLinear", ["flat", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tiny_fp8", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.01]),
+         helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    for k, v in {**_meta("fp8"), "qdq_dtype": "float8e4m3fn", "requires_compute_capability": "8.9"}.items():
+        model.metadata_props.add(key=k, value=str(v))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     for p in ("fp32", "fp16", "int8"):
         write_onnx(tmp_path / f"{MODEL}.{p}.onnx", metadata=_meta(p))
+    _write_fp8_onnx(tmp_path / f"{MODEL}.fp8.onnx")
     return tmp_path
 
 
-def _add_engine(out: Path, max_batch: int = 16, opt: int = 8) -> Path:
-    onnx = out / f"{MODEL}.fp16.onnx"
-    engine = out / f"{MODEL}.fp16.engine"
+def _add_engine(out: Path, max_batch: int = 16, opt: int = 8, precision: str = "fp16",
+                meta: dict | None = None) -> Path:
+    onnx = out / f"{MODEL}.{precision}.onnx"
+    engine = out / f"{MODEL}.{precision}.engine"
     engine.write_bytes(b"not a real plan: the repository only copies it")
-    side = make_test_sidecar(model=MODEL, precision="fp16", onnx_path=str(onnx), onnx_sha256=file_sha256(onnx),
-                             engine_sha256=file_sha256(engine), onnx_metadata=_meta("fp16"), data_config=data_meta(64),
+    side = make_test_sidecar(model=MODEL, precision=precision, onnx_path=str(onnx), onnx_sha256=file_sha256(onnx),
+                             engine_sha256=file_sha256(engine), onnx_metadata=meta or _meta(precision),
+                             data_config=data_meta(64),
                              profile={"input": {"min": [1, 3, 64, 64], "opt": [opt, 3, 64, 64],
                                                 "max": [max_batch, 3, 64, 64]}})
     S.write_sidecar(engine, side)
@@ -58,10 +84,11 @@ def test_onnx_models_match_their_graphs(out, tmp_path):
     assert R.main(["--model", MODEL, "--out", str(out), "--max-batch-size", "8"]) == 0
     repo = out / "triton"
     names = sorted(p.name for p in repo.iterdir())
-    assert names == [f"{MODEL}-{s}" for s in ("classify", "onnx-fp16", "onnx-fp32", "onnx-int8", "preprocess")]
+    assert names == [f"{MODEL}-{s}" for s in ("classify", "onnx-fp16", "onnx-fp32", "onnx-fp8", "onnx-int8",
+                                              "preprocess")]
     import onnxruntime as ort
 
-    for prec in ("fp32", "fp16", "int8"):
+    for prec in ("fp32", "fp16", "int8", "fp8"):  # fp8: its float8 Q/DQ load in ONNX Runtime like the others
         folder = repo / f"{MODEL}-onnx-{prec}"
         cfg = _parse(folder / "config.pbtxt")
         sess = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -109,6 +136,29 @@ def test_engine_model_from_its_sidecar(out):
     assert (folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
     # The ONNX models keep --max-batch-size.
     assert _parse(out / "triton" / f"{MODEL}-onnx-fp32" / "config.pbtxt").max_batch_size == 4
+
+
+def test_fp8_engine_records_its_compute_capability(out):
+    """An fp8 engine is a tensorrt_plan like the others; built_for.json adds the compute capability it needs (read
+    from the sidecar's ONNX metadata, where make calib PRECISION=fp8 records it), and its note says so."""
+    meta = {**_meta("fp8"), "requires_compute_capability": "8.9"}
+    _add_engine(out, max_batch=8, opt=4, precision="fp8", meta=meta)
+    plan = R.plan_repository(MODEL, out)
+    R.write_repository(plan, out / "triton")
+    folder = out / "triton" / f"{MODEL}-trt-fp8"
+    cfg = _parse(folder / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
+    assert [g.kind for g in cfg.instance_group] == [pb.ModelInstanceGroup.KIND_GPU]
+    built = json.loads((folder / "built_for.json").read_text())
+    assert built["requires_compute_capability"] == "8.9" and "compute capability 8.9 or later" in built["note"]
+    # the fp8 graph itself is an ONNX Runtime model (KIND_CPU), with nothing built for a GPU
+    onnx_fp8 = out / "triton" / f"{MODEL}-onnx-fp8"
+    assert _parse(onnx_fp8 / "config.pbtxt").platform == "onnxruntime_onnx"
+    assert not (onnx_fp8 / "built_for.json").exists()
+    _add_engine(out)  # an fp16 engine records none
+    R.write_repository(R.plan_repository(MODEL, out), out / "triton")
+    fp16 = json.loads((out / "triton" / f"{MODEL}-trt-fp16" / "built_for.json").read_text())
+    assert "requires_compute_capability" not in fp16 and "compute capability" not in fp16["note"]
 
 
 def test_engine_whose_graph_changed_is_refused(out):
