@@ -64,7 +64,7 @@ __all__ = ["STEPS", "RULES", "EvidenceError", "calib_precisions", "step_key", "p
 
 TOOL = "evaluation.evidence"
 STEPS = ("onnx", "precision", "calib-tensorrt", "calib-cpu", "calib-fp8", "layers-fp16", "layers-int8",
-         "layers-int8-cpu", "parity")
+         "layers-int8-cpu", "layers-fp8", "parity")
 # The margins a verdict uses; the numbers come from the stages that own them (their defaults), except two.
 MIN_HEADROOM = precision_cli.get_args_parser().get_default("min_headroom")  # the resolution sweep's 2x
 MIN_AGREEMENT = precision_cli.get_args_parser().get_default("min_agreement")  # and its 99%
@@ -166,10 +166,11 @@ def _steps(args: argparse.Namespace, model: str, img: int, ckpt: Path, data: Pat
     quiet = [] if args.verbose else ["--no-progress"]
     limit = ["--limit", str(args.limit)] if args.limit else []
     val_images = args.limit or len(scan_image_folder(data)[0])
-    g = {p: onnx_path(md, model, p) for p in ("fp32", "fp16", "int8", "int8-cpu")}
+    g = {p: onnx_path(md, model, p) for p in ("fp32", "fp16", "int8", "int8-cpu", "fp8")}
     methods = [DEFAULT_METHOD] + [m for m in METHODS if m != DEFAULT_METHOD]
     calib = ["calibration.calib", *common, *run, *quiet, "--calib-data", str(calib_data), "--calib-size",
-             str(args.calib_size), "--val-data", str(data)] + (["--val-size", str(args.limit)] if args.limit else [])
+             str(args.calib_size), "--val-data", str(data), "--percentile", f"{args.percentile:g}"] + (
+                 ["--val-size", str(args.limit)] if args.limit else [])
     fp8 = "fp8" in calib_precisions()
     steps = [
         Step("onnx", ["export.to_onnx", *common, *run, "--data", str(data), "--val-images", str(val_images),
@@ -183,13 +184,17 @@ def _steps(args: argparse.Namespace, model: str, img: int, ckpt: Path, data: Pat
         Step("calib-cpu", [*calib, "--method", ",".join(methods), "--target", "cpu"], [g["fp32"]],
              [g["int8-cpu"], md / f"{model}.calib-cpu.json"],
              [md / f"{model}.calib-cpu"], needs=("onnx",)),
-        # fp8 scales come from the largest value (max), as ModelOpt's fp8 recipe calibrates them.
-        Step("calib-fp8", [*calib, "--method", "max", "--precision", "fp8", "--report", str(md / f"calib-fp8-{model}")],
-             [g["fp32"], g["fp16"]], [md / f"calib-fp8-{model}.json"], [md / f"calib-fp8-{model}"], needs=("onnx",),
+        # The same methods as int8 (the fp8 graph is their ranges with float8e4m3fn quantizers).
+        Step("calib-fp8", [*calib, "--method", ",".join(methods), "--precision", "fp8", "--report",
+                           str(md / f"calib-fp8-{model}")],
+             [g["fp32"], g["fp16"]], [g["fp8"], md / f"calib-fp8-{model}.json"], [md / f"calib-fp8-{model}"],
+             needs=("onnx",),
              unavailable="" if fp8 else "make calib PRECISION=fp8 not available (calibration.calib has no "
                                         "--precision fp8)"),
     ]
-    for prec, needs in (("fp16", "onnx"), ("int8", "calib-tensorrt"), ("int8-cpu", "calib-cpu")):
+    layer_steps = [("fp16", "onnx"), ("int8", "calib-tensorrt"), ("int8-cpu", "calib-cpu")] + ([("fp8", "calib-fp8")]
+                                                                                               if fp8 else [])
+    for prec, needs in layer_steps:
         steps.append(Step(f"layers-{prec}", ["evaluation.layerwise", *common, *run, "--precision", prec, "--data",
                                              str(data), "--images", str(args.layer_images)],
                           [g["fp32"], g[prec]], [md / f"layers-{model}-{prec}.json"], [md / f"layers-{model}-{prec}"],
@@ -581,6 +586,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="labelled val folder (DATA=)")
     p.add_argument("--calib-data", default=None, help="calibration images, an ImageFolder tree (CALIB_DATA=)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024; CALIB_SIZE=)")
+    p.add_argument("--percentile", type=float, default=99.99,
+                   help="the percentile method's percentile (default 99.99; calib refuses a calibration set with "
+                        "fewer values than it needs)")
     add_limit_arg(p)
     p.add_argument("--layer-images", type=int, default=16, help="images for the layer-wise comparison (default 16)")
     p.add_argument("--out", default=None,

@@ -42,7 +42,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 def _argv(inputs: dict[str, Path], *extra: str) -> list[str]:
     b = inputs["base"]
     return ["--model", MODEL, "--checkpoint", str(inputs["ckpt"]), "--data", str(inputs["val"]),
-            "--calib-data", str(inputs["train"]), "--calib-size", "8", "--layer-images", "4", "--out", str(b / "out"),
+            "--calib-data", str(inputs["train"]), "--calib-size", "8", "--percentile", "99", "--layer-images", "4", "--out", str(b / "out"),
             "--report-dir", str(b / "reports"), "--threads", "1", "--in-process", *extra]
 
 
